@@ -1,0 +1,305 @@
+"""The zarr v3 feature store: layout, create/extend, write one shard + its done marker, read slabs (no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+FORMAT = "cappa-features/1"
+CHUNK_TARGET_BYTES = 2 << 20  # >= ~1 MB per features chunk: big sequential reads, few files
+STRING_ARRAYS = ("keys", "captions", "meta")
+
+
+@dataclass
+class StoreIndex:
+    """Valid rows of done shards, in row order, with their text columns."""
+
+    rows: np.ndarray  # int64 [n]
+    keys: list[str]
+    captions: list[str]
+    meta: list[str]  # JSON text per sample ("" when the shard had none)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def chunk_rows_for(capacity: int, tokens: int, width: int) -> int:
+    """Rows per features chunk: the smallest divisor of the shard capacity whose chunk reaches the target size.
+
+    A divisor of the capacity keeps every chunk inside one shard's region, so one writer owns each chunk.
+    """
+    row_bytes = tokens * width * 2
+    for d in range(1, capacity + 1):
+        if capacity % d == 0 and d * row_bytes >= CHUNK_TARGET_BYTES:
+            return d
+    return capacity
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StoreLock:
+    """`<store>.lock` beside the store: a second writer refuses instead of corrupting.
+
+    A lock left by a killed writer on this host (its pid is gone) is stale and taken over, so
+    `kill -9` + rerun just works.
+    """
+
+    def __init__(self, store: Path):
+        self.path = Path(str(store).rstrip("/") + ".lock")
+        self.held = False
+
+    def acquire(self) -> "StoreLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    other = {}
+                if other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # stale: its writer died
+                    continue
+                raise UserError(
+                    f"another encoder (pid {other.get('pid', '?')} on {other.get('host', '?')}) is writing "
+                    f"{self.path.with_suffix('')}; wait for it, or delete {self.path} if none is running"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise UserError(f"could not take the store lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "StoreLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class FeatureStore:
+    """A zarr group of [N, T, E] float16 features plus keys, captions, meta and per-shard done markers.
+
+    Shard `s` (position in `shards`) owns rows [s*C, (s+1)*C), C = shard capacity; its samples fill the
+    first rows in the shard's own order. Readers only ever see done shards.
+    """
+
+    def __init__(self, path: Path, group, writable: bool):
+        self.path = Path(path)
+        self.group = group
+        self.writable = writable
+        self.attrs = dict(group.attrs)
+        self._features = group["features"]
+
+    # --- opening ------------------------------------------------------------------------------------------
+    @classmethod
+    def _open_group(cls, path: Path, mode: str):
+        import zarr
+
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"feature store {path} does not exist: run `pipeline encode` first")
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except Exception as e:  # zarr raises several types for "not a group"
+            raise UserError(f"{path} is not a zarr v3 feature store ({type(e).__name__})") from None
+        if group.attrs.get("format") != FORMAT:
+            raise UserError(f"{path} is not a cappa feature store (format {group.attrs.get('format')!r})")
+        return group
+
+    @classmethod
+    def open(cls, path: Path | str, require_done: bool = True) -> "FeatureStore":
+        """Read-only view. Fails with one line if missing, not a store, or (by default) no shard is done."""
+        st = cls(Path(path), cls._open_group(Path(path), "r"), writable=False)
+        if require_done and not st.shard_done().any():
+            raise UserError(f"feature store {path} has no finished shard yet: run `pipeline encode`")
+        return st
+
+    @classmethod
+    def open_for_write(cls, path: Path | str) -> "FeatureStore":
+        """Writable view of an existing store (the caller holds the StoreLock)."""
+        return cls(Path(path), cls._open_group(Path(path), "r+"), writable=True)
+
+    @classmethod
+    def create(cls, path: Path | str, *, encoder: dict, tokens: int, width: int, shard_capacity: int,
+               shards: list[str], chunk_rows: int | None = None, attrs: dict | None = None,
+               overwrite: bool = False) -> "FeatureStore":
+        """A new empty store for `shards` (names in row order). `overwrite` replaces an existing one."""
+        import zarr
+
+        path = Path(path)
+        if path.exists():
+            if not overwrite:
+                raise UserError(f"{path} already exists (use --overwrite to replace it)")
+            shutil.rmtree(path)
+        chunk_rows = chunk_rows or chunk_rows_for(shard_capacity, tokens, width)
+        if shard_capacity % chunk_rows:
+            raise ValueError(f"chunk_rows {chunk_rows} must divide shard_capacity {shard_capacity}")
+        n = len(shards) * shard_capacity
+        path.parent.mkdir(parents=True, exist_ok=True)
+        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        # float16 features barely compress (~10%); uncompressed chunks keep the training loader's reads cheap.
+        g.create_array("features", shape=(n, tokens, width), chunks=(chunk_rows, tokens, width),
+                       dtype="float16", fill_value=0, compressors=None)
+        g.create_array("valid", shape=(n,), chunks=(shard_capacity,), dtype=bool, fill_value=False)
+        for name in STRING_ARRAYS:
+            g.create_array(name, shape=(n,), chunks=(shard_capacity,), dtype=str)
+        g.create_array("shard_done", shape=(len(shards),), chunks=(1,), dtype=bool, fill_value=False)
+        meta = {
+            "format": FORMAT, "encoder": encoder, "tokens": int(tokens), "width": int(width),
+            "shard_capacity": int(shard_capacity), "chunk_rows": int(chunk_rows), "shards": list(shards),
+            "versions": {"zarr": zarr.__version__, "numpy": np.__version__},
+        }
+        meta.update(attrs or {})
+        g.attrs.update(meta)
+        return cls(path, g, writable=True)
+
+    # --- attributes -----------------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> dict:
+        return self.attrs["encoder"]
+
+    @property
+    def is_random_init(self) -> bool:
+        return self.encoder.get("weights", {}).get("kind") == "random-init"
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attrs["tokens"])
+
+    @property
+    def width(self) -> int:
+        return int(self.attrs["width"])
+
+    @property
+    def shard_capacity(self) -> int:
+        return int(self.attrs["shard_capacity"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.attrs["chunk_rows"])
+
+    @property
+    def shards(self) -> list[str]:
+        return list(self.attrs["shards"])
+
+    def set_attrs(self, **kv) -> None:
+        """Merge top-level attributes (zarr writes zarr.json atomically)."""
+        self._need_write()
+        self.group.attrs.update(kv)
+        self.attrs.update(kv)
+
+    def region(self, s: int) -> tuple[int, int]:
+        c = self.shard_capacity
+        return s * c, (s + 1) * c
+
+    def shard_done(self) -> np.ndarray:
+        return np.asarray(self.group["shard_done"][:], dtype=bool)  # [S]
+
+    def shard_counts(self) -> dict[str, int]:
+        """Samples stored per shard name (0 for shards not done)."""
+        done, valid = self.shard_done(), np.asarray(self.group["valid"][:], dtype=bool)
+        per = valid.reshape(len(done), self.shard_capacity).sum(1) if len(done) else np.zeros(0, int)
+        return {name: int(per[s]) if done[s] else 0 for s, name in enumerate(self.shards)}
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    # --- writing --------------------------------------------------------------------------------------------
+    def _need_write(self) -> None:
+        if not self.writable:
+            raise RuntimeError("feature store opened read-only")
+
+    def extend(self, new_shards: list[str]) -> list[int]:
+        """Append shards after a larger fetch; returns their positions. Only one process may call this."""
+        self._need_write()
+        old = self.shards
+        dup = set(old) & set(new_shards)
+        if dup:
+            raise ValueError(f"shards already in the store: {sorted(dup)[:3]}")
+        if not new_shards:
+            return []
+        shards = old + list(new_shards)
+        n = len(shards) * self.shard_capacity
+        for name in ("features", "valid", *STRING_ARRAYS):
+            a = self.group[name]
+            a.resize((n, *a.shape[1:]))
+        self.group["shard_done"].resize((len(shards),))
+        self.set_attrs(shards=shards)
+        self._features = self.group["features"]
+        return list(range(len(old), len(shards)))
+
+    def write_shard(self, s: int, features: np.ndarray, keys: list[str], captions: list[str],
+                    meta: list[str]) -> None:
+        """Write shard `s`'s rows (its whole region, zero-padded, so reruns are bitwise equal), then mark it done."""
+        self._need_write()
+        n, c = len(keys), self.shard_capacity
+        if not (features.shape == (n, self.tokens, self.width) and len(captions) == n and len(meta) == n):
+            raise ValueError(f"shard {s}: features {features.shape} vs {n} keys/captions/meta")
+        if n > c:
+            raise ValueError(f"shard {s} has {n} samples, more than the shard capacity {c}")
+        start, stop = self.region(s)
+        self.group["shard_done"][s] = False
+        block = np.zeros((c, self.tokens, self.width), dtype=np.float16)  # [C, T, E]
+        block[:n] = features
+        self._features[start:stop] = block
+        pad = [""] * (c - n)
+        for name, col in (("keys", keys), ("captions", captions), ("meta", meta)):
+            self.group[name][start:stop] = np.array(list(col) + pad, dtype=object)
+        self.group["valid"][start:stop] = np.arange(c) < n
+        self.group["shard_done"][s] = True  # last: the marker says every row above is on disk
+
+    # --- reading --------------------------------------------------------------------------------------------
+    def index(self) -> StoreIndex:
+        done = self.shard_done()
+        c = self.shard_capacity
+        valid = np.asarray(self.group["valid"][:], dtype=bool) & np.repeat(done, c)
+        rows = np.flatnonzero(valid).astype(np.int64)
+        cols = {}
+        for name in STRING_ARRAYS:
+            vals = np.asarray(self.group[name][:])
+            cols[name] = [str(v) for v in vals[rows]]
+        return StoreIndex(rows=rows, keys=cols["keys"], captions=cols["captions"], meta=cols["meta"])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """float16 [stop-start, T, E]; chunk-aligned ranges read fastest."""
+        return np.asarray(self._features[start:stop])
+
+    def read_rows(self, rows) -> np.ndarray:
+        """float16 [len(rows), T, E] for sorted rows, read as contiguous slabs touching each chunk once."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.tokens, self.width), dtype=np.float16)
+        if len(rows) == 0:
+            return out
+        if np.any(np.diff(rows) < 0):
+            raise ValueError("read_rows needs sorted rows")
+        gap = self.chunk_rows  # a gap shorter than a chunk is cheaper to read through than to split on
+        breaks = np.flatnonzero(np.diff(rows) > gap) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            a, b = int(rows[lo]), int(rows[hi - 1]) + 1
+            out[lo:hi] = np.asarray(self._features[a:b])[rows[lo:hi] - a]
+        return out

@@ -1,0 +1,127 @@
+"""The zarr feature store on random arrays: layout, done markers, extend, reads, lock, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.store import FeatureStore, StoreLock, chunk_rows_for
+
+T, E, C = 5, 8, 6
+ENC = {"model": "toy", "weights": {"kind": "random-init", "seed": 0}}
+
+
+def _shard(rng, n, tag):
+    feats = rng.standard_normal((n, T, E)).astype(np.float16)
+    keys = [f"{tag}{i:03d}" for i in range(n)]
+    caps = [f"caption é {tag} {i}" for i in range(n)]
+    meta = [json.dumps({"key": k}) for k in keys]
+    return feats, keys, caps, meta
+
+
+def test_write_read_index_extend(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "f.zarr"
+    st = FeatureStore.create(path, encoder=ENC, tokens=T, width=E, shard_capacity=C, shards=["a", "b"],
+                             chunk_rows=3)
+    with pytest.raises(UserError, match="no finished shard"):
+        FeatureStore.open(path)
+    a = _shard(rng, 4, "a")
+    b = _shard(rng, 6, "b")
+    st.write_shard(1, *b)  # out of order on purpose: regions are fixed by position
+    r = FeatureStore.open(path)
+    assert r.index().keys == b[1]
+    assert list(r.index().rows) == list(range(6, 12))
+    st.write_shard(0, *a)
+
+    r = FeatureStore.open(path)
+    assert r.tokens == T and r.width == E and r.is_random_init and r.encoder == ENC
+    idx = r.index()
+    assert list(idx.rows) == [0, 1, 2, 3, 6, 7, 8, 9, 10, 11]
+    assert idx.keys == a[1] + b[1] and idx.captions == a[2] + b[2] and idx.meta == a[3] + b[3]
+    allf = np.concatenate([a[0], b[0]])
+    assert r.read(0, 4).dtype == np.float16 and r.read(0, 4).shape == (4, T, E)
+    np.testing.assert_array_equal(r.read(6, 12), b[0])
+    np.testing.assert_array_equal(r.read(4, 6), 0)  # padding rows are zeros
+    np.testing.assert_array_equal(r.read_rows(idx.rows), allf)
+    pick = np.array([1, 3, 9, 11])
+    np.testing.assert_array_equal(r.read_rows(pick), allf[[1, 3, 7, 9]])
+    assert r.read_rows([]).shape == (0, T, E)
+    assert r.shard_counts() == {"a": 4, "b": 6}
+
+    # a larger fetch: new shards are appended after the old ones, old rows untouched
+    st = FeatureStore.open_for_write(path)
+    assert st.extend(["c"]) == [2]
+    c = _shard(rng, 2, "c")
+    r = FeatureStore.open(path)
+    assert r.shard_counts() == {"a": 4, "b": 6, "c": 0} and len(r.index()) == 10
+    st.write_shard(2, *c)
+    r = FeatureStore.open(path)
+    assert r.index().keys == a[1] + b[1] + c[1]
+    np.testing.assert_array_equal(r.read(12, 14), c[0])
+    assert r.size_bytes() > 0
+
+
+def test_rewrite_is_bitwise_and_overwrite(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "f.zarr"
+    st = FeatureStore.create(path, encoder=ENC, tokens=T, width=E, shard_capacity=C, shards=["a"])
+    a = _shard(rng, 5, "a")
+    st.write_shard(0, *_shard(rng, 6, "x"))  # a half-remembered earlier attempt with more rows
+    st.write_shard(0, *a)
+    files = {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    p2 = tmp_path / "g.zarr"
+    FeatureStore.create(p2, encoder=ENC, tokens=T, width=E, shard_capacity=C, shards=["a"]).write_shard(0, *a)
+    files2 = {p.relative_to(p2): p.read_bytes() for p in sorted(p2.rglob("*")) if p.is_file()}
+    assert files == files2
+    with pytest.raises(UserError, match="--overwrite"):
+        FeatureStore.create(path, encoder=ENC, tokens=T, width=E, shard_capacity=C, shards=["a"])
+    st = FeatureStore.create(path, encoder=ENC, tokens=T, width=E, shard_capacity=C, shards=["z"], overwrite=True)
+    assert st.shards == ["z"] and not st.shard_done().any()
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        FeatureStore.open(tmp_path / "nope.zarr")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(UserError, match="not"):
+        FeatureStore.open(tmp_path / "junk")
+    import zarr
+
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w", zarr_format=3)
+    with pytest.raises(UserError, match="not a cappa feature store"):
+        FeatureStore.open(tmp_path / "other.zarr")
+    r = FeatureStore.create(tmp_path / "f.zarr", encoder=ENC, tokens=T, width=E, shard_capacity=C, shards=["a"])
+    ro = FeatureStore.open(r.path, require_done=False)
+    with pytest.raises(RuntimeError):
+        ro.write_shard(0, *_shard(np.random.default_rng(0), 1, "a"))
+
+
+def test_chunk_rows_divides_capacity():
+    assert chunk_rows_for(256, 197, 768) == 8  # 2.4 MB chunks for ViT-B/16
+    assert 256 % chunk_rows_for(256, 197, 192) == 0
+    assert chunk_rows_for(5, 197, 192) == 5
+
+
+def test_lock_refuses_live_and_takes_stale(tmp_path):
+    store = tmp_path / "f.zarr"
+    with StoreLock(store):
+        with pytest.raises(UserError, match="another encoder"):
+            StoreLock(store).acquire()
+    # a writer killed without releasing: its pid is gone, so the lock is stale
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(proc.stdout)
+    import socket
+
+    lock = StoreLock(store)
+    lock.path.write_text(json.dumps({"pid": dead, "host": socket.gethostname()}))
+    lock.acquire()
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not lock.path.exists()
