@@ -1,0 +1,147 @@
+"""Caption metrics: COCO BLEU-1..4 / METEOR / ROUGE-L / CIDEr via pycocoevalcap, and synthetic attribute accuracy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+ATTRIBUTES = ("color", "shape", "size", "position", "count")
+
+Refs = Mapping[object, Sequence[str]]  # id -> reference captions (>= 1 each)
+Hyps = Mapping[object, str]  # id -> one generated caption
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise UserError("COCO metrics need Java (the PTB tokenizer and METEOR are jars): install a JRE, e.g. openjdk-17")
+    return java
+
+
+def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
+    """Stanford PTB-tokenise and lower-case sentences, dropping punctuation, exactly as pycocoevalcap's PTBTokenizer.
+
+    Same jar, flags and punctuation list as `PTBTokenizer.tokenize`, but: one JVM for every sentence of every
+    caption set (JVM start-up dominates), and the temporary input file lives in a private temp dir, because
+    the original writes it into site-packages (read-only in many installs, and racy between processes).
+    """
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    if not sentences:
+        return []
+    jar = Path(ptb.__file__).with_name(ptb.STANFORD_CORENLP_3_4_1_JAR)
+    # -preserveLines keeps one output line per input line, so a caption must not contain a line break.
+    text = "\n".join(" ".join(s.split()) for s in sentences)
+    with tempfile.TemporaryDirectory(prefix="ptb-") as tmp:
+        src = Path(tmp) / "sentences.txt"
+        src.write_text(text, encoding="utf-8")
+        cmd = [_java(), "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase",
+               str(src)]
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, timeout=600)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"PTBTokenizer failed ({proc.returncode}): {err[-1] if err else 'no output'}")
+    lines = proc.stdout.decode("utf-8").split("\n")
+    out = [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines[: len(sentences)]]
+    if len(out) != len(sentences):  # would silently misalign every score after the first lost line
+        raise RuntimeError(f"PTBTokenizer returned {len(out)} lines for {len(sentences)} sentences")
+    return out
+
+
+def coco_metrics_many(refs: Refs, hyp_sets: Mapping[str, Hyps], *, meteor: bool = True) -> dict[str, dict[str, float]]:
+    """COCO metrics of several caption sets against the same references: name -> {metric: score}.
+
+    `meteor=False` skips METEOR (and its JVM start-up); its key is then absent.
+
+    Every set must caption exactly the ids of `refs`. One PTB tokenizer run and one METEOR JVM serve all sets
+    (METEOR's start-up, mostly loading its paraphrase table, costs seconds). CIDEr is pycocoevalcap's CIDEr-D,
+    whose document frequencies come from the evaluated references, so it needs several images to mean much.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids = list(refs)
+    if not ids:
+        raise ValueError("no references to score against")
+    for name, hyps in hyp_sets.items():
+        if set(hyps) != set(ids):
+            raise ValueError(f"caption set {name!r} covers other ids than the references")
+    if any(len(refs[i]) == 0 for i in ids):
+        raise ValueError("every id needs at least one reference caption")
+
+    # Tokenise references and all sets in one JVM call, then cut the flat list back apart.
+    flat = [r for i in ids for r in refs[i]] + [hyps[i] for hyps in hyp_sets.values() for i in ids]
+    tok = iter(ptb_tokenize(flat))
+    gts = {i: [next(tok) for _ in refs[i]] for i in ids}
+    res_sets = {name: {i: [next(tok)] for i in ids} for name in hyp_sets}
+
+    scorer = Meteor() if meteor else None
+    try:
+        results = {}
+        for name, res in res_sets.items():
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            scores = dict(zip(METRICS[:4], bleu))
+            if scorer is not None:
+                try:
+                    scores["METEOR"], _ = scorer.compute_score(gts, res)
+                except ValueError as e:  # an empty line from the jar means the JVM died
+                    raise RuntimeError(f"METEOR (java) stopped answering: {e}") from e
+            scores["ROUGE_L"], _ = Rouge().compute_score(gts, res)
+            scores["CIDEr"], _ = Cider().compute_score(gts, res)
+            results[name] = {m: float(scores[m]) for m in METRICS if m in scores}
+        return results
+    finally:
+        if scorer is not None:
+            _close_meteor(scorer)
+
+
+def _close_meteor(meteor) -> None:
+    """End the METEOR JVM now instead of at garbage collection (its __del__ may run at interpreter exit)."""
+    p = meteor.meteor_p
+    try:
+        p.stdin.close()
+    finally:
+        p.kill()
+        p.wait()
+    # Its own __del__ later repeats this harmlessly: closing a closed pipe and killing a reaped process are no-ops.
+
+
+def coco_metrics(refs: Refs, hyps: Hyps, *, meteor: bool = True) -> dict[str, float]:
+    """COCO metrics of one caption set: {Bleu_1..Bleu_4, METEOR, ROUGE_L, CIDEr}."""
+    return coco_metrics_many(refs, {"_": hyps}, meteor=meteor)["_"]
+
+
+def attribute_accuracy(hyps: Hyps, attributes: Mapping[object, object]) -> dict[str, float]:
+    """Per-attribute accuracy of generated captions against synthetic ground truth.
+
+    `attributes[id]` is the sample's `attributes` metadata (a dict or its JSON text). The generated caption is
+    parsed with `synthetic.parse_caption`, the truth reduced with `synthetic.primary_attributes`; an attribute
+    the caption does not mention counts as wrong. Returns {attribute: accuracy in [0, 1], "all": every one right}.
+    """
+    import json
+
+    from pipeline import synthetic
+
+    ids = [i for i in hyps if i in attributes]
+    if not ids:
+        return {}
+    right = {a: 0 for a in ATTRIBUTES}
+    all_right = 0
+    for i in ids:
+        truth_raw = attributes[i]
+        truth = synthetic.primary_attributes(json.loads(truth_raw) if isinstance(truth_raw, str) else truth_raw)
+        got = synthetic.parse_caption(hyps[i]) or {}
+        ok = [got.get(a) is not None and got.get(a) == truth.get(a) for a in ATTRIBUTES]
+        for a, hit in zip(ATTRIBUTES, ok):
+            right[a] += hit
+        all_right += all(ok)
+    n = len(ids)
+    return {**{a: right[a] / n for a in ATTRIBUTES}, "all": all_right / n}

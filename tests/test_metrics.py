@@ -1,0 +1,86 @@
+"""COCO caption metrics: hand-computed values, and agreement with pycocoevalcap's scorers called directly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline import metrics
+
+REFS = {
+    "a": ["A red circle, on the left.", "a small red circle"],
+    "b": ["Two blue squares at the top."],
+    "c": ["a large green triangle in the middle", "one green triangle"],
+    "d": ["three yellow stars on the right"],
+}
+SETS = {
+    "identical": {"a": "a red circle on the left", "b": "two blue squares at the top",
+                  "c": "a large green triangle in the middle", "d": "three yellow stars on the right"},
+    "partial": {"a": "a red circle", "b": "two red squares", "c": "a green triangle", "d": ""},
+    "disjoint": {"a": "zebra", "b": "zebra", "c": "zebra", "d": "zebra"},
+}
+
+
+@pytest.fixture(scope="module")
+def ours():
+    """One call for every set: one tokenizer JVM and one METEOR JVM, as the eval stage does it."""
+    return metrics.coco_metrics_many(REFS, SETS)
+
+
+def test_identical_captions_score_one(ours):
+    s = ours["identical"]
+    for m in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L"):
+        assert s[m] == pytest.approx(1.0, abs=1e-6), m
+    assert s["CIDEr"] > 1.0
+
+
+def test_disjoint_captions_score_zero(ours):
+    s = ours["disjoint"]
+    for m in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert s[m] == pytest.approx(0.0, abs=1e-6), m
+
+
+def test_hand_computed_bleu_and_rouge():
+    # hyp "a red circle" vs ref "a red circle on the left" (punctuation and case removed by the PTB tokenizer):
+    # unigram precision 1, brevity penalty exp(1 - 6/3); ROUGE-L: LCS 3, P 1, R 0.5, beta 1.2.
+    s = metrics.coco_metrics({1: ["A red circle, on the left."]}, {1: "A red circle."}, meteor=False)
+    assert s["Bleu_1"] == pytest.approx(math.exp(-1), abs=1e-6)
+    beta2 = 1.2**2
+    assert s["ROUGE_L"] == pytest.approx((1 + beta2) * 1 * 0.5 / (0.5 + beta2 * 1), abs=1e-6)
+    assert "METEOR" not in s  # skipped on request (saves a JVM start)
+
+
+def test_ptb_tokenize_matches_pycocoevalcap():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    sents = ["A red circle, on the left.", "Don't (really) say: \"no\"!", "", "x  y\tz", "Dr. Smith's 3.5-inch cat..."]
+    theirs = PTBTokenizer().tokenize({i: [{"caption": s}] for i, s in enumerate(sents)})
+    assert metrics.ptb_tokenize(sents) == [theirs[i][0] for i in range(len(sents))]
+
+
+def test_matches_pycocoevalcap_scorers_called_directly(ours):
+    """The documented recipe (PTBTokenizer, then each scorer's compute_score) must give the same numbers."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tok = PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": c} for c in refs] for i, refs in REFS.items()})
+    meteor = Meteor()
+    for name, hyps in SETS.items():
+        res = tok.tokenize({i: [{"caption": h}] for i, h in hyps.items()})
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        expected = dict(zip(metrics.METRICS, [*bleu, meteor.compute_score(gts, res)[0],
+                                              Rouge().compute_score(gts, res)[0], Cider().compute_score(gts, res)[0]]))
+        for m in metrics.METRICS:
+            assert ours[name][m] == pytest.approx(expected[m], rel=1e-9, abs=1e-12), (name, m)
+    # and the sets really differ, so agreement above is not vacuous
+    assert ours["partial"]["CIDEr"] != pytest.approx(ours["identical"]["CIDEr"])
+
+
+def test_mismatched_ids_are_refused():
+    with pytest.raises(ValueError, match="other ids"):
+        metrics.coco_metrics_many(REFS, {"x": {"a": "a red circle"}})
