@@ -66,12 +66,14 @@ def encode(
     workers: Annotated[int, Opt("decode/preprocess threads")] = EncodeConfig.workers,
     seed: Annotated[int, Opt("seed for random-init weights")] = EncodeConfig.seed,
     overwrite: Annotated[bool, Opt("replace a store built with another encoder")] = EncodeConfig.overwrite,
+    shard_capacity: Annotated[Optional[int], Opt("store rows per shard (default: the largest shard's row count)")] = EncodeConfig.shard_capacity,
 ):
     """Run the frozen ViT once over every fetched image and cache its token features in zarr."""
     from stages import encode as stage
 
     stage.run(EncodeConfig(shards=shards, store=store, model=model, weights=weights, batch_size=batch_size,
-                           device=device, precision=precision, workers=workers, seed=seed, overwrite=overwrite))
+                           device=device, precision=precision, workers=workers, seed=seed, overwrite=overwrite,
+                           shard_capacity=shard_capacity))
 
 
 @app.command()

@@ -57,6 +57,7 @@ class EncodeConfig:
     workers: int = 2  # JPEG decode + preprocessing threads, overlapped with the model
     seed: int = 0  # random-init seed when no weights are available
     overwrite: bool = False
+    shard_capacity: Optional[int] = None  # store rows reserved per shard; None = the largest shard's row count
 
 
 @dataclass
