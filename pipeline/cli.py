@@ -99,15 +99,23 @@ def train(
     compile: Annotated[bool, Opt("torch.compile the decoder")] = TrainConfig.compile,
     resume: Annotated[bool, Opt("continue from the run's last checkpoint")] = TrainConfig.resume,
     tokenizer: Annotated[str, Opt("'gpt2' (offline GPT-2 BPE) or a hub name / local path")] = TrainConfig.tokenizer,
+    val_fraction: Annotated[float, Opt("share of samples (by key hash) held out for validation")] = TrainConfig.val_fraction,
+    features: Annotated[str, Opt("auto | memory | stream: hold the store's features in memory or stream slabs")] = TrainConfig.features,
+    checkpoint_every: Annotated[int, Opt("steps between checkpoints (also at each epoch end)")] = TrainConfig.checkpoint_every,
+    log_every: Annotated[int, Opt("steps per metrics.jsonl train entry")] = TrainConfig.log_every,
 ):
-    """Train the CapPa dual-mode caption decoder on cached features."""
+    """Train the CapPa dual-mode caption decoder on cached features.
+
+    Under `torchrun --nproc_per_node N -m pipeline train ...` it runs DDP (gloo on CPU, nccl on CUDA).
+    """
     from stages import train as stage
 
     stage.run(TrainConfig(store=store, run=run, epochs=epochs, batch_size=batch_size, lr=lr,
                           parallel_fraction=parallel_fraction, mixing=mixing, max_len=max_len, max_steps=max_steps,
                           layers=layers, width=width, heads=heads, mlp_dim=mlp_dim, warmup_steps=warmup_steps,
                           schedule=schedule, seed=seed, precision=precision, device=device, compile=compile,
-                          resume=resume, tokenizer=tokenizer))
+                          resume=resume, tokenizer=tokenizer, val_fraction=val_fraction, features=features,
+                          checkpoint_every=checkpoint_every, log_every=log_every))
 
 
 @app.command("eval")
