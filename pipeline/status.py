@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,23 +14,177 @@ from pipeline.config import StatusConfig
 
 
 # --- fetch: img2dataset's per-shard stats files ------------------------------------------------------------
+_REASONS = [  # (pattern in img2dataset's error string, reason); first match wins
+    (r"HTTP Error (\d+)", None),  # -> "http <code>"
+    (r"IncompleteRead|truncated|Premature end", "truncated"),
+    (r"timed out|timeout", "timeout"),
+    (r"Image decoding error|cannot identify image|decod|imdecode", "not an image / decode error"),
+    (r"Connection refused", "connection refused"),
+    (r"Connection reset|Remote end closed|RemoteDisconnected|Connection aborted", "connection dropped"),
+    (r"Name or service not known|nodename nor servname|getaddrinfo|name resolution", "dns error"),
+    (r"SSL|CERTIFICATE", "ssl error"),
+    (r"unknown url type|no host given|Invalid URL", "bad url"),
+    (r"X-Robots-Tag", "disallowed by x-robots-tag"),
+]
+
+
+def failure_reason(message: str) -> str:
+    """A noisy urllib / OpenCV error string as a short reason (http 404, timeout, truncated, ...)."""
+    for pattern, reason in _REASONS:
+        m = re.search(pattern, message, re.IGNORECASE)
+        if m:
+            return reason or f"http {m.group(1)}"
+    short = re.sub(r"\d+", "N", message.strip().splitlines()[0] if message.strip() else "unknown")
+    return short[:48]
+
+
+def _fetch_record(shards: Path) -> dict | None:
+    try:
+        return json.loads((shards / "_fetch" / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def fetch_summary(shards: Path) -> dict:
-    """Counts from img2dataset's `*_stats.json` files. (Filled in by the fetch stage's issue.)"""
-    return {"path": str(shards), "exists": shards.is_dir()}
+    """Counts from img2dataset's `NNNNN_stats.json` files plus the fetch stage's `_fetch/run.json` record.
+
+    A shard is complete when its stats file exists; unfinished = a `.tar` without stats, or a shard id the
+    input list implies (rows / samples per shard, from the record) that has no stats yet.
+    """
+    s: dict = {"path": str(shards), "exists": shards.is_dir(), "shards_complete": 0, "shards_unfinished": 0,
+               "shards_expected": 0, "unfinished": [], "rows_requested": 0, "rows_done": 0, "fetched": 0,
+               "failed": 0, "success_rate": None, "failures": {}, "source": None, "last_run": None}
+    if not s["exists"]:
+        s["state"] = "missing"
+        return s
+    stats: dict[int, dict] = {}
+    tars: set[int] = set()
+    for p in shards.iterdir():
+        if m := re.fullmatch(r"(\d+)_stats\.json", p.name):
+            try:
+                stats[int(m.group(1))] = json.loads(p.read_text())
+            except (OSError, ValueError):
+                pass  # torn or unreadable: the shard counts as unfinished
+        elif m := re.fullmatch(r"(\d+)\.tar", p.name):
+            tars.add(int(m.group(1)))
+    record = _fetch_record(shards)
+    expected = set(range(int(record["expected_shards"]))) if record and "expected_shards" in record else set()
+    unfinished = sorted((expected | tars) - set(stats))
+    failures: dict[str, int] = {}
+    for st in stats.values():
+        s["rows_done"] += int(st.get("count", 0))
+        s["fetched"] += int(st.get("successes", 0))
+        for msg, n in (st.get("status_dict") or {}).items():
+            if msg != "success":
+                reason = failure_reason(msg)
+                failures[reason] = failures.get(reason, 0) + int(n)
+    s["failed"] = s["rows_done"] - s["fetched"]
+    s["failures"] = dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0])))
+    s["success_rate"] = round(s["fetched"] / s["rows_done"], 4) if s["rows_done"] else None
+    s["shards_complete"] = len(stats)
+    s["shards_unfinished"] = len(unfinished)
+    s["shards_expected"] = len(expected | tars | set(stats))
+    s["unfinished"] = [f"{i:05d}" for i in unfinished]
+    s["rows_requested"] = int(record["rows"]) if record and "rows" in record else s["rows_done"]
+    if record:
+        s["source"] = record.get("config", {}).get("source")
+        s["last_run"] = {k: record.get(k) for k in ("state", "started_at", "finished_at", "timings")}
+    if not stats and not unfinished:
+        s["state"] = "empty"
+    else:
+        s["state"] = "complete" if not unfinished else "incomplete"
+    return s
 
 
 def render_fetch(console: Console, s: dict) -> None:
-    console.print(f"fetch: {s['path']} {'present' if s['exists'] else 'missing'}")
+    if s["state"] in ("missing", "empty"):
+        why = "does not exist" if s["state"] == "missing" else "holds no shards yet"
+        console.print(f"[bold]fetch[/]: {s['path']} {why}; run `pipeline fetch` (or `make fetch`)", highlight=False)
+        return
+    t = Table(title=f"fetch: {s['path']}" + (f"  (source {s['source']})" if s["source"] else ""),
+              title_justify="left", show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value", justify="right")
+    rate = f"{100 * s['success_rate']:.1f} %" if s["success_rate"] is not None else "-"
+    t.add_row("rows asked for", f"{s['rows_requested']:,}")
+    t.add_row("rows in complete shards", f"{s['rows_done']:,}")
+    t.add_row("images fetched", f"{s['fetched']:,}")
+    t.add_row("success rate", rate)
+    t.add_row("failed", f"{s['failed']:,}")
+    for reason, n in s["failures"].items():
+        t.add_row(f"  {reason}", f"{n:,}")
+    colour = "green" if s["shards_unfinished"] == 0 else "yellow"
+    t.add_row("shards", f"[{colour}]{s['shards_complete']} complete, {s['shards_unfinished']} unfinished[/]")
+    if s["unfinished"]:
+        more = f" (+{len(s['unfinished']) - 8})" if len(s["unfinished"]) > 8 else ""
+        t.add_row("  unfinished", ", ".join(s["unfinished"][:8]) + more)
+    console.print(t)
 
 
 # --- encode: the zarr feature store ------------------------------------------------------------------------
+def _fetched_per_shard(shards: Path) -> dict[str, int]:
+    """Samples img2dataset wrote per finished shard (`successes` in `NNNNN_stats.json`), by tar name."""
+    out = {}
+    for f in sorted(shards.glob("*_stats.json")) if shards.is_dir() else []:
+        try:
+            out[f.name[: -len("_stats.json")] + ".tar"] = int(json.loads(f.read_text()).get("successes", 0))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def store_summary(store: Path, shards: Path) -> dict:
-    """Coverage and provenance of the feature store. (Filled in by the encode stage's issue.)"""
-    return {"path": str(store), "exists": store.exists()}
+    """Encoded vs fetched samples per shard and in total, encoder + weights provenance, size on disk."""
+    from pipeline.errors import UserError
+    from pipeline.store import FeatureStore, weights_label
+
+    s: dict = {"path": str(store), "exists": store.exists()}
+    if not s["exists"]:
+        return s
+    try:
+        st = FeatureStore.open(store, require_done=False)
+    except UserError as e:
+        return {**s, "error": str(e)}
+    fetched = _fetched_per_shard(shards)
+    encoded, done = st.shard_counts(), dict(zip(st.shards, st.shard_done().tolist()))
+    names = st.shards + [n for n in fetched if n not in encoded]  # store row order, then not yet in the store
+    per = [{"shard": n, "fetched": fetched.get(n), "encoded": encoded.get(n, 0), "done": bool(done.get(n, False))}
+           for n in names]
+    n_fetched, n_encoded = sum(fetched.values()), sum(encoded.values())
+    enc = st.encoder
+    s.update({
+        "shards": per, "shards_done": sum(done.values()), "shards_fetched": len(fetched),
+        "fetched": n_fetched, "encoded": n_encoded,
+        "encoded_of_fetched": sum(encoded.get(n, 0) for n in fetched),
+        "coverage": round(sum(encoded.get(n, 0) for n in fetched) / n_fetched, 4) if n_fetched else None,
+        "model": enc.get("model"), "weights": enc.get("weights"), "weights_label": weights_label(enc.get("weights", {})),
+        "random_init": st.is_random_init, "precision": st.attrs.get("precision"),
+        "tokens": st.tokens, "width": st.width, "size_bytes": st.size_bytes(), "last_run": st.attrs.get("last_run"),
+    })
+    return s
 
 
 def render_store(console: Console, s: dict) -> None:
-    console.print(f"store: {s['path']} {'present' if s['exists'] else 'missing'}")
+    if not s["exists"] or "error" in s:
+        console.print(f"[bold]store[/]: {s['path']} " + (f"[red]{s['error']}[/]" if "error" in s else "missing"))
+        return
+    cov = f"{100 * s['coverage']:.1f}%" if s["coverage"] is not None else "n/a (no fetched shards found)"
+    weights = f"[bold red]{s['weights_label']} - features carry no visual knowledge[/]" if s["random_init"] \
+        else s["weights_label"]
+    console.print(f"[bold]store[/]: {s['path']}  {s['encoded_of_fetched']}/{s['fetched']} fetched samples encoded "
+                  f"({cov}), {s['encoded']} in store, {s['shards_done']} shards done, "
+                  f"{s['size_bytes'] / 2**20:.1f} MiB on disk")
+    console.print(f"  encoder: {s['model']} [{s['tokens']}, {s['width']}] {s['precision']}, weights: {weights}",
+                  highlight=False)
+    todo = [r for r in s["shards"] if r["fetched"] is None or r["encoded"] != r["fetched"] or not r["done"]]
+    rows = s["shards"] if len(s["shards"]) <= 12 else todo[:12]
+    if rows:
+        t = Table("shard", "fetched", "encoded", "done", title=None if rows is s["shards"] else
+                  f"shards not fully encoded ({len(todo)} of {len(s['shards'])})")
+        for r in rows:
+            t.add_row(r["shard"], "-" if r["fetched"] is None else str(r["fetched"]), str(r["encoded"]),
+                      "yes" if r["done"] else "[yellow]no[/]")
+        console.print(t)
 
 
 # --- train: run folders ------------------------------------------------------------------------------------

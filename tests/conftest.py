@@ -10,3 +10,23 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
+
+
+# --- fetch: the tiny fetched data set (owned by the fetch stage's issue) ------------------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """96 synthetic rows fetched by the real img2dataset from a loopback server: 3 shards of 32 (~3 broken rows).
+
+    Returns the shards folder; the synthetic source (images, urls.parquet) is its sibling `synthetic/`.
+    """
+    from pipeline.config import FetchConfig
+    from stages import fetch
+
+    root = tmp_path_factory.mktemp("tiny_fetch")
+    cfg = FetchConfig(count=96, samples_per_shard=32, shards=root / "shards", synthetic_dir=root / "synthetic",
+                      processes=1, threads=8, seed=0)
+    fetch.run(cfg)
+    return cfg.shards

@@ -1,0 +1,233 @@
+"""Stage one: a (caption, url) list -> img2dataset -> WebDataset shards, with a progress bar and a summary."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from pipeline import status as st
+from pipeline.config import FetchConfig, to_jsonable
+from pipeline.errors import UserError
+
+# Our own records live in a sub-folder: img2dataset reads EVERY top-level *.json as a shard's stats file.
+RUN_DIR = "_fetch"
+RECORD = "run.json"
+LOG = "img2dataset.log"
+DISTRIBUTORS = {"multiprocessing": None, "pyspark": "pyspark", "ray": "ray"}
+
+
+def record_path(shards: Path) -> Path:
+    """Where the stage records its config, list fingerprint and wall times (the benchmark reads it)."""
+    return Path(shards) / RUN_DIR / RECORD
+
+
+def _validate(cfg: FetchConfig) -> None:
+    if cfg.distributor not in DISTRIBUTORS:
+        raise UserError(f"--distributor must be one of {', '.join(DISTRIBUTORS)} (got {cfg.distributor!r})")
+    module = DISTRIBUTORS[cfg.distributor]
+    if module and importlib.util.find_spec(module) is None:
+        raise UserError(f"--distributor {cfg.distributor} needs {module}, which is not installed: "
+                        f"pip install {module} (or cappa-pipeline[{'spark' if module == 'pyspark' else module}])")
+    for name in ("count", "processes", "threads", "samples_per_shard", "timeout"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.image_size < 224:
+        raise UserError(f"image_size must be at least 224 so a 224 px centre crop is possible (got {cfg.image_size})")
+    if not 0 <= cfg.broken_fraction < 1:
+        raise UserError(f"--broken-fraction must be in [0, 1) (got {cfg.broken_fraction})")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _check_same_list(shards: Path, fingerprint: dict) -> None:
+    """Incremental mode trusts shard ids, so a folder fetched from another list must not be 'resumed'."""
+    rec = record_path(shards)
+    has_shards = shards.is_dir() and any(re.fullmatch(r"\d+(\.tar|_stats\.json)", p.name) for p in shards.iterdir())
+    if not has_shards or not rec.exists():
+        return
+    try:
+        old = json.loads(rec.read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return
+    if old != fingerprint:
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in fingerprint.items() if (old or {}).get(k) != v)
+        raise UserError(f"{shards} holds shards of another list ({diff}); use another --shards folder or delete it")
+
+
+def _done_ids(shards: Path) -> set[int]:
+    if not shards.is_dir():
+        return set()
+    return {int(m.group(1)) for p in shards.iterdir() if (m := re.fullmatch(r"(\d+)_stats\.json", p.name))}
+
+
+def _tar_samples(path: Path) -> int:
+    """Samples written so far to a tar that img2dataset is still writing (stops at the torn end)."""
+    n = 0
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                n += m.name.endswith(".json")
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return n
+
+
+def _progress_rows(shards: Path, todo: list[int], sizes: dict[int, int]) -> int:
+    """Rows handled so far: whole shards once their stats exist, else the samples already in their tar."""
+    done = 0
+    for i in todo:
+        stats = shards / f"{i:05d}_stats.json"
+        if stats.exists():
+            done += sizes[i]
+        elif (tar := shards / f"{i:05d}.tar").exists():
+            done += min(_tar_samples(tar), sizes[i])
+    return done
+
+
+def _img2dataset_main(kwargs: dict, log_path: str) -> None:
+    """Child process: img2dataset with its prints, tqdm bars and worker output sent to a log file."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)  # its spawned workers inherit these descriptors
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # webdataset imports torch only for its DataLoader mix-ins and falls back when torch is absent; this
+    # coordinating process never needs it, and importing torch doubles its start-up (~3 s on 2 cores).
+    sys.modules.setdefault("torch", None)  # type: ignore[assignment]
+    from img2dataset import download
+
+    download(**kwargs)
+
+
+def _img2dataset_kwargs(cfg: FetchConfig, url_list: Path, extra: list[str]) -> dict:
+    return dict(
+        url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
+        save_additional_columns=extra or None,
+        output_folder=str(cfg.shards), output_format="webdataset", number_sample_per_shard=cfg.samples_per_shard,
+        image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=False,  # shortest side = size
+        processes_count=cfg.processes, thread_count=cfg.threads, distributor=cfg.distributor,
+        timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental",
+        enable_wandb=False, compute_hash=None,
+    )
+
+
+def _download(cfg: FetchConfig, url_list: Path, extra: list[str], n_rows: int, todo: list[int]) -> None:
+    from pipeline.progress import make_progress
+
+    shards = Path(cfg.shards)
+    sps = cfg.samples_per_shard
+    sizes = {i: min(sps, n_rows - i * sps) for i in todo}
+    log = shards / RUN_DIR / LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    proc = mp.get_context("spawn").Process(
+        target=_img2dataset_main, args=(_img2dataset_kwargs(cfg, url_list, extra), str(log)), daemon=False)
+    proc.start()
+    try:
+        with make_progress() as progress:
+            task = progress.add_task(f"fetching {len(todo)} shards", total=sum(sizes.values()), unit="img")
+            while proc.is_alive():
+                progress.update(task, completed=_progress_rows(shards, todo, sizes))
+                proc.join(0.5)
+            progress.update(task, completed=_progress_rows(shards, todo, sizes))
+    except BaseException:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join(10)
+        raise
+    if proc.exitcode != 0:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        last = lines[-1].strip() if lines else "no output"
+        raise UserError(f"img2dataset failed (exit code {proc.exitcode}): {last[:200]} (log: {log})")
+
+
+def _list_digest(df) -> str:
+    h = hashlib.sha256()
+    for cap, url in zip(df["caption"], df["url"]):
+        h.update(cap.encode() + b"\t" + url.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def run(cfg: FetchConfig) -> dict:
+    """Fetch cfg.source into cfg.shards; returns the fetch summary (same dict as `pipeline status`)."""
+    from rich.console import Console
+
+    from pipeline import synthetic
+    from pipeline.progress import make_progress
+
+    _validate(cfg)
+    t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    shards = Path(cfg.shards)
+    console = Console(stderr=True)
+    synthetic_source = cfg.source == "synthetic"
+    timings: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        if synthetic_source:
+            n_rows, extra = cfg.count, ["attributes"]
+            fingerprint = {"source": "synthetic", "seed": cfg.seed, "count": cfg.count,
+                           "broken_fraction": cfg.broken_fraction, "generator": synthetic.GENERATOR_VERSION}
+        else:
+            from pipeline import sources
+
+            df = sources.read_url_list(cfg.source, cfg.count)
+            n_rows, extra = len(df), [c for c in sources.EXTRA_COLUMNS if c in df.columns]
+            fingerprint = {"source": str(Path(cfg.source).resolve()), "count": n_rows, "digest": _list_digest(df)}
+        fingerprint.update(samples_per_shard=cfg.samples_per_shard, image_size=cfg.image_size)
+        _check_same_list(shards, fingerprint)
+        expected = math.ceil(n_rows / cfg.samples_per_shard)
+        todo = sorted(set(range(expected)) - _done_ids(shards))
+        console.print(f"[bold]fetch[/] {cfg.source} ({n_rows} rows) -> {shards}: {expected} shards of "
+                      f"{cfg.samples_per_shard}, {expected - len(todo)} already complete", highlight=False)
+        record = {"fingerprint": fingerprint, "config": to_jsonable(cfg), "rows": n_rows,
+                  "samples_per_shard": cfg.samples_per_shard, "expected_shards": expected,
+                  "shards_todo": len(todo), "state": "running", "started_at": started}
+        if todo:
+            shards.mkdir(parents=True, exist_ok=True)
+            if synthetic_source:
+                t = time.perf_counter()
+                with make_progress() as progress:
+                    rows = synthetic.generate(Path(cfg.synthetic_dir), cfg.seed, cfg.count, cfg.broken_fraction,
+                                              processes=cfg.processes, progress=progress)
+                timings["generate_s"] = round(time.perf_counter() - t, 3)
+                base_url = stack.enter_context(synthetic.serve(Path(cfg.synthetic_dir) / "images"))
+                url_list = Path(cfg.synthetic_dir) / "urls.parquet"
+                synthetic.write_url_list(url_list, rows, base_url)  # the port is new each run: rewrite
+            else:
+                url_list = sources.write_parquet(df, shards / RUN_DIR / "urls.parquet")
+            _write_json(record_path(shards), record)
+            t = time.perf_counter()
+            _download(cfg, url_list, extra, n_rows, todo)
+            timings["download_s"] = round(time.perf_counter() - t, 3)
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    summary = st.fetch_summary(shards)
+    if todo or not record_path(shards).exists():
+        record.update(state="done" if summary["shards_unfinished"] == 0 else "incomplete",
+                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), timings=timings,
+                      result={k: summary[k] for k in ("rows_done", "fetched", "failed", "success_rate",
+                                                     "shards_complete", "shards_unfinished", "failures")})
+        if shards.is_dir():
+            _write_json(record_path(shards), record)
+    out = Console()
+    st.render_fetch(out, summary)
+    n_todo = sum(min(cfg.samples_per_shard, n_rows - i * cfg.samples_per_shard) for i in todo)
+    rate = f", {n_todo / timings['download_s']:.0f} rows/s" if timings.get("download_s") else ""
+    out.print(f"wall time {timings['total_s']:.1f} s"
+              + (f" (drawing {timings['generate_s']:.1f} s)" if "generate_s" in timings else "")
+              + (f", download {timings['download_s']:.1f} s{rate}" if "download_s" in timings else "")
+              + ("" if todo else " — nothing to do, every shard is complete"), highlight=False)
+    return summary
