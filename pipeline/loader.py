@@ -1,0 +1,296 @@
+"""Batches of (features, caption tokens, mode flags) from the feature store: held in memory or streamed in slabs.
+
+Letters: N samples in the store index, B global batch, b this rank's share, P image tokens, E encoder width,
+L caption tokens of the batch (dynamic padding).
+
+Data order is a pure function of (seed, epoch): the slabs of the split (chunk-aligned row ranges of the
+store) are permuted, cut into shuffle groups of `buffer_slabs` slabs, and the rows of each group are
+permuted. With one group covering everything this is a uniform permutation (the in-memory default); a
+streamed epoch reads one group at a time, so memory stays bounded. Training modes (parallel / AR) are drawn
+for the whole epoch from a generator seeded by (seed, epoch), so a resumed run only needs (epoch, batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+# Stream tags of the per-epoch generators, so order and mode draws never share random numbers.
+_ORDER, _MODES = 1, 2
+_SPLIT_SALT = b"cappa-val-split-v1"  # changing it changes every run's validation split
+
+
+def split_positions(keys: list[str], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) positions into `keys`, decided by a keyed hash of each key alone.
+
+    Stable across runs, machines, Python hash seeds and store growth: a sample's side never changes.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    h = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, key=_SPLIT_SALT).digest(), "little") >> 11
+         for k in keys),
+        dtype=np.float64, count=len(keys),
+    )
+    is_val = h / float(1 << 53) < val_fraction  # uniform in [0, 1)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+class CaptionTokens:
+    """Every caption tokenised once, up front: ids [N, Lmax] int32 and mask [N, Lmax] bool, kept on the CPU."""
+
+    def __init__(self, tokenizer, captions: list[str], max_len: int, chunk: int = 65536):
+        ids, masks = [], []
+        for i in range(0, len(captions), chunk):  # chunks bound the tokenizer's temporary memory
+            t, m = tokenizer.encode_batch(list(captions[i:i + chunk]), max_len)
+            ids.append(t.to(torch.int32))
+            masks.append(m.to(torch.bool))
+        width = max((t.shape[1] for t in ids), default=1)
+        self.ids = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ids]) if ids \
+            else torch.zeros(0, 1, dtype=torch.int32)
+        self.mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]) if masks \
+            else torch.zeros(0, 1, dtype=torch.bool)
+        cols = torch.arange(1, width + 1)
+        self.extent = (self.mask * cols).amax(1) if len(self.ids) else torch.zeros(0, dtype=torch.long)  # last real + 1
+        self.count = self.mask.sum(1)  # real tokens per caption [N]
+
+    def batch(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """targets [k, L] int64 and mask [k, L] bool, padded only to the longest caption among `pos`."""
+        width = max(int(self.extent[pos].max()), 1) if len(pos) else 1
+        return self.ids[pos, :width].long(), self.mask[pos, :width]
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class FeatureSource:
+    """The store's features for index positions: `held` (one fp16 tensor, on the device) or streamed slabs."""
+
+    def __init__(self, store, rows: np.ndarray, *, device: torch.device, mode: str = "auto",
+                 budget_fraction: float = 0.4, slab_rows: int = 256, progress=None):
+        self.store, self.rows, self.device = store, np.asarray(rows, dtype=np.int64), device
+        self.tokens, self.width = int(store.tokens), int(store.width)
+        chunk = int(getattr(store, "chunk_rows", 8) or 8)
+        self.slab_rows = max(chunk, slab_rows // chunk * chunk)  # whole chunks: no chunk is read twice
+        self.nbytes = len(self.rows) * self.tokens * self.width * 2
+        if mode not in ("auto", "memory", "stream"):
+            raise ValueError(f"features mode must be auto, memory or stream, got {mode!r}")
+        if mode == "auto":
+            budget = budget_fraction * ram_bytes()
+            if device.type == "cuda":
+                budget = min(budget, budget_fraction * torch.cuda.get_device_properties(device).total_memory)
+            mode = "memory" if self.nbytes <= budget else "stream"
+        self.mode = mode
+        self.held: Optional[torch.Tensor] = None
+        if mode == "memory":
+            self.held = self._load_all(progress)
+
+    def slabs(self, rows: np.ndarray) -> np.ndarray:
+        return rows // self.slab_rows
+
+    def _read_rows(self, rows: np.ndarray, out: torch.Tensor, dest: np.ndarray, progress=None) -> None:
+        """out[dest[i]] = features of store row rows[i], reading each touched slab once, in row order."""
+        srt = np.argsort(rows, kind="stable")
+        rows, dest = rows[srt], dest[srt]
+        slab_ids = self.slabs(rows)
+        cuts = np.flatnonzero(np.diff(slab_ids)) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+            r = rows[lo:hi]
+            start = int(slab_ids[lo]) * self.slab_rows
+            slab = self.store.read(start, int(r[-1]) + 1)  # [n, P, E] fp16, one contiguous read
+            part = torch.from_numpy(np.ascontiguousarray(slab[r - start]))
+            out[torch.from_numpy(dest[lo:hi])] = part.to(out.device, non_blocking=True)
+            if progress is not None:
+                progress(hi - lo)
+
+    def _load_all(self, progress) -> torch.Tensor:
+        out = torch.empty(len(self.rows), self.tokens, self.width, dtype=torch.float16, device=self.device)
+        self._read_rows(self.rows, out, np.arange(len(self.rows)), progress)
+        return out
+
+    def read_positions(self, pos: np.ndarray) -> torch.Tensor:
+        """fp16 [k, P, E] for index positions `pos`, in that order (host memory in stream mode)."""
+        if self.held is not None:
+            return self.held.index_select(0, torch.from_numpy(np.asarray(pos, dtype=np.int64)).to(self.device))
+        out = torch.empty(len(pos), self.tokens, self.width, dtype=torch.float16)
+        self._read_rows(self.rows[pos], out, np.arange(len(pos)))
+        return out
+
+
+@dataclass
+class Batch:
+    features: torch.Tensor  # [b, P, E] float32 on the device
+    targets: torch.Tensor  # [b, L] int64
+    target_mask: torch.Tensor  # [b, L] bool, True = real token (EOS included)
+    parallel: torch.Tensor  # [b] bool, True = parallel-prediction row
+    positions: np.ndarray  # [b] index positions of the rows
+    tokens_ar: int  # real tokens in AR rows of the GLOBAL batch (all ranks), for exact DDP loss scaling
+    tokens_par: int
+    local_tokens: dict  # {"ar": int, "par": int}: real tokens of this rank's rows, known without a device sync
+    size: int  # samples in the global batch
+
+
+class Loader:
+    """Epochs of batches over `positions`; rank r of `world` takes its contiguous slice of each global batch."""
+
+    def __init__(self, source: FeatureSource, tokens: CaptionTokens, positions: np.ndarray, batch_size: int, *,
+                 seed: int = 0, parallel_fraction: float = 0.75, mixing: str = "per-example", shuffle: bool = True,
+                 buffer_slabs: Optional[int] = None, rank: int = 0, world: int = 1, prefetch: int = 2):
+        if mixing not in ("per-example", "per-batch"):
+            raise ValueError(f"mixing must be per-example or per-batch, got {mixing!r}")
+        self.source, self.tokens = source, tokens
+        self.positions = np.sort(np.asarray(positions, dtype=np.int64))
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.parallel_fraction, self.mixing = parallel_fraction, mixing
+        self.rank, self.world, self.prefetch = rank, world, prefetch
+        if buffer_slabs is None and source.mode == "stream":
+            buffer_slabs = 8
+        self.buffer_slabs = buffer_slabs  # None = one group = uniform shuffle
+        n = len(self.positions)
+        # A last global batch too small to give every rank a row is dropped (only ever with world > 1).
+        self.num_batches = n // batch_size + (1 if n % batch_size >= max(world, 1) and n % batch_size else 0)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    # -- the plan of an epoch: pure functions of (seed, epoch) -----------------------------------------------
+    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in epoch order [n], shuffle-group start offsets [G]) for this epoch."""
+        pos = self.positions
+        slab = self.source.slabs(self.source.rows[pos])
+        uniq, slab_idx = np.unique(slab, return_inverse=True)
+        if not self.shuffle:
+            group = slab_idx // self.buffer_slabs if self.buffer_slabs else np.zeros(len(pos), np.int64)
+            order = pos  # already in row order
+        else:
+            rng = np.random.default_rng([self.seed, epoch, _ORDER])
+            rank_of_slab = np.empty(len(uniq), np.int64)
+            rank_of_slab[rng.permutation(len(uniq))] = np.arange(len(uniq))
+            group = rank_of_slab[slab_idx] // (self.buffer_slabs or max(len(uniq), 1))
+            key = rng.random(len(pos))
+            srt = np.lexsort((key, group))
+            order, group = pos[srt], group[srt]
+        starts = np.flatnonzero(np.r_[True, np.diff(group) != 0]) if len(group) else np.zeros(0, np.int64)
+        return order, starts
+
+    def modes(self, epoch: int) -> np.ndarray:
+        """Parallel flag per epoch slot [n]: per example, or one draw per global batch."""
+        rng = np.random.default_rng([self.seed, epoch, _MODES])
+        n = len(self.positions)
+        if self.mixing == "per-example":
+            return rng.random(n) < self.parallel_fraction
+        per_batch = rng.random(-(-n // self.batch_size)) < self.parallel_fraction
+        return np.repeat(per_batch, self.batch_size)[:n]
+
+    # -- iteration ----------------------------------------------------------------------------------------------
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches start_batch.. of `epoch`, prepared by a background thread one or two batches ahead."""
+        return _Prefetch(self._batches(epoch, start_batch), self.prefetch)
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        order, starts = self.order(epoch)
+        modes = self.modes(epoch)
+        stream = None if self.source.held is not None else _GroupStream(self.source, order, starts)
+        dev = self.source.device
+        B = self.batch_size
+        for b in range(start_batch, self.num_batches):
+            glo, ghi = b * B, min((b + 1) * B, len(order))
+            cuts = np.linspace(glo, ghi, self.world + 1).astype(np.int64)  # near-equal contiguous slices
+            lo, hi = int(cuts[self.rank]), int(cuts[self.rank + 1])
+            pos = order[lo:hi]
+            gpos = torch.from_numpy(order[glo:ghi])
+            gpar = torch.from_numpy(modes[glo:ghi])
+            counts = self.tokens.count[gpos]
+            lpar, lcounts = gpar[lo - glo:hi - glo], counts[lo - glo:hi - glo]
+            feats = self.source.read_positions(pos) if stream is None else stream.take(lo, hi)
+            targets, mask = self.tokens.batch(torch.from_numpy(pos))
+            yield Batch(
+                features=feats.to(dev, non_blocking=True).float(),
+                targets=targets.to(dev, non_blocking=True),
+                target_mask=mask.to(dev, non_blocking=True),
+                parallel=torch.from_numpy(modes[lo:hi].copy()).to(dev, non_blocking=True),
+                positions=pos,
+                tokens_ar=int(counts[~gpar].sum()),
+                tokens_par=int(counts[gpar].sum()),
+                local_tokens={"ar": int(lcounts[~lpar].sum()), "par": int(lcounts[lpar].sum())},
+                size=ghi - glo,
+            )
+
+
+class _GroupStream:
+    """Features of an epoch's order, read one shuffle group at a time (bounded memory)."""
+
+    def __init__(self, source: FeatureSource, order: np.ndarray, starts: np.ndarray):
+        self.source, self.order = source, order
+        self.bounds = np.r_[starts, len(order)].astype(np.int64)
+        self.pieces: list[tuple[int, int, torch.Tensor]] = []  # (lo, hi, fp16 [hi-lo, P, E]) in epoch order
+        self.next_group = 0
+
+    def take(self, lo: int, hi: int) -> torch.Tensor:
+        """fp16 [hi-lo, P, E] for epoch slots [lo, hi); calls move forward through the epoch."""
+        self.pieces = [p for p in self.pieces if p[1] > lo]  # groups behind us are freed
+        # Skip groups wholly before `lo` (a resumed epoch starts mid-way) without reading them.
+        while self.next_group < len(self.bounds) - 1 and self.bounds[self.next_group + 1] <= lo:
+            self.next_group += 1
+        while (self.pieces[-1][1] if self.pieces else lo) < hi:
+            g_lo, g_hi = int(self.bounds[self.next_group]), int(self.bounds[self.next_group + 1])
+            self.pieces.append((g_lo, g_hi, self.source.read_positions(self.order[g_lo:g_hi])))
+            self.next_group += 1
+        parts = [t[max(lo, a) - a:min(hi, b) - a] for a, b, t in self.pieces if a < hi and b > lo]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _Prefetch:
+    """Runs a batch generator in a daemon thread, `depth` batches ahead; errors re-raise in the consumer."""
+
+    _END = object()
+
+    def __init__(self, gen: Iterator[Batch], depth: int):
+        self.q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._work, args=(gen,), daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, gen) -> None:
+        try:
+            for item in gen:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+            self._put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        item = self.q.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def __del__(self):
+        self.stop.set()
