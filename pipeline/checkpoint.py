@@ -1,0 +1,177 @@
+"""Atomic checkpoints of a run: safetensors weights + a state file (optimizer, scheduler, step, data position, RNG).
+
+Layout under `<run>/checkpoints/`:
+    step-00000200/model.safetensors   the decoder's weights (what eval and caption load)
+    step-00000200/state.pt            optimizer, scheduler, step, epoch, batch within epoch, RNG, extras
+    last.json                         {"step", "epoch", "batch", "dir"}: the newest complete checkpoint
+A checkpoint folder is built under a temporary name, every file fsynced, then renamed into place; only
+then does `last.json` (itself replaced atomically) point at it. A crash at any moment leaves the previous
+checkpoint complete and pointed to. The newest `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import UserError
+
+LAST = "last.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same folder + fsync + os.replace (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    """Torch (CPU and CUDA) and Python RNG states; numpy's global RNG is not used by the pipeline."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: int, epoch: int, batch: int,
+         extra: Optional[dict] = None, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and point `last.json` at it. OSError -> UserError, old one intact.
+
+    `epoch`/`batch` are where training continues (the next batch to run); `extra` holds small picklable-free
+    values (lists, dicts, numbers, tensors) such as partial metric sums.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    name = f"step-{step:08d}"
+    final = ckpt_dir / name
+    tmp = ckpt_dir / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        # contiguous() + clone: safetensors refuses shared or strided storage (tied weights, views).
+        weights = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        torch.save({
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "step": step, "epoch": epoch, "batch": batch,
+            "rng": rng_state(),
+            "extra": extra or {},
+        }, tmp / "state.pt")
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again: move the old copy aside (last() falls back meanwhile)
+            trash = ckpt_dir / f".{name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        atomic_write_text(ckpt_dir / LAST, json.dumps({"step": step, "epoch": epoch, "batch": batch, "dir": name}))
+        _fsync_dir(ckpt_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint in {ckpt_dir}: {e.strerror or e} "
+                        f"(the previous checkpoint is untouched)") from None
+    _prune(ckpt_dir, keep)
+    return final
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (never the one last.json points at)."""
+    pointed = last(ckpt_dir)
+    steps = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+    for p in steps[:-keep] if keep > 0 else []:
+        if pointed is None or p != pointed:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def last(ckpt_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint folder, or None; never a half-written one.
+
+    `last.json` says which; if it is missing or points nowhere (a crash between two renames), the newest
+    `step-*` folder is used: such a folder only appears by renaming a fully written, fsynced one.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        path = ckpt_dir / json.loads((ckpt_dir / LAST).read_text())["dir"]
+        if (path / "model.safetensors").is_file() and (path / "state.pt").is_file():
+            return path
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint folder from a checkpoint folder, a `checkpoints/` folder or a run folder (its newest)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    for d in (path, path / "checkpoints"):
+        found = last(d)
+        if found is not None:
+            return found
+    raise UserError(f"no complete checkpoint in {path}")
+
+
+def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The decoder's state dict from a run folder, its `checkpoints/` folder or one checkpoint folder."""
+    return load_file(str(resolve(path) / "model.safetensors"), device=str(device))
+
+
+def load(path: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+         device: str | torch.device = "cpu", restore_rng: bool = True) -> dict[str, Any]:
+    """Restore a checkpoint folder into model (+ optimizer, scheduler, RNG); returns the state dict."""
+    path = resolve(path)
+    model.load_state_dict(load_weights(path, device))
+    state = torch.load(path / "state.pt", map_location=device, weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        rng = state["rng"]
+        rng["torch"] = rng["torch"].cpu()  # map_location moved it; the CPU generator wants a CPU ByteTensor
+        if "cuda" in rng:
+            rng["cuda"] = [s.cpu() for s in rng["cuda"]]
+        set_rng_state(rng)
+    return state
