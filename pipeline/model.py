@@ -264,19 +264,15 @@ class CaptionDecoder(nn.Module):
             # Finished rows may only repeat EOS, at no cost.
             logp = torch.where(done[:, None], torch.full_like(logp, -math.inf), logp)
             logp[:, eos] = torch.where(done, torch.zeros_like(logp[:, eos]), logp[:, eos])
-            if k == 1:
-                tok = logp.argmax(-1)  # [N]
-                scores = scores + logp.gather(1, tok[:, None]).view(b, 1)
-                src = None
-            else:
-                cand = (scores.view(n, 1) + logp).view(b, -1)  # [B, K*V]
-                scores, idx = cand.topk(k, dim=-1)  # [B, K]
+            # One code path for every beam size: with K = 1, top-1 over V is the greedy argmax.
+            cand = (scores.view(n, 1) + logp).view(b, -1)  # [B, K*V]
+            scores, idx = cand.topk(k, dim=-1)  # [B, K]
+            tok = (idx % logp.shape[1]).view(n)  # [N]
+            if k > 1:
                 src = (torch.arange(b, device=dev)[:, None] * k + idx // logp.shape[1]).view(n)
-                tok = (idx % logp.shape[1]).view(n)
                 seq, done = seq[src], done[src]
-                if use_cache:
-                    for c in caches:
-                        c.reorder(src)
+                for c in caches or ():
+                    c.reorder(src)
             seq = torch.cat([seq, tok[:, None]], dim=1)
             done = done | (tok == eos)
             if bool(done.all()):
