@@ -54,6 +54,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def weights_label(weights: dict) -> str:
+    """One-line description of an encoder's weights, e.g. `random-init (seed 0)` or `hub timm/vit_...`."""
+    kind = weights.get("kind", "?")
+    if kind == "random-init":
+        return f"random-init (seed {weights.get('seed')})"
+    if kind == "hub":
+        return f"hub {weights.get('hub_id')}"
+    if kind == "file":
+        return f"file {Path(str(weights.get('path', '?'))).name} (sha256 {str(weights.get('sha256', '?'))[:12]})"
+    return kind
+
+
 class StoreLock:
     """`<store>.lock` beside the store: a second writer refuses instead of corrupting.
 

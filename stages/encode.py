@@ -1,0 +1,358 @@
+"""Encode stage: WebDataset shards -> frozen ViT -> zarr feature store (streamed, resumable, torchrun-aware)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import EncodeConfig
+from pipeline.errors import UserError
+from pipeline.progress import console, make_progress
+from pipeline.store import FeatureStore, StoreLock, weights_label
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_END = object()
+
+
+# --- shards on disk -----------------------------------------------------------------------------------------
+def complete_shards(folder: Path) -> list[tuple[str, Path, dict]]:
+    """(name, tar path, img2dataset stats) of every shard img2dataset finished (its stats file exists), sorted."""
+    if not folder.is_dir():
+        raise UserError(f"no shards folder {folder}: run `pipeline fetch` first")
+    out = []
+    for tar in sorted(folder.glob("*.tar")):
+        stats = tar.with_name(tar.stem + "_stats.json")
+        if stats.is_file():
+            try:
+                out.append((tar.name, tar, json.loads(stats.read_text())))
+            except ValueError:
+                continue  # a stats file being written right now: the shard is not finished
+    if not out:
+        raise UserError(f"no finished shards in {folder} (a shard is finished when its _stats.json exists)")
+    return out
+
+
+def iter_shard(tar: Path):
+    """(key, image bytes, caption, json text) per sample, in the shard's own order (webdataset 0.2 API)."""
+    import webdataset as wds
+
+    same = lambda urls: urls  # noqa: E731 - shards are split across ranks by this stage, not by webdataset
+    ds = wds.WebDataset(str(tar), shardshuffle=False, nodesplitter=same, workersplitter=same, empty_check=False)
+    for s in ds:
+        img = next((s[e] for e in IMAGE_EXTS if e in s), None)
+        if img is None:
+            continue
+        txt, js = s.get("txt", b""), s.get("json", b"")
+        yield s["__key__"], img, txt.decode("utf-8"), js.decode("utf-8") if isinstance(js, bytes) else ""
+
+
+# --- distributed (torchrun) ---------------------------------------------------------------------------------
+def _dist_setup(device_name: str):
+    """(rank, world, local_rank); starts a process group under torchrun (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device_name != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def _broadcast(obj, world: int):
+    if world <= 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj, world: int) -> list:
+    if world <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- store preparation (rank 0 only) ------------------------------------------------------------------------
+def _describe(enc, precision: str) -> dict:
+    return {"model": enc["model"], "weights": enc["weights"], "preprocessing": enc["preprocessing"],
+            "precision": precision, "tokens": enc["tokens"], "width": enc["width"]}
+
+
+def _mismatch(st: FeatureStore, enc: dict, precision: str) -> str | None:
+    from pipeline.encoder import weights_identity
+
+    old = st.encoder
+    if old.get("model") != enc["model"]:
+        return f"model {old.get('model')} vs {enc['model']}"
+    if weights_identity(old.get("weights", {})) != weights_identity(enc["weights"]):
+        return f"weights {weights_label(old.get('weights', {}))} vs {weights_label(enc['weights'])}"
+    if old.get("preprocessing") != enc["preprocessing"]:
+        return "preprocessing (timm data config)"
+    if st.attrs.get("precision") != precision:
+        return f"precision {st.attrs.get('precision')} vs {precision}"
+    return None
+
+
+def prepare_store(cfg: EncodeConfig, enc: dict, precision: str, shards: list) -> str | None:
+    """Create, validate or extend the store for `shards`; returns a user-error message or None."""
+    names = [n for n, _, _ in shards]
+    capacity = cfg.shard_capacity or max(int(s.get("count", 0)) for _, _, s in shards)
+    biggest = max(shards, key=lambda s: int(s[2].get("count", 0)))
+    path = cfg.store
+    try:
+        if path.exists() and not cfg.overwrite:
+            st = FeatureStore.open_for_write(path)
+            why = _mismatch(st, enc, precision)
+            if why:
+                return (f"{path} was encoded with another encoder ({why}); use another --store, "
+                        "or --overwrite to replace it")
+            if int(biggest[2].get("count", 0)) > st.shard_capacity:
+                return (f"shard {biggest[0]} has {biggest[2]['count']} rows, more than the store's shard capacity "
+                        f"{st.shard_capacity}; use --overwrite to rebuild the store")
+            new = [n for n in names if n not in set(st.shards)]
+            st.extend(new)
+            return None
+        if int(biggest[2].get("count", 0)) > capacity:
+            return f"--shard-capacity {capacity} is below shard {biggest[0]}'s {biggest[2]['count']} rows"
+        import timm
+        import torch
+
+        FeatureStore.create(
+            path, encoder=enc, tokens=enc["tokens"], width=enc["width"], shard_capacity=capacity, shards=names,
+            overwrite=cfg.overwrite,
+            attrs={"preprocessing": enc["preprocessing"], "precision": precision,
+                   "versions": {"timm": timm.__version__, "torch": torch.__version__.split("+")[0],
+                                **_lib_versions()}})
+        return None
+    except UserError as e:
+        return str(e)
+
+
+def _lib_versions() -> dict:
+    import webdataset
+    import zarr
+
+    return {"zarr": zarr.__version__, "webdataset": webdataset.__version__, "numpy": np.__version__}
+
+
+# --- the streaming loop -------------------------------------------------------------------------------------
+def _decode(encoder, data: bytes):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return encoder.preprocess(im)  # [3, H, W]; PIL decode + resize release the GIL
+
+
+def _produce(jobs, encoder, pool, q: queue.Queue, batch_size: int, stop: threading.Event) -> None:
+    """Reader thread: per shard, batches of decode futures (batches never cross shards: same batches on rerun)."""
+    try:
+        for pos, name, tar in jobs:
+            batch = []
+            for key, img, cap, meta in iter_shard(tar):
+                batch.append((key, cap, meta, pool.submit(_decode, encoder, img)))
+                if len(batch) == batch_size:
+                    q.put(("batch", pos, name, batch))
+                    batch = []
+                if stop.is_set():
+                    return
+            if batch:
+                q.put(("batch", pos, name, batch))
+            q.put(("end", pos, name, None))
+    except BaseException as e:  # surfaced in the main thread
+        q.put(("error", None, None, e))
+    finally:
+        q.put(_END)
+
+
+def _test_kill(what: str, n: int) -> None:
+    """Fault-injection hook for the resume tests: PIPELINE_TEST_KILL=batch:3 or shard:1 -> SIGKILL self."""
+    spec = os.environ.get("PIPELINE_TEST_KILL", "")
+    if spec == f"{what}:{n}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def encode_shards(encoder, store: FeatureStore, jobs: list, cfg: EncodeConfig, progress=None, task=None) -> dict:
+    """Encode `jobs` [(position, name, tar)] into their store regions; returns counts and timings."""
+    import torch
+
+    q: queue.Queue = queue.Queue(maxsize=max(2, cfg.workers))  # bounded: memory stays flat
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="decode")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="store-write")  # write shard k while encoding k+1
+    reader = threading.Thread(target=_produce, args=(jobs, encoder, pool, q, cfg.batch_size, stop), daemon=True)
+    pending_write = None
+    stats = {"images": 0, "shards": 0, "model_s": 0.0, "skipped": 0}
+    buf: dict = {"feats": [], "keys": [], "caps": [], "meta": []}
+    batches = 0
+    cuda = encoder.device.type == "cuda"
+    reader.start()
+    try:
+        while (item := q.get()) is not _END:
+            kind, pos, name, payload = item
+            if kind == "error":
+                raise payload
+            if kind == "end":
+                if pending_write is not None:
+                    pending_write.result()
+                feats = np.concatenate(buf["feats"]) if buf["feats"] else \
+                    np.zeros((0, store.tokens, store.width), np.float16)
+                stats["shards"] += 1
+                args = (pos, feats, buf["keys"], buf["caps"], buf["meta"])
+
+                def write(args=args, nth=stats["shards"]):
+                    store.write_shard(*args)
+                    _test_kill("shard", nth)
+
+                pending_write = writer.submit(write)
+                buf = {"feats": [], "keys": [], "caps": [], "meta": []}
+                continue
+            tensors, keep = [], []
+            for key, cap, meta, fut in payload:
+                try:
+                    tensors.append(fut.result())
+                    keep.append((key, cap, meta))
+                except Exception as e:  # a corrupt image: skip it, the same way on every run
+                    stats["skipped"] += 1
+                    console.print(f"[yellow]skipped {name}/{key}: {type(e).__name__}: {e}[/]")
+            if tensors:
+                x = torch.stack(tensors)  # [B, 3, H, W]
+                if cuda:
+                    x = x.pin_memory()
+                t0 = time.perf_counter()
+                feats = encoder.forward(x)  # [B, T, E] float16 (synchronises: .cpu())
+                stats["model_s"] += time.perf_counter() - t0
+                buf["feats"].append(feats)
+                for key, cap, meta in keep:
+                    buf["keys"].append(key)
+                    buf["caps"].append(cap)
+                    buf["meta"].append(meta)
+            stats["images"] += len(tensors)
+            batches += 1
+            if progress is not None:
+                progress.update(task, advance=len(payload))
+            _test_kill("batch", batches)
+        if pending_write is not None:
+            pending_write.result()
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                reader.join(0.05)
+        pool.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
+    return stats
+
+
+def run(cfg: EncodeConfig) -> dict:
+    """Encode every finished shard not yet done in the store; prints a summary and returns it."""
+    t_start = time.perf_counter()
+    shards = complete_shards(Path(cfg.shards))  # before the slow imports: a missing folder fails at once
+
+    import torch
+
+    from pipeline.devices import resolve_device, resolve_precision
+    from pipeline.encoder import build_encoder
+
+    rank, world, local = _dist_setup(cfg.device)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+    precision = resolve_precision(cfg.precision, device)
+    encoder = build_encoder(cfg.model, cfg.weights, cfg.seed, device, precision)
+    enc = encoder.provenance
+
+    lock = StoreLock(cfg.store)
+    err = None
+    if rank == 0:
+        try:
+            lock.acquire()
+            err = prepare_store(cfg, enc, precision, shards)
+        except UserError as e:
+            err = str(e)
+    err = _broadcast(err, world)
+    if err:
+        if rank == 0:
+            lock.release()
+        raise UserError(err)
+    try:
+        store = FeatureStore.open_for_write(cfg.store)
+        done = store.shard_done()
+        pos_of = {n: i for i, n in enumerate(store.shards)}
+        todo = [(pos_of[n], n, tar, st) for n, tar, st in shards if not done[pos_of[n]]]
+        mine = todo[rank::world]  # disjoint shards -> disjoint regions -> disjoint chunks
+        total = sum(int(st.get("successes", 0)) for *_, st in mine)
+        if rank == 0:
+            random_note = " [bold red](RANDOM-INIT weights)[/]" if enc["weights"]["kind"] == "random-init" else ""
+            console.print(f"encode: {len(todo)} of {len(shards)} shards to do ({world} rank(s)), "
+                          f"{enc['model']}, weights {weights_label(enc['weights'])}, on {device} {precision}{random_note}")
+        jobs = [(p, n, tar) for p, n, tar, _ in mine]
+        t_loop = time.perf_counter()
+        if rank == 0 and jobs:
+            with make_progress() as progress:
+                task = progress.add_task("encode", total=total, unit="img")
+                stats = encode_shards(encoder, store, jobs, cfg, progress, task)
+        else:
+            stats = encode_shards(encoder, store, jobs, cfg)
+        stats["loop_s"] = time.perf_counter() - t_loop
+        all_stats = _gather(stats, world)
+        wall = time.perf_counter() - t_start
+        loop = max(s["loop_s"] for s in all_stats)
+        images = sum(s["images"] for s in all_stats)
+        model_s = max(s["model_s"] for s in all_stats)
+        summary = {
+            "shards_encoded": sum(s["shards"] for s in all_stats), "shards_total": len(shards),
+            "images": images, "skipped": sum(s["skipped"] for s in all_stats), "wall_s": round(wall, 3),
+            "loop_s": round(loop, 3), "img_per_s": round(images / loop, 3) if images else 0.0,
+            "model_img_per_s": round(images / model_s, 3) if model_s else 0.0,
+            "world_size": world, "device": str(device), "precision": precision, "batch_size": cfg.batch_size,
+            "workers": cfg.workers, "weights": enc["weights"]["kind"],
+        }
+        if rank == 0:
+            if images:
+                store.set_attrs(last_run=summary)
+            _print_summary(store, summary)
+        return summary
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if rank == 0:
+            lock.release()
+
+
+def _print_summary(store: FeatureStore, s: dict) -> None:
+    st = FeatureStore.open(store.path, require_done=False)
+    counts = st.shard_counts()
+    random = st.is_random_init
+    console.print(
+        f"encode: {s['shards_encoded']} shard(s), {s['images']} images in {s['loop_s']:.1f} s "
+        f"({s['img_per_s']:.2f} img/s; model alone {s['model_img_per_s']:.2f} img/s; {s['wall_s']:.1f} s with start-up)"
+        + (f", {s['skipped']} unreadable images skipped" if s["skipped"] else ""))
+    console.print(
+        f"store: {st.path}  {sum(counts.values())} samples in {sum(1 for v in st.shard_done() if v)}/"
+        f"{len(st.shards)} shards, [{st.tokens}, {st.width}] float16, {st.size_bytes() / 2**20:.1f} MiB"
+        + ("  [bold red]RANDOM-INIT encoder[/]" if random else ""))
