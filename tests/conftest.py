@@ -30,3 +30,21 @@ def tiny_shards(tmp_path_factory):
                       processes=1, threads=8, seed=0)
     fetch.run(cfg)
     return cfg.shards
+
+
+# --- encode: the tiny feature store (owned by the encode stage's issue) ---------------------------------------
+# The one encode recipe every tiny store uses: tests that compare stores bitwise must encode the same way
+# (batches never cross shards, so equal batch sizes give equal batches).
+TINY_ENCODE = dict(model="vit_tiny_patch16_224", weights="random", seed=0, batch_size=16, workers=2, device="cpu",
+                   precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_shards, tmp_path_factory):
+    """`tiny_shards` encoded with a random-init vit_tiny_patch16_224: a zarr store of [n, 197, 192] float16."""
+    from pipeline.config import EncodeConfig
+    from stages import encode
+
+    store = tmp_path_factory.mktemp("store") / "features.zarr"
+    encode.run(EncodeConfig(shards=tiny_shards, store=store, **TINY_ENCODE))
+    return store
