@@ -36,6 +36,8 @@ def _read_text(path: Path, count: int) -> pd.DataFrame:
         raise UserError(f"cannot read url list {path}: {e.strerror or e}") from None
     if b"\x00" in head:
         raise UserError(f"cannot read url list {path}: it is binary, not a TSV/CSV text file")
+    if len(head) == 65536 and b"\n" in head:
+        head = head[: head.rfind(b"\n")]  # never judge the encoding by a character cut in half
     try:
         first = head.decode("utf-8").splitlines()[0] if head.strip() else ""
     except UnicodeDecodeError:

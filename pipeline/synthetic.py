@@ -370,7 +370,7 @@ def parse_caption(text: str) -> dict[str, Optional[str]]:
 
     The primary object is the first shape noun; its colour, size and count come from the words right before
     it (the noun phrase), its position is the first position phrase in the caption. A plural noun without a
-    number gives count None.
+    number gives count None. Without any shape noun, the first colour / size / number words anywhere are used.
     """
     toks = _tokens(text)
     out: dict[str, Optional[str]] = {k: None for k in ATTRIBUTE_KEYS}
@@ -394,7 +394,11 @@ def parse_caption(text: str) -> dict[str, Optional[str]]:
             # "a pair of": the number word wins over the article
             numbers = [c for c in counts if c != "one"] or counts
             out["count"] = numbers[0] if numbers else (None if plural else "one")
-            break
+            return out
+    # no shape noun (a garbled caption): take the first colour, size and explicit number words anywhere
+    out["colour"] = next((t for t in toks if t in _COLOUR_SET), None)
+    out["size"] = next((_SIZE_PARSE[t] for t in toks if t in _SIZE_PARSE), None)
+    out["count"] = next((_COUNT_PARSE[t] for t in toks if t in ("one", "single", "two", "pair", "three")), None)
     return out
 
 

@@ -222,10 +222,11 @@ def run(cfg: FetchConfig) -> dict:
                                                      "shards_complete", "shards_unfinished", "failures")})
         if shards.is_dir():
             _write_json(record_path(shards), record)
+            summary = st.fetch_summary(shards)  # again, so it shows this record (what `pipeline status` shows)
     out = Console()
     st.render_fetch(out, summary)
     n_todo = sum(min(cfg.samples_per_shard, n_rows - i * cfg.samples_per_shard) for i in todo)
-    rate = f", {n_todo / timings['download_s']:.0f} rows/s" if timings.get("download_s") else ""
+    rate = f", {n_todo / timings['download_s']:.1f} rows/s" if timings.get("download_s") else ""
     out.print(f"wall time {timings['total_s']:.1f} s"
               + (f" (drawing {timings['generate_s']:.1f} s)" if "generate_s" in timings else "")
               + (f", download {timings['download_s']:.1f} s{rate}" if "download_s" in timings else "")
