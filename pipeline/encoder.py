@@ -254,5 +254,6 @@ def build_encoder_from_provenance(prov: dict, device=None, precision: str = "fp3
     got = enc.provenance["weights"]["state_sha256"]
     if w.get("state_sha256") and got != w["state_sha256"]:
         raise UserError(f"rebuilt {prov['model']} ({kind}) has other weights than the store's encoder "
-                        f"(state sha256 {got[:12]} vs {w['state_sha256'][:12]}; store made with {prov.get('versions')})")
+                        f"(state sha256 {got[:12]} vs {w['state_sha256'][:12]}; "
+                        f"store made with {prov.get('versions')})")
     return enc

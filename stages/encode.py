@@ -273,7 +273,7 @@ def run(cfg: EncodeConfig) -> dict:
 
     import torch
 
-    from pipeline.devices import resolve_device, resolve_precision
+    from pipeline.devices import cpu_has_fast_bf16, resolve_device, resolve_precision
     from pipeline.encoder import build_encoder
 
     rank, world, local = _dist_setup(cfg.device)
@@ -281,6 +281,9 @@ def run(cfg: EncodeConfig) -> dict:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_fast_bf16() and rank == 0:
+        console.print("[yellow]warning: this CPU has no native bf16 (AMX / AVX512-BF16): bf16 runs hundreds of "
+                      "times slower than fp32 here; --precision auto picks fp32[/]")
     encoder = build_encoder(cfg.model, cfg.weights, cfg.seed, device, precision)
     enc = encoder.provenance
 
@@ -306,8 +309,8 @@ def run(cfg: EncodeConfig) -> dict:
         total = sum(int(st.get("successes", 0)) for *_, st in mine)
         if rank == 0:
             random_note = " [bold red](RANDOM-INIT weights)[/]" if enc["weights"]["kind"] == "random-init" else ""
-            console.print(f"encode: {len(todo)} of {len(shards)} shards to do ({world} rank(s)), "
-                          f"{enc['model']}, weights {weights_label(enc['weights'])}, on {device} {precision}{random_note}")
+            console.print(f"encode: {len(todo)} of {len(shards)} shards to do ({world} rank(s)), {enc['model']}, "
+                          f"weights {weights_label(enc['weights'])}, on {device} {precision}{random_note}")
         jobs = [(p, n, tar) for p, n, tar, _ in mine]
         t_loop = time.perf_counter()
         if rank == 0 and jobs:

@@ -116,6 +116,32 @@ def test_other_encoder_refused_lock_and_overwrite(tiny_shards, tiny_store, tmp_p
     assert st.encoder["weights"]["seed"] == 1 and len(st.shards) == 1
 
 
+def _to_original_vit_npz(model, path: Path) -> None:
+    """Write a timm ViT's weights in the original google-research/vision_transformer .npz layout."""
+    t = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    e = model.embed_dim
+    h = model.blocks[0].attn.num_heads
+    w = {"embedding/kernel": t["patch_embed.proj.weight"].transpose(2, 3, 1, 0),  # OIHW -> HWIO
+         "embedding/bias": t["patch_embed.proj.bias"], "cls": t["cls_token"],
+         "Transformer/posembed_input/pos_embedding": t["pos_embed"],
+         "Transformer/encoder_norm/scale": t["norm.weight"], "Transformer/encoder_norm/bias": t["norm.bias"]}
+    for i in range(len(model.blocks)):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            w[f"{p}{ln}/scale"], w[f"{p}{ln}/bias"] = t[b + norm + ".weight"], t[b + norm + ".bias"]
+        qkv_w, qkv_b = t[b + "attn.qkv.weight"].reshape(3, e, e), t[b + "attn.qkv.bias"].reshape(3, h, e // h)
+        for j, n in enumerate(("query", "key", "value")):
+            w[f"{p}MultiHeadDotProductAttention_1/{n}/kernel"] = qkv_w[j].T.reshape(e, h, e // h)
+            w[f"{p}MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j]
+        out = t[b + "attn.proj.weight"].reshape(e, h, e // h)
+        w[f"{p}MultiHeadDotProductAttention_1/out/kernel"] = out.transpose(1, 2, 0)
+        w[f"{p}MultiHeadDotProductAttention_1/out/bias"] = t[b + "attn.proj.bias"]
+        for r in range(2):
+            w[f"{p}MlpBlock_3/Dense_{r}/kernel"] = t[f"{b}mlp.fc{r + 1}.weight"].T
+            w[f"{p}MlpBlock_3/Dense_{r}/bias"] = t[f"{b}mlp.fc{r + 1}.bias"]
+    np.savez(path, **w)
+
+
 def test_local_weights_file_air_gapped(tiny_shards, tiny_store, tmp_path, monkeypatch):
     """The same tensors from a safetensors / .pth file give the very same features, with the hub off."""
     import torch
@@ -131,6 +157,9 @@ def test_local_weights_file_air_gapped(tiny_shards, tiny_store, tmp_path, monkey
     pth = build_encoder("vit_tiny_patch16_224", str(tmp_path / "w.pth"))
     assert pth.provenance["weights"]["kind"] == "file"
     assert pth.provenance["weights"]["state_sha256"] == ref.encoder["weights"]["state_sha256"]
+    _to_original_vit_npz(enc.model, tmp_path / "w.npz")  # the original JAX checkpoint format
+    npz = build_encoder("vit_tiny_patch16_224", str(tmp_path / "w.npz"))
+    assert npz.provenance["weights"]["state_sha256"] == ref.encoder["weights"]["state_sha256"]
 
     one = _subset(tiny_shards, tmp_path / "one")
     store = tmp_path / "file.zarr"
