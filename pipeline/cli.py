@@ -124,11 +124,18 @@ def evaluate(
     beam_size: Annotated[int, Opt("beam size for the beam-search captions")] = EvalConfig.beam_size,
     limit: Annotated[Optional[int], Opt("validation samples to caption")] = EvalConfig.limit,
     device: Annotated[str, Opt("auto | cpu | cuda")] = EvalConfig.device,
+    store: Annotated[Optional[Path], Opt("feature store (default: the one recorded in the run)")] = EvalConfig.store,
+    max_new_tokens: Annotated[int, Opt("longest generated caption, in tokens")] = EvalConfig.max_new_tokens,
+    batch_size: Annotated[int, Opt("images per decoding batch")] = EvalConfig.batch_size,
+    zero_shot_limit: Annotated[int, Opt("captioned samples also ranked zero-shot (colour, shape)")] = EvalConfig.zero_shot_limit,
+    shards: Annotated[Optional[Path], Opt("WebDataset shards to read the grid's images from (default: data/shards)")] = EvalConfig.shards,
 ):
     """Caption the validation split, score it (COCO metrics, attributes, blind baseline), write a report."""
     from stages import evaluate as stage
 
-    stage.run(EvalConfig(run=run, beam_size=beam_size, limit=limit, device=device))
+    stage.run(EvalConfig(run=run, beam_size=beam_size, limit=limit, device=device, store=store,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, zero_shot_limit=zero_shot_limit,
+                         shards=shards))
 
 
 @app.command()
@@ -137,11 +144,13 @@ def caption(
     run: Annotated[Path, Opt("trained run folder")] = CaptionConfig.run,
     beam_size: Annotated[int, Opt("1 = greedy")] = CaptionConfig.beam_size,
     device: Annotated[str, Opt("auto | cpu | cuda")] = CaptionConfig.device,
+    max_new_tokens: Annotated[int, Opt("longest caption, in tokens")] = CaptionConfig.max_new_tokens,
 ):
     """Caption new images with a trained run (same encoder and weights as its store)."""
     from stages import caption as stage
 
-    stage.run(CaptionConfig(images=images, run=run, beam_size=beam_size, device=device))
+    stage.run(CaptionConfig(images=images, run=run, beam_size=beam_size, device=device,
+                            max_new_tokens=max_new_tokens))
 
 
 @app.command()

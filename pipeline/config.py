@@ -101,6 +101,9 @@ class EvalConfig:
     max_new_tokens: int = 32
     device: str = "auto"
     batch_size: int = 32
+    zero_shot_limit: int = 64  # captioned samples also ranked zero-shot (9 colour + 6 shape candidates each)
+    grid: int = 12  # validation images in the captioned grid figure
+    shards: Optional[Path] = None  # where the grid's JPEGs are read back; default: data/shards (FetchConfig)
 
 
 @dataclass

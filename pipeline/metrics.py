@@ -11,7 +11,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-ATTRIBUTES = ("color", "shape", "size", "position", "count")
+ATTRIBUTES = ("colour", "shape", "size", "position", "count")  # = synthetic.ATTRIBUTE_KEYS
 
 Refs = Mapping[object, Sequence[str]]  # id -> reference captions (>= 1 each)
 Hyps = Mapping[object, str]  # id -> one generated caption
@@ -126,8 +126,6 @@ def attribute_accuracy(hyps: Hyps, attributes: Mapping[object, object]) -> dict[
     parsed with `synthetic.parse_caption`, the truth reduced with `synthetic.primary_attributes`; an attribute
     the caption does not mention counts as wrong. Returns {attribute: accuracy in [0, 1], "all": every one right}.
     """
-    import json
-
     from pipeline import synthetic
 
     ids = [i for i in hyps if i in attributes]
@@ -136,12 +134,44 @@ def attribute_accuracy(hyps: Hyps, attributes: Mapping[object, object]) -> dict[
     right = {a: 0 for a in ATTRIBUTES}
     all_right = 0
     for i in ids:
-        truth_raw = attributes[i]
-        truth = synthetic.primary_attributes(json.loads(truth_raw) if isinstance(truth_raw, str) else truth_raw)
-        got = synthetic.parse_caption(hyps[i]) or {}
+        truth = synthetic.primary_attributes(attributes[i])  # dict or JSON text
+        got = synthetic.parse_caption(hyps[i])
         ok = [got.get(a) is not None and got.get(a) == truth.get(a) for a in ATTRIBUTES]
         for a, hit in zip(ATTRIBUTES, ok):
             right[a] += hit
         all_right += all(ok)
     n = len(ids)
     return {**{a: right[a] / n for a in ATTRIBUTES}, "all": all_right / n}
+
+
+def attribute_candidates(caption: str, key: str) -> tuple[list[str], int] | None:
+    """The caption with its primary object's colour (or shape) word swapped for every word of that vocabulary.
+
+    -> (candidates in `synthetic.VOCAB[key]` order, index of the caption's own word), or None when the caption
+    has no "<colour> <shape>" phrase to edit. The primary object is the first shape noun (as `parse_caption`
+    reads it), so a background colour named earlier ("a white background with a red star") is left alone.
+    A plural shape stays plural. Used for zero-shot ranking: which candidate does the decoder find likeliest?
+    """
+    import re
+
+    from pipeline import synthetic
+
+    if key not in ("colour", "shape"):
+        raise ValueError(f"candidates exist for colour and shape, not {key!r}")
+    shapes = "|".join(sorted(synthetic.SHAPES, key=len, reverse=True))
+    colours = "|".join(synthetic.COLORS)
+    m = re.search(rf"\b({colours}) ({shapes}|disc|disk)(s?)\b", caption)
+    if m is None:
+        return None
+    colour, noun, plural = m.groups()
+    shape = {"disc": "circle", "disk": "circle"}.get(noun, noun)
+    vocab = synthetic.VOCAB[key]
+    own = colour if key == "colour" else shape
+    out = []
+    for word in vocab:
+        if key == "colour":
+            phrase = f"{word} {noun}{plural}"
+        else:  # the caption's own word is kept as written ("disc" stays "disc")
+            phrase = f"{colour} {noun if word == shape else word}{plural}"
+        out.append(caption[: m.start()] + phrase + caption[m.end():])
+    return out, vocab.index(own)

@@ -1,0 +1,224 @@
+"""The eval report: PNG figures (loss curves, metric bars, captioned image grid) and a one-page report.md."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import textwrap
+import uuid
+from pathlib import Path
+
+from pipeline.metrics import ATTRIBUTES, METRICS
+
+MODES = ("greedy", "beam", "parallel")
+MODE_COLOURS = {"greedy": "tab:blue", "beam": "tab:green", "parallel": "tab:orange"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """PNG via a temp file + rename, so a half-written figure is never left under the real name."""
+    plt = _plt()
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+# --- figures ---------------------------------------------------------------------------------------------------
+def plot_loss(entries: list[dict], path: Path, final: dict | None = None) -> None:
+    """Train and validation loss of both modes against step (from metrics.jsonl); `final` = eval's val loss."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, style in (("train", "-"), ("val", "o--")):
+        for mode, colour, name in (("ar", "tab:blue", "autoregressive"), ("par", "tab:orange", "parallel")):
+            pts = [(e["step"], e[f"loss_{mode}"]) for e in entries
+                   if e.get("kind") == kind and e.get(f"loss_{mode}") is not None]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, style, color=colour, label=f"{kind} {name}", markersize=4, alpha=0.85)
+    if final and entries:
+        step = max(e.get("step", 0) for e in entries)
+        for mode, colour in (("ar", "tab:blue"), ("par", "tab:orange")):
+            if final.get(f"loss_{mode}") is not None:
+                ax.plot([step], [final[f"loss_{mode}"]], "*", color=colour, markersize=12)
+    if not ax.lines:
+        ax.text(0.5, 0.5, "metrics.jsonl holds no losses", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title("loss by mode (stars: this evaluation's validation loss)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_metric_bars(coco: dict[str, dict[str, float]], path: Path) -> None:
+    """COCO metrics per decoding mode, the model beside its blind (zeroed-image) baseline."""
+    import numpy as np
+
+    plt = _plt()
+    names = [m for m in METRICS if any(m in s for s in coco.values())]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [len(names) - 1, 1.3]})
+    modes = [m for m in MODES if m in coco]
+    w = 0.8 / max(2 * len(modes), 1)
+    for ax, subset in ((axes[0], [n for n in names if n != "CIDEr"]), (axes[1], ["CIDEr"])):
+        x = np.arange(len(subset))
+        for j, mode in enumerate(modes):
+            for k, (key, hatch, alpha) in enumerate(((mode, None, 0.9), (f"blind_{mode}", "//", 0.35))):
+                if key not in coco:
+                    continue
+                vals = [coco[key].get(n, 0.0) for n in subset]
+                ax.bar(x + (2 * j + k - len(modes) + 0.5) * w, vals, w, color=MODE_COLOURS[mode], alpha=alpha,
+                       hatch=hatch, label=key.replace("_", " ") if ax is axes[0] else None)
+        ax.set_xticks(x, [n.replace("_", "-") for n in subset])
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_title("COCO metrics: model (solid) vs blind baseline (hatched)")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_grid(samples: list[dict], images: list, path: Path, cols: int = 4) -> None:
+    """Validation images with their reference and generated captions (an image may be None: not found).
+
+    Each cell is a square image with a fixed text box below it, so long captions never run into the next row.
+    """
+    plt = _plt()
+    n = len(samples)
+    rows = max(1, -(-n // cols))
+    cw, img_h, txt_h = 4.2, 3.6, 2.0  # inches: cell width, image height, caption box height
+    fig = plt.figure(figsize=(cw * cols, (img_h + txt_h) * rows))
+    fw, fh = cw * cols, (img_h + txt_h) * rows
+    for j, (s, im) in enumerate(zip(samples, images)):
+        r, c = divmod(j, cols)
+        top = fh - r * (img_h + txt_h)
+        ax = fig.add_axes([(c * cw + 0.3) / fw, (top - img_h + 0.1) / fh, (cw - 0.6) / fw, (img_h - 0.35) / fh])
+        ax.axis("off")
+        if im is not None:
+            ax.imshow(im)
+        else:
+            ax.text(0.5, 0.5, "(image not found)", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(s.get("key", ""), fontsize=8)
+        lines = []
+        for label in ("reference", *MODES):
+            if s.get(label) is not None:  # shortened: an untrained decoder rambles for max_new_tokens
+                room = 200 if label == "reference" else 120
+                lines.append(textwrap.fill(textwrap.shorten(f"{label}: {s[label]}", room, placeholder=" …"), 52))
+        fig.text((c * cw + 0.15) / fw, (top - img_h) / fh, "\n".join(lines), va="top", ha="left", fontsize=7,
+                 family="monospace")
+    _save(fig, path)
+
+
+def load_images(keys: list[str], rows: list[int], shard_names: list[str], capacity: int, shards_dir: Path | None,
+                attributes: list | None = None) -> list:
+    """PIL images of store rows, read back from their WebDataset shard (`<shards_dir>/<shard>.tar`, `<key>.jpg`).
+
+    Falls back to redrawing synthetic samples from their attributes, else None for that image.
+    """
+    from PIL import Image
+
+    out: list = [None] * len(keys)
+    by_shard: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_shard.setdefault(shard_names[r // capacity], []).append(i)
+    for shard, idx in by_shard.items():
+        tar = Path(shards_dir or "") / (shard if shard.endswith(".tar") else f"{shard}.tar")
+        if shards_dir is None or not tar.is_file():
+            continue
+        want = {f"{keys[i]}.jpg": i for i in idx}
+        try:
+            with tarfile.open(tar) as tf:
+                for m in tf:
+                    if m.name in want:
+                        out[want[m.name]] = Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB")
+        except (OSError, tarfile.TarError):
+            continue  # a damaged shard only costs the grid its pictures
+    if attributes is not None:
+        from pipeline import synthetic
+
+        for i, im in enumerate(out):
+            if im is None and attributes[i]:
+                a = attributes[i]
+                try:
+                    a = json.loads(a) if isinstance(a, str) else a
+                    out[i] = Image.open(io.BytesIO(synthetic.render(a))).convert("RGB")
+                except (KeyError, TypeError, ValueError):
+                    pass
+    return out
+
+
+# --- report.md -------------------------------------------------------------------------------------------------
+def _f(x, nd=3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
+    """One page: provenance (a loud warning for a random-init encoder), metrics, attributes, blind, zero-shot."""
+    enc = res["encoder"]
+    w = enc.get("weights", {})
+    L = [f"# Evaluation of `{res['run']}`", ""]
+    if res["encoder_random_init"]:
+        L += ["> [!CAUTION]",
+              f"> **RANDOM-INIT ENCODER.** The store's `{enc.get('model')}` was randomly initialised (seed "
+              f"{w.get('seed')}): no pretrained weights were available. Its features carry no visual knowledge, so "
+              "these numbers say nothing about what a real CapPa decoder learns. Re-encode with "
+              "`--weights hub` or `--weights PATH`.", ""]
+    ck = res["checkpoint"]
+    sp = res["split"]
+    weights = {"random-init": f"random-init (seed {w.get('seed')})", "file": f"file `{w.get('path')}` "
+               f"(sha256 `{str(w.get('sha256'))[:12]}`)", "hub": f"hub `{w.get('hub_id')}`"}.get(w.get("kind"),
+                                                                                                 str(w.get("kind")))
+    L += ["## Provenance", "",
+          f"- checkpoint: `{ck['dir']}` (step {ck['step']}); decoder {res['decoder_summary']}",
+          f"- encoder: `{enc.get('model')}`, weights {weights}; store `{res['store']}`",
+          f"- tokenizer: `{res['tokenizer']['name']}` ({res['tokenizer']['vocab_size']} ids)",
+          f"- validation split: {sp['val']} samples (val_fraction {sp['val_fraction']}), {sp['captioned']} captioned; "
+          f"{res['device']} {res['precision']}, {res['wall_s']:.0f} s", "",
+          "## Validation loss", "",
+          *_table(["mode", "loss (nats/token)"], [["autoregressive", _f(res["val_loss"].get("loss_ar"))],
+                                                  ["parallel", _f(res["val_loss"].get("loss_par"))]]), ""]
+    coco = res["metrics"]
+    cols = [k for k in (*MODES, *(f"blind_{m}" for m in MODES)) if k in coco]
+    L += ["## COCO caption metrics", "",
+          f"pycocoevalcap with its PTB tokenizer, one reference caption per image; beam size {res['settings']['beam_size']}; "
+          "blind = the same decoder with the image features zeroed.", "",
+          *_table(["metric", *[c.replace("_", " ") for c in cols]],
+                  [[m.replace("_", "-"), *[_f(coco[c].get(m)) for c in cols]] for m in METRICS]), ""]
+    if res.get("attributes"):
+        att = res["attributes"]
+        L += ["## Attribute accuracy (synthetic ground truth)", "",
+              "Primary object's attributes parsed from each generated caption vs. the image's metadata.", "",
+              *_table(["mode", *ATTRIBUTES, "all five"],
+                      [[k.replace("_", " "), *[_f(att[k].get(a)) for a in (*ATTRIBUTES, "all")]] for k in att]), ""]
+    if res.get("zero_shot"):
+        zs = res["zero_shot"]
+        L += ["## Zero-shot scoring", "",
+              "The reference caption with its primary object's word swapped for every colour (shape); the decoder's "
+              "autoregressive log-likelihood picks one.", "",
+              *_table(["attribute", "accuracy", "chance", "samples"],
+                      [[k, _f(v["accuracy"]), _f(v["chance"]), str(v["samples"])] for k, v in zs.items()]), ""]
+    L += ["## Figures", ""]
+    for title, fname in figures.items():
+        L += [f"![{title}]({fname})", ""]
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text("\n".join(L))
+    os.replace(tmp, path)

@@ -1,0 +1,307 @@
+"""Eval stage: caption the validation split (greedy, beam, parallel; blind), score it, write eval.json + report."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import checkpoint, metrics, report
+from pipeline.config import EvalConfig, FetchConfig
+from pipeline.errors import UserError
+from pipeline.progress import console
+
+
+# --- the trained run -----------------------------------------------------------------------------------------
+@dataclass
+class LoadedRun:
+    path: Path
+    record: dict  # config.json
+    decoder: object  # CaptionDecoder, eval mode, on the device
+    tokenizer: object
+    ckpt: Path
+    step: int
+
+
+def read_record(run: Path) -> dict:
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"no run folder {run}: train one first (`pipeline train --run {run}`)")
+    try:
+        return json.loads((run / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run} has no config.json: not a training run (or it never started)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {run}/config.json: {e}") from None
+
+
+def check_tokenizer(record: dict):
+    """The tokenizer recorded in the run, refusing one that now maps text to other ids."""
+    from pipeline.tokenizer import load_tokenizer
+
+    rec = record.get("tokenizer") or {}
+    if "name" not in rec:
+        raise UserError("the run's config.json records no tokenizer")
+    tok = load_tokenizer(rec["name"])
+    now = {"name": tok.name, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id, "bos_id": tok.bos_id,
+           "eos_id": tok.eos_id}
+    diff = [k for k in now if k in rec and rec[k] != now[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(f"tokenizer {rec['name']!r} now loads with {k}={now[k]}, but the run was trained with "
+                        f"{k}={rec[k]}: its ids would not match the decoder")
+    return tok
+
+
+def load_run(run: Path, device) -> LoadedRun:
+    """Run folder -> its newest checkpoint's decoder (eval mode) and the recorded tokenizer."""
+    from pipeline.model import CaptionDecoder, DecoderConfig
+
+    record = read_record(run)
+    tok = check_tokenizer(record)
+    dec_cfg = DecoderConfig(**record["decoder"])
+    if (dec_cfg.vocab_size, dec_cfg.mask_id, dec_cfg.eos_id) != (tok.vocab_size, tok.mask_id, tok.eos_id):
+        raise UserError(f"the run's decoder expects {dec_cfg.vocab_size} ids (mask {dec_cfg.mask_id}), its tokenizer "
+                        f"gives {tok.vocab_size} (mask {tok.mask_id})")
+    ckpt = checkpoint.resolve(Path(run) / "checkpoints")  # UserError when there is none
+    decoder = CaptionDecoder(dec_cfg)
+    try:
+        decoder.load_state_dict(checkpoint.load_weights(ckpt, "cpu"))
+    except RuntimeError as e:
+        raise UserError(f"{ckpt} does not fit the run's decoder config: {str(e).splitlines()[0][:160]}") from None
+    step = int(ckpt.name.split("-")[-1]) if ckpt.name.startswith("step-") else -1
+    return LoadedRun(Path(run), record, decoder.to(device).eval(), tok, ckpt, step)
+
+
+def open_run_store(record: dict, store_path: Path | None):
+    """The run's store (or `store_path`), refusing one encoded by another encoder than the run was trained on."""
+    from pipeline.encoder import weights_identity
+    from pipeline.store import FeatureStore
+
+    path = Path(store_path or record.get("store", {}).get("path", ""))
+    if not str(path) or str(path) == ".":
+        raise UserError("the run records no feature store: pass --store")
+    store = FeatureStore.open(path)  # one line if missing / not a store / empty
+    rec = record.get("store", {}).get("encoder") or {}
+    now = store.encoder
+    if rec and (rec.get("model") != now.get("model")
+                or weights_identity(rec.get("weights", {})) != weights_identity(now.get("weights", {}))):
+        raise UserError(f"{path} was encoded with {now.get('model')} ({now.get('weights', {}).get('kind')}), "
+                        f"but the run was trained on features of {rec.get('model')} ({rec.get('weights', {}).get('kind')})")
+    return store
+
+
+def _meta_attributes(meta: str):
+    """The synthetic ground truth in a sample's json metadata, or None for real data."""
+    try:
+        m = json.loads(meta) if meta else {}
+    except ValueError:
+        return None
+    a = m.get("attributes") if isinstance(m, dict) else None
+    return a or None
+
+
+# --- generation ------------------------------------------------------------------------------------------------
+def _autocast(device, amp):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+
+
+def caption_all(decoder, tok, feats: torch.Tensor, mode: str, cfg: EvalConfig, max_new: int, par_len: int, amp,
+                progress=None, task=None) -> list[str]:
+    """Captions of fp16 features [K, P, E] (host) in batches; mode greedy | beam | parallel."""
+    dev = next(decoder.parameters()).device
+    out: list[str] = []
+    for i in range(0, len(feats), cfg.batch_size):
+        f = feats[i:i + cfg.batch_size].to(dev).float()  # [b, P, E]
+        with torch.no_grad(), _autocast(dev, amp):
+            if mode == "parallel":
+                ids = decoder.parallel_decode(f, max_length=par_len)
+            else:
+                ids = decoder.generate(f, max_new_tokens=max_new, beam_size=cfg.beam_size if mode == "beam" else 1)
+        out += tok.decode_batch(ids.cpu())
+        if progress is not None:
+            progress.update(task, advance=len(f))
+    return out
+
+
+def zero_shot(decoder, tok, feats: torch.Tensor, refs: list[str], max_len: int, amp, progress=None, task=None,
+              group: int = 8) -> dict:
+    """Rank each reference with its primary colour (shape) swapped by the decoder's AR likelihood.
+
+    -> {"colour": {accuracy, chance, samples}, "shape": {...}}; big_vision's CapPa scoring classifier does the same
+    with class names in prompts.
+    """
+    from pipeline import synthetic
+
+    dev = next(decoder.parameters()).device
+    res = {}
+    for key in ("colour", "shape"):
+        cands = [metrics.attribute_candidates(r, key) for r in refs]
+        ok = [i for i, c in enumerate(cands) if c is not None]
+        hits = 0
+        c = len(synthetic.VOCAB[key])
+        for j in range(0, len(ok), group):
+            idx = ok[j:j + group]
+            texts = [t for i in idx for t in cands[i][0]]  # [b*C]
+            targets, mask = tok.encode_batch(texts, max_len)
+            with torch.no_grad(), _autocast(dev, amp):
+                s = decoder.score(feats[idx].to(dev).float(), targets.to(dev), mask.to(dev))  # [b*C]
+            picked = s.view(len(idx), c).argmax(1).tolist()
+            hits += sum(p == cands[i][1] for p, i in zip(picked, idx))
+            if progress is not None:
+                progress.update(task, advance=len(idx))
+        res[key] = {"accuracy": hits / len(ok) if ok else None, "chance": 1.0 / c, "samples": len(ok)}
+    return res
+
+
+# --- the stage -------------------------------------------------------------------------------------------------
+def run(cfg: EvalConfig) -> dict:
+    """Evaluate a run's last checkpoint on its validation split; writes <run>/eval/{eval.json, report.md, *.png}."""
+    from stages.train import Dist, validate
+
+    from pipeline.devices import autocast_dtype, resolve_device, resolve_precision
+    from pipeline.loader import CaptionTokens, FeatureSource, Loader, split_positions
+    from pipeline.progress import make_progress
+
+    t0 = time.perf_counter()
+    if cfg.beam_size < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        raise UserError("--beam-size, --batch-size and --max-new-tokens must be >= 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"--limit must be >= 1 (got {cfg.limit})")
+    device = resolve_device(cfg.device)
+    precision = resolve_precision("auto", device)
+    amp = autocast_dtype(precision)
+    lr = load_run(cfg.run, device)
+    rec, dec, tok = lr.record, lr.decoder, lr.tokenizer
+    store = open_run_store(rec, cfg.store)
+    index = store.index()
+    val_fraction = rec.get("split", {}).get("val_fraction", rec.get("train", {}).get("val_fraction"))
+    if val_fraction is None:
+        raise UserError("the run's config.json records no validation split")
+    train_pos, val_pos = split_positions(index.keys, float(val_fraction))
+    if len(val_pos) == 0:
+        raise UserError(f"the validation split of {store.path} is empty (val_fraction {val_fraction}, "
+                        f"{len(index)} samples): nothing to evaluate")
+    max_len = dec.cfg.max_len
+    max_new = min(cfg.max_new_tokens, max_len)
+    if store.is_random_init:
+        console.print(f"[bold red]warning:[/] [red]{store.path} was encoded with a RANDOM-INIT encoder: these "
+                      "captions and metrics carry no visual knowledge[/]", highlight=False)
+
+    # -- validation loss of both modes, on the whole validation split -----------------------------------------
+    t = time.perf_counter()
+    vcap = [index.captions[i] for i in val_pos]
+    source = FeatureSource(store, index.rows[val_pos], device=torch.device("cpu"), mode="auto",
+                           slab_rows=store.shard_capacity)
+    tokens = CaptionTokens(tok, vcap, max_len)
+    loader = Loader(source, tokens, np.arange(len(val_pos)), cfg.batch_size, shuffle=False, prefetch=1)
+    val_loss = validate(dec, loader, amp, device, Dist())
+    dec.eval()  # validate() leaves the module in train mode
+    timing = {"val_loss_s": time.perf_counter() - t}
+
+    # -- captions: the first `limit` validation samples in row order --------------------------------------------
+    k = len(val_pos) if cfg.limit is None else min(cfg.limit, len(val_pos))
+    feats = source.read_positions(np.arange(k)).cpu()  # [K, P, E] fp16
+    keys, refs = [index.keys[i] for i in val_pos[:k]], vcap[:k]
+    attrs = [_meta_attributes(index.meta[i]) for i in val_pos[:k]]
+    synthetic_data = any(a is not None for a in attrs)
+    # Parallel decoding searches caption lengths; the training captions' longest bounds the search.
+    train_caps = [index.captions[i] for i in train_pos] or vcap
+    par_len = max(1, min(max_new, int(CaptionTokens(tok, train_caps, max_len).count.max())))
+    blind = torch.zeros(1, store.tokens, store.width, dtype=torch.float16)  # [1, P, E]: no image at all
+    caps: dict[str, list[str]] = {}
+    zs_n = min(cfg.zero_shot_limit, k) if synthetic_data else 0
+    with make_progress() as progress:
+        for mode in report.MODES:
+            task = progress.add_task(f"caption {mode}", total=k, unit="img")
+            t = time.perf_counter()
+            caps[mode] = caption_all(dec, tok, feats, mode, cfg, max_new, par_len, amp, progress, task)
+            timing[f"{mode}_s"] = time.perf_counter() - t
+            # The blind decoder sees the same (zero) input for every image, so one caption serves them all.
+            caps[f"blind_{mode}"] = caption_all(dec, tok, blind, mode, cfg, max_new, par_len, amp) * k
+        zs = None
+        if zs_n:
+            task = progress.add_task("zero-shot", total=2 * zs_n, unit="img")
+            t = time.perf_counter()
+            zs = zero_shot(dec, tok, feats[:zs_n], refs[:zs_n], max_len, amp, progress, task)
+            timing["zero_shot_s"] = time.perf_counter() - t
+
+    # -- scores ---------------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    ref_map = {key: [r] for key, r in zip(keys, refs)}
+    coco = metrics.coco_metrics_many(ref_map, {m: dict(zip(keys, c)) for m, c in caps.items()})
+    timing["coco_metrics_s"] = time.perf_counter() - t
+    attributes = None
+    if synthetic_data:
+        truth = {key: a for key, a in zip(keys, attrs) if a is not None}
+        attributes = {m: metrics.attribute_accuracy(dict(zip(keys, caps[m])), truth)
+                      for m in (*report.MODES, *(f"blind_{m}" for m in report.MODES))}
+
+    # -- outputs --------------------------------------------------------------------------------------------------
+    out_dir = lr.path / "eval"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+    samples = [{"key": key, "reference": r, **{m: caps[m][i] for m in report.MODES}}
+               for i, (key, r) in enumerate(zip(keys, refs))]
+    result = {
+        "run": str(lr.path), "checkpoint": {"dir": str(lr.ckpt), "step": lr.step},
+        "store": str(store.path), "encoder": store.encoder, "encoder_random_init": bool(store.is_random_init),
+        "tokenizer": rec["tokenizer"],
+        "decoder_summary": f"{dec.cfg.layers} layers x {dec.cfg.width} wide, {dec.num_parameters() / 1e6:.1f} M params",
+        "device": str(device), "precision": precision,
+        "split": {"val_fraction": float(val_fraction), "val": int(len(val_pos)), "captioned": k},
+        "settings": {"beam_size": cfg.beam_size, "max_new_tokens": max_new, "parallel_max_length": par_len,
+                     "limit": cfg.limit, "zero_shot_limit": cfg.zero_shot_limit},
+        "val_loss": val_loss, "metrics": coco, "attributes": attributes, "zero_shot": zs,
+        "blind_captions": {m: caps[f"blind_{m}"][0] for m in report.MODES} if k else {},
+        "samples": samples, "timing": timing,
+    }
+    figures = write_figures(result, lr.path, out_dir, store, index, val_pos[:k], attrs, cfg)
+    result["figures"] = figures
+    result["wall_s"] = time.perf_counter() - t0
+    try:
+        checkpoint.atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2, sort_keys=True))
+        report.write_markdown(result, out_dir / "report.md", {k: v for k, v in figures.items()})
+    except OSError as e:
+        raise UserError(f"cannot write the report in {out_dir}: {e.strerror or e}") from None
+    _print_summary(result, out_dir / "report.md")
+    return result
+
+
+def write_figures(result: dict, run: Path, out_dir: Path, store, index, rows_pos, attrs, cfg: EvalConfig) -> dict:
+    """loss.png, metrics.png, samples.png in out_dir -> {title: file name}."""
+    from stages.train import MetricsLog
+
+    report.plot_loss(MetricsLog(run / "metrics.jsonl").read(), out_dir / "loss.png", result["val_loss"])
+    report.plot_metric_bars(result["metrics"], out_dir / "metrics.png")
+    n = min(cfg.grid, len(result["samples"]))
+    rows = [int(index.rows[i]) for i in rows_pos[:n]]
+    shards_dir = Path(cfg.shards or store.attrs.get("shards_dir") or FetchConfig.shards)
+    images = report.load_images([s["key"] for s in result["samples"][:n]], rows, store.shards, store.shard_capacity,
+                                shards_dir, attrs[:n])
+    report.plot_grid(result["samples"][:n], images, out_dir / "samples.png")
+    return {"loss curves": "loss.png", "COCO metrics": "metrics.png", "validation samples": "samples.png"}
+
+
+def _print_summary(res: dict, report_path: Path) -> None:
+    from rich.console import Console
+
+    out = Console()
+    m = res["metrics"]
+    line = "  ".join(f"{mode} CIDEr {m[mode]['CIDEr']:.3f} (blind {m['blind_' + mode]['CIDEr']:.3f})"
+                     for mode in report.MODES)
+    out.print(f"eval: {res['split']['captioned']} validation samples; {line}", highlight=False)
+    if res.get("attributes"):
+        a = res["attributes"]["greedy"]
+        out.print("eval: greedy attribute accuracy " + ", ".join(f"{k} {a[k]:.2f}" for k in metrics.ATTRIBUTES),
+                  highlight=False)
+    if res["encoder_random_init"]:
+        out.print("[bold red]eval: RANDOM-INIT encoder: these numbers carry no visual knowledge[/]")
+    out.print(f"[bold]report:[/] {report_path}", highlight=False)
