@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from pipeline.config import EncodeConfig
 from pipeline.errors import UserError
@@ -234,7 +235,7 @@ def encode_shards(encoder, store: FeatureStore, jobs: list, cfg: EncodeConfig, p
                     keep.append((key, cap, meta))
                 except Exception as e:  # a corrupt image: skip it, the same way on every run
                     stats["skipped"] += 1
-                    console.print(f"[yellow]skipped {name}/{key}: {type(e).__name__}: {e}[/]")
+                    console.print(f"[yellow]skipped {name}/{key}: {type(e).__name__}: {escape(str(e))}[/]")
             if tensors:
                 x = torch.stack(tensors)  # [B, 3, H, W]
                 if cuda:
