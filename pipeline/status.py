@@ -157,7 +157,8 @@ def store_summary(store: Path, shards: Path) -> dict:
         "fetched": n_fetched, "encoded": n_encoded,
         "encoded_of_fetched": sum(encoded.get(n, 0) for n in fetched),
         "coverage": round(sum(encoded.get(n, 0) for n in fetched) / n_fetched, 4) if n_fetched else None,
-        "model": enc.get("model"), "weights": enc.get("weights"), "weights_label": weights_label(enc.get("weights", {})),
+        "model": enc.get("model"), "weights": enc.get("weights"),
+        "weights_label": weights_label(enc.get("weights", {})),
         "random_init": st.is_random_init, "precision": st.attrs.get("precision"),
         "tokens": st.tokens, "width": st.width, "size_bytes": st.size_bytes(), "last_run": st.attrs.get("last_run"),
     })
