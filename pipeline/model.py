@@ -226,9 +226,10 @@ class CaptionDecoder(nn.Module):
         if n % features.shape[0]:
             raise ValueError("targets rows must be a multiple of the images")
         tokens, mask = self._inputs(targets, target_mask, torch.zeros(n, dtype=torch.bool, device=targets.device))
-        logp = self.head(self._hidden(tokens, self.memory(features), mask)).float().log_softmax(-1)  # [N, L, V]
-        tok_logp = logp.gather(-1, targets[..., None])[..., 0]  # [N, L]
-        return (tok_logp * target_mask).sum(1)
+        h = self._hidden(tokens, self.memory(features), mask)[target_mask]  # [T_real, D]: head on real tokens only
+        nll = F.cross_entropy(self.head(h).float(), targets[target_mask], reduction="none")  # [T_real]
+        row = torch.arange(n, device=targets.device)[:, None].expand_as(target_mask)[target_mask]  # [T_real]
+        return torch.zeros(n, device=targets.device).index_add_(0, row, -nll)
 
     # ---- generation ------------------------------------------------------------------------------
     def _next_logp(self, h):  # [N, D] -> [N, V] float32 log-probs, [MASK] never generated
@@ -340,17 +341,25 @@ class CaptionDecoder(nn.Module):
         return tokens, conf.masked_fill(~real, 0.0)
 
 
-def flops_per_sample(cfg: DecoderConfig, text_len: int, image_tokens: int) -> dict:
-    """Model FLOPs of one sample (a multiply-add = 2 FLOPs); {"forward": F, "train": 3F}.
+def flops_per_sample(cfg: DecoderConfig, text_len: float, image_tokens: int) -> dict:
+    """Model FLOPs of one sample (a multiply-add = 2 FLOPs) -> {"forward": F, "train": forward + backward}.
 
-    Per layer: self-attn projections 2*L*4D^2; scores and weighted sum 2*2*L^2*D (full L x L as computed);
-    cross-attn Q/out 2*L*2D^2; cross-attn K/V of the image tokens 2*P*2D^2; cross scores/sum 2*2*L*P*D;
-    MLP 2*L*2*D*F. Plus the image projection 2*P*E*D when E != D and the vocab head 2*L*D*V (the loss
-    fast path runs it on real tokens only, so pass L = real tokens). Training = forward + backward = 3x.
+    Forward, per layer: self-attn projections 2*L*4D^2; scores and weighted sum 2*2*L^2*D (the full L x L,
+    as computed); cross-attn Q/out 2*L*2D^2; cross-attn K/V of the image tokens 2*P*2D^2; cross scores and
+    sum 2*2*L*P*D; MLP 2*L*2*D*F. Plus the image projection 2*P*E*D when E != D, and the vocab head
+    2*L*D*V (the loss fast path runs it on real tokens only, so pass L = real tokens per row).
+    Train: backward = 2x forward (input and weight gradients), except that the frozen, cached features
+    need no gradient: the first matmul that reads them (image K/V when E == D, else the projection) only
+    computes its weight gradient. So train = 3*F - that matmul's forward. Embedding lookups, norms and
+    softmax are not counted (they are not matmuls).
     """
-    l, p, d, f = text_len, image_tokens, cfg.width, cfg.mlp_dim
-    layer = 2 * l * 4 * d * d + 4 * l * l * d + 2 * l * 2 * d * d + 2 * p * 2 * d * d + 4 * l * p * d + 4 * l * d * f
+    l, p, d, f, e = text_len, image_tokens, cfg.width, cfg.mlp_dim, cfg.encoder_width
+    image_kv = 2 * p * 2 * d * d
+    layer = 2 * l * 4 * d * d + 4 * l * l * d + 2 * l * 2 * d * d + image_kv + 4 * l * p * d + 4 * l * d * f
     fwd = cfg.layers * layer + 2 * l * d * cfg.vocab_size
-    if cfg.encoder_width != d:
-        fwd += 2 * p * cfg.encoder_width * d
-    return {"forward": fwd, "train": 3 * fwd}
+    if e != d:
+        fwd += 2 * p * e * d
+        no_input_grad = 2 * p * e * d
+    else:
+        no_input_grad = cfg.layers * image_kv
+    return {"forward": fwd, "train": 3 * fwd - no_input_grad}

@@ -266,13 +266,17 @@ def test_flops_formula_matches_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    for enc in (48, 64):
+    for enc in (48, 64):  # with and without the image projection
         m = CaptionDecoder(DecoderConfig(**{**TINY, "encoder_width": enc}))
         f, t, mk = torch.randn(2, P, enc), torch.randint(0, 50000, (2, 7)), torch.ones(2, 7, dtype=torch.bool)
-        # The math backend runs attention as two matmuls the counter sees (the CPU flash kernel is uncounted).
+        want = flops_per_sample(m.cfg, 7, P)
+        # The math backend runs attention as matmuls the counter sees (the CPU flash kernel is uncounted).
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
             m(f, t, mk, torch.tensor([True, False]))
-        assert fc.get_total_flops() == 2 * flops_per_sample(m.cfg, 7, P)["forward"]
+        assert fc.get_total_flops() == 2 * want["forward"]
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+            m.loss(f, t, mk, torch.tensor([True, False]))["loss"].backward()
+        assert fc.get_total_flops() == 2 * want["train"]
 
 
 def test_bf16_autocast_matches_fp32():
