@@ -145,6 +145,7 @@ def _download(cfg: FetchConfig, url_list: Path, extra: list[str], n_rows: int, t
                 proc.join(0.5)
             progress.update(task, completed=_progress_rows(shards, todo, sizes))
     except BaseException:
+        proc.join(5)  # on Ctrl-C img2dataset got SIGINT too: let its own handler clean up first
         if proc.is_alive():
             proc.terminate()
         proc.join(10)
@@ -167,6 +168,7 @@ def run(cfg: FetchConfig) -> dict:
     from rich.console import Console
 
     from pipeline import synthetic
+    from pipeline.loopback import serve
     from pipeline.progress import make_progress
 
     _validate(cfg)
@@ -176,6 +178,7 @@ def run(cfg: FetchConfig) -> dict:
     console = Console(stderr=True)
     synthetic_source = cfg.source == "synthetic"
     timings: dict[str, float] = {}
+    interrupted = False
     with contextlib.ExitStack() as stack:
         if synthetic_source:
             n_rows, extra = cfg.count, ["attributes"]
@@ -204,19 +207,23 @@ def run(cfg: FetchConfig) -> dict:
                     rows = synthetic.generate(Path(cfg.synthetic_dir), cfg.seed, cfg.count, cfg.broken_fraction,
                                               processes=cfg.processes, progress=progress)
                 timings["generate_s"] = round(time.perf_counter() - t, 3)
-                base_url = stack.enter_context(synthetic.serve(Path(cfg.synthetic_dir) / "images"))
+                base_url = stack.enter_context(serve(Path(cfg.synthetic_dir) / "images"))
                 url_list = Path(cfg.synthetic_dir) / "urls.parquet"
                 synthetic.write_url_list(url_list, rows, base_url)  # the port is new each run: rewrite
             else:
                 url_list = sources.write_parquet(df, shards / RUN_DIR / "urls.parquet")
             _write_json(record_path(shards), record)
             t = time.perf_counter()
-            _download(cfg, url_list, extra, n_rows, todo)
+            try:
+                _download(cfg, url_list, extra, n_rows, todo)
+            except KeyboardInterrupt:
+                interrupted = True
             timings["download_s"] = round(time.perf_counter() - t, 3)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     summary = st.fetch_summary(shards)
+    state = "interrupted" if interrupted else "done" if summary["shards_unfinished"] == 0 else "incomplete"
     if todo or not record_path(shards).exists():
-        record.update(state="done" if summary["shards_unfinished"] == 0 else "incomplete",
+        record.update(state=state,
                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), timings=timings,
                       result={k: summary[k] for k in ("rows_done", "fetched", "failed", "success_rate",
                                                      "shards_complete", "shards_unfinished", "failures")})
@@ -225,10 +232,15 @@ def run(cfg: FetchConfig) -> dict:
             summary = st.fetch_summary(shards)  # again, so it shows this record (what `pipeline status` shows)
     out = Console()
     st.render_fetch(out, summary)
-    n_todo = sum(min(cfg.samples_per_shard, n_rows - i * cfg.samples_per_shard) for i in todo)
-    rate = f", {n_todo / timings['download_s']:.1f} rows/s" if timings.get("download_s") else ""
+    finished = _done_ids(shards)
+    n_done = sum(min(cfg.samples_per_shard, n_rows - i * cfg.samples_per_shard) for i in todo if i in finished)
+    rate = f", {n_done / timings['download_s']:.1f} rows/s" if timings.get("download_s") else ""
     out.print(f"wall time {timings['total_s']:.1f} s"
               + (f" (drawing {timings['generate_s']:.1f} s)" if "generate_s" in timings else "")
               + (f", download {timings['download_s']:.1f} s{rate}" if "download_s" in timings else "")
               + ("" if todo else " — nothing to do, every shard is complete"), highlight=False)
+    if state != "done":
+        raise UserError(f"{summary['shards_unfinished']} of {expected} shards unfinished"
+                        f"{' (interrupted)' if interrupted else ''}; run the same command again to finish them "
+                        f"(img2dataset's log: {shards / RUN_DIR / LOG})")
     return summary

@@ -65,6 +65,8 @@ def test_cc_format_tsv_with_dead_links(tmp_path):
     """A headerless CC3M-style TSV served from our own loopback server, with a few dead links."""
     import socket
 
+    from pipeline.loopback import serve
+
     from pipeline import status
 
     rows = synthetic.make_rows(seed=5, count=9, broken_fraction=0.0)
@@ -75,7 +77,7 @@ def test_cc_format_tsv_with_dead_links(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
-    with synthetic.serve(img_dir) as base:
+    with serve(img_dir) as base:
         lines = [(f'{r.caption} "quoted" it\'s', f"{base}/img/{r.file}") for r in rows]
         lines[2] = ("a dead link", f"{base}/img/does-not-exist.jpg")
         lines[5] = ("an html page", f"{base}/html/{rows[5].file}")

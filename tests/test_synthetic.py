@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline import synthetic as S
+from pipeline.loopback import serve
 
 
 def test_rows_are_deterministic_and_independent_of_count():
@@ -101,7 +102,7 @@ def test_generate_reuses_images_and_serves_every_fault(tmp_path):
 
     faults = {r.fault: r for r in rows}
     assert set(faults) == {None, "404", "html", "truncated"}
-    with S.serve(tmp_path / "images") as base:
+    with serve(tmp_path / "images") as base:
         body = urllib.request.urlopen(S.url_for(base, faults[None]), timeout=5).read()
         assert Image.open(io.BytesIO(body)).format == "JPEG"
         with pytest.raises(urllib.error.HTTPError) as e:

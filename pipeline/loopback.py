@@ -1,0 +1,72 @@
+"""A quiet loopback HTTP server for the synthetic source and tests, with routes that fail like the real web."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import threading
+from pathlib import Path
+from typing import Iterator
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """/img/F the image; /missing/F 404; /html/F an HTML page; /truncated/F half the JPEG, then a dropped link."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # quiet: img2dataset hits us thousands of times
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        parts = self.path.strip("/").split("/")
+        root: Path = self.server.root  # type: ignore[attr-defined]
+        if len(parts) != 2 or parts[0] not in ("img", "html", "truncated") or "/" in parts[1] or ".." in parts[1]:
+            return self._send(404, b"not found", "text/plain")
+        route, name = parts
+        if route == "html":
+            return self._send(200, b"<!doctype html><html><body><h1>Moved</h1></body></html>", "text/html")
+        path = root / name
+        if not path.is_file():
+            return self._send(404, b"not found", "text/plain")
+        body = path.read_bytes()
+        if route == "truncated":
+            # promise the whole file, send half, hang up: the client reads a truncated JPEG
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            return None
+        return self._send(200, body, "image/jpeg")
+
+    def _send(self, code: int, body: bytes, ctype: str):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def handle_error(self, request, client_address):  # clients that hang up early are normal here
+        pass
+
+
+@contextlib.contextmanager
+def serve(root: Path) -> Iterator[str]:
+    """Serve root's files on 127.0.0.1 (a free port) for the duration; yields the base url."""
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.root = Path(root)  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
