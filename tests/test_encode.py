@@ -179,7 +179,7 @@ def test_local_weights_file_air_gapped(tiny_shards, tiny_store, tmp_path, monkey
         build_encoder("vit_tiny_patch16_224", "hub")
 
 
-def test_status_matches_store(tiny_shards, tiny_store, tmp_path):
+def test_status_matches_store_and_incremental_rerun(tiny_shards, tiny_store, tmp_path):
     from pipeline.status import store_summary
 
     s = store_summary(tiny_store, tiny_shards)
@@ -198,6 +198,9 @@ def test_status_matches_store(tiny_shards, tiny_store, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
     first = encode.complete_shards(tiny_shards)[0][2]["successes"]
     assert out.stdout.strip() == f"[{first}, {sum(fetched.values())}, false]"
+    # after a larger fetch a rerun encodes only the new shards, and the store equals a one-go build
+    assert encode.run(EncodeConfig(shards=tiny_shards, store=part, **TINY_ENCODE))["shards_encoded"] == len(fetched) - 1
+    _assert_same_store(part, tiny_store)
 
 
 @pytest.mark.slow
