@@ -124,14 +124,16 @@ def plot_grid(samples: list[dict], images: list, path: Path, cols: int = 4) -> N
 
 
 def load_images(keys: list[str], rows: list[int], shard_names: list[str], capacity: int, shards_dir: Path | None,
-                attributes: list | None = None) -> list:
+                attributes: list | None = None) -> tuple[list, list[str]]:
     """PIL images of store rows, read back from their WebDataset shard (`<shards_dir>/<shard>.tar`, `<key>.jpg`).
 
     Falls back to redrawing synthetic samples from their attributes, else None for that image.
+    -> (images, where each came from: "shard" | "redrawn" | "missing").
     """
     from PIL import Image
 
     out: list = [None] * len(keys)
+    source = ["missing"] * len(keys)
     by_shard: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         by_shard.setdefault(shard_names[r // capacity], []).append(i)
@@ -145,6 +147,7 @@ def load_images(keys: list[str], rows: list[int], shard_names: list[str], capaci
                 for m in tf:
                     if m.name in want:
                         out[want[m.name]] = Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB")
+                        source[want[m.name]] = "shard"
         except (OSError, tarfile.TarError):
             continue  # a damaged shard only costs the grid its pictures
     if attributes is not None:
@@ -156,9 +159,10 @@ def load_images(keys: list[str], rows: list[int], shard_names: list[str], capaci
                 try:
                     a = json.loads(a) if isinstance(a, str) else a
                     out[i] = Image.open(io.BytesIO(synthetic.render(a))).convert("RGB")
+                    source[i] = "redrawn"
                 except (KeyError, TypeError, ValueError):
                     pass
-    return out
+    return out, source
 
 
 # --- report.md -------------------------------------------------------------------------------------------------

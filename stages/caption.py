@@ -25,18 +25,18 @@ def open_image(path: Path):
 
 def run(cfg: CaptionConfig) -> list[str]:
     """Print (and return) one caption per image: greedy, or beam search with cfg.beam_size > 1."""
+    if not cfg.images:
+        raise UserError("give at least one image file to caption")
+    if cfg.beam_size < 1 or cfg.max_new_tokens < 1:
+        raise UserError("--beam-size and --max-new-tokens must be >= 1")
+    images = [open_image(p) for p in cfg.images]  # before importing torch: a typo fails fast
+
     import torch
 
     from pipeline.devices import autocast_dtype, resolve_device, resolve_precision
     from pipeline.encoder import build_encoder_from_provenance
     from pipeline.progress import console
     from stages.evaluate import load_run
-
-    if not cfg.images:
-        raise UserError("give at least one image file to caption")
-    if cfg.beam_size < 1 or cfg.max_new_tokens < 1:
-        raise UserError("--beam-size and --max-new-tokens must be >= 1")
-    images = [open_image(p) for p in cfg.images]  # before the slow part: a typo fails fast
     device = resolve_device(cfg.device)
     precision = resolve_precision("auto", device)
     run = load_run(cfg.run, device)

@@ -284,8 +284,9 @@ def write_figures(result: dict, run: Path, out_dir: Path, store, index, rows_pos
     n = min(cfg.grid, len(result["samples"]))
     rows = [int(index.rows[i]) for i in rows_pos[:n]]
     shards_dir = Path(cfg.shards or store.attrs.get("shards_dir") or FetchConfig.shards)
-    images = report.load_images([s["key"] for s in result["samples"][:n]], rows, store.shards, store.shard_capacity,
-                                shards_dir, attrs[:n])
+    images, sources = report.load_images([s["key"] for s in result["samples"][:n]], rows, store.shards,
+                                         store.shard_capacity, shards_dir, attrs[:n])
+    result["grid_images"] = {"shards_dir": str(shards_dir), **{k: sources.count(k) for k in ("shard", "redrawn", "missing")}}
     report.plot_grid(result["samples"][:n], images, out_dir / "samples.png")
     return {"loss curves": "loss.png", "COCO metrics": "metrics.png", "validation samples": "samples.png"}
 

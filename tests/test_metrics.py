@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -84,3 +85,35 @@ def test_matches_pycocoevalcap_scorers_called_directly(ours):
 def test_mismatched_ids_are_refused():
     with pytest.raises(ValueError, match="other ids"):
         metrics.coco_metrics_many(REFS, {"x": {"a": "a red circle"}})
+
+
+def test_attribute_accuracy_on_synthetic_captions():
+    from pipeline import synthetic
+
+    rows = [synthetic.make_row(7, i) for i in range(40)]
+    attrs = {i: json.dumps(a) for i, (a, _) in enumerate(rows)}
+    truth = {i: c for i, (_, c) in enumerate(rows)}
+    assert metrics.attribute_accuracy(truth, attrs) == {a: 1.0 for a in (*metrics.ATTRIBUTES, "all")}
+    # every caption with its primary colour swapped: colour always wrong, the rest untouched
+    swapped = {}
+    for i, c in truth.items():
+        cands, own = metrics.attribute_candidates(c, "colour")
+        swapped[i] = cands[(own + 1) % len(cands)]
+    acc = metrics.attribute_accuracy(swapped, attrs)
+    assert acc["colour"] == 0.0 and acc["all"] == 0.0
+    assert all(acc[a] == 1.0 for a in ("shape", "size", "position", "count"))
+    assert metrics.attribute_accuracy({0: "nothing to see here"}, {0: attrs[0]})["shape"] == 0.0
+
+
+def test_attribute_candidates_edit_the_primary_object():
+    from pipeline import synthetic
+
+    cap = "a plain white background with two small red discs at the top"
+    cands, own = metrics.attribute_candidates(cap, "colour")
+    assert cands[own] == cap and len(cands) == len(synthetic.COLORS)
+    assert [synthetic.parse_caption(c)["colour"] for c in cands] == list(synthetic.COLORS)
+    assert all("white background" in c for c in cands)  # the background's colour is not the object's
+    cands, own = metrics.attribute_candidates(cap, "shape")
+    assert cands[own] == cap and "two small red hexagons at the top" in cands[synthetic.SHAPES.index("hexagon")]
+    assert [synthetic.parse_caption(c)["shape"] for c in cands] == list(synthetic.SHAPES)
+    assert metrics.attribute_candidates("a photo of nothing", "colour") is None

@@ -1,0 +1,76 @@
+"""`pipeline caption`: new images through the run's own encoder, and the refusals (other encoder, not an image)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import CaptionConfig
+from test_evaluate import run_copy
+
+
+@pytest.fixture(scope="module")
+def shard_jpeg(tiny_shards, tiny_store, tmp_path_factory):
+    """(path of a JPEG taken out of the first shard, its key, its store row)."""
+    from pipeline.store import FeatureStore
+
+    index = FeatureStore.open(tiny_store).index()
+    with tarfile.open(sorted(tiny_shards.glob("*.tar"))[0]) as tf:
+        member = next(m for m in tf if m.name.endswith(".jpg"))
+        data = tf.extractfile(member).read()
+    key = member.name[: -len(".jpg")]
+    path = tmp_path_factory.mktemp("img") / "some.jpg"
+    path.write_bytes(data)
+    return path, key, int(index.rows[index.keys.index(key)])
+
+
+def test_caption_matches_the_store_features(tiny_run, tiny_store, shard_jpeg, capsys):
+    """Captioning the raw JPEG gives the caption of its cached features: same encoder, weights, preprocessing."""
+    from pipeline.encoder import build_encoder_from_provenance
+    from pipeline.store import FeatureStore
+    from PIL import Image
+    from stages import caption
+    from stages.evaluate import load_run
+
+    path, key, row = shard_jpeg
+    got = caption.run(CaptionConfig(images=[path], run=tiny_run, device="cpu"))
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == [f"{path}: {got[0]}"] and got[0]
+
+    store = FeatureStore.open(tiny_store)
+    cached = store.read_rows([row])  # [1, P, E] fp16
+    prov = json.loads((tiny_run / "config.json").read_text())["store"]["encoder"]
+    fresh = build_encoder_from_provenance(prov, precision="fp32").encode_images([Image.open(path)])
+    np.testing.assert_array_equal(fresh, cached)
+    run = load_run(tiny_run, torch.device("cpu"))
+    ids = run.decoder.generate(torch.from_numpy(cached).float(), max_new_tokens=32)
+    assert got == run.tokenizer.decode_batch(ids)
+
+
+def test_caption_refuses_another_encoder(tiny_run, shard_jpeg, tmp_path):
+    def edit(c):  # the run claims its store came from other weights than the ones rebuilt now
+        c["store"]["encoder"]["weights"]["state_sha256"] = "f" * 64
+
+    run = run_copy(tiny_run, tmp_path / "run", edit)
+    p = subprocess.run([sys.executable, "-m", "pipeline", "caption", str(shard_jpeg[0]), "--run", str(run)],
+                       capture_output=True, text=True, timeout=300)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and p.stdout == ""
+    assert len(lines) == 1 and lines[0].startswith("error: cannot rebuild the run's encoder"), p.stderr
+    assert "other weights than the store's encoder" in lines[0]
+
+
+def test_caption_refuses_a_non_image(tiny_run, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a picture\n")
+    p = subprocess.run([sys.executable, "-m", "pipeline", "caption", str(bad), "--run", str(tiny_run)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert lines == [f"error: {bad} is not a readable image (UnidentifiedImageError)"], p.stderr

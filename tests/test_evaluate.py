@@ -1,0 +1,111 @@
+"""Eval stage on the tiny trained run: every output file, numbers that agree with training, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from pipeline.config import EvalConfig
+from pipeline.errors import UserError
+from pipeline.metrics import ATTRIBUTES, METRICS
+
+
+def run_copy(src, dst, edit=None):
+    """A run folder sharing `src`'s checkpoints (symlink) with its own config.json, metrics.jsonl and eval/."""
+    dst.mkdir(parents=True)
+    cfg = json.loads((src / "config.json").read_text())
+    if edit:
+        edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "metrics.jsonl").write_text((src / "metrics.jsonl").read_text())
+    (dst / "checkpoints").symlink_to(src / "checkpoints", target_is_directory=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run, tiny_shards, tmp_path_factory):
+    from stages import evaluate
+
+    run = run_copy(tiny_run, tmp_path_factory.mktemp("eval") / "run")
+    res = evaluate.run(EvalConfig(run=run, limit=8, beam_size=2, batch_size=8, zero_shot_limit=4, shards=tiny_shards,
+                                  device="cpu"))
+    return run, res
+
+
+def test_eval_writes_every_file(evaluated):
+    run, res = evaluated
+    out = run / "eval"
+    saved = json.loads((out / "eval.json").read_text())
+    for key in ("run", "checkpoint", "store", "encoder", "encoder_random_init", "tokenizer", "split", "settings",
+                "val_loss", "metrics", "attributes", "zero_shot", "samples", "timing", "figures", "wall_s"):
+        assert key in saved, key
+    for name in ("loss.png", "metrics.png", "samples.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and min(im.size) > 200, name
+    md = (out / "report.md").read_text()
+    for part in ("RANDOM-INIT ENCODER", "## COCO caption metrics", "## Attribute accuracy", "## Zero-shot",
+                 "blind greedy", "![loss curves](loss.png)", "![validation samples](samples.png)"):
+        assert part in md, part
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_eval_numbers(evaluated, tiny_run):
+    _, res = evaluated
+    sets = ("greedy", "beam", "parallel", "blind_greedy", "blind_beam", "blind_parallel")
+    assert set(res["metrics"]) == set(sets)
+    for s in sets:
+        assert set(res["metrics"][s]) == set(METRICS)
+        assert all(math.isfinite(v) and v >= 0 for v in res["metrics"][s].values())
+        assert set(res["attributes"][s]) == {*ATTRIBUTES, "all"}
+    k = min(8, res["split"]["val"])  # --limit 8 of the split's validation samples
+    assert res["split"]["captioned"] == k == len(res["samples"]) > 0
+    assert all(s["reference"] and isinstance(s["greedy"], str) for s in res["samples"])
+    assert set(res["blind_captions"]) == {"greedy", "beam", "parallel"}
+    assert res["zero_shot"]["colour"]["samples"] == min(4, k) and res["zero_shot"]["colour"]["chance"] == pytest.approx(1 / 9)
+    assert res["grid_images"]["shard"] == k  # the grid's pictures were read back from the shards
+    # Same checkpoint, same split, same loss: the eval's validation loss is training's last validation entry.
+    entries = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    last_val = [e for e in entries if e["kind"] == "val"][-1]
+    assert last_val["step"] == res["checkpoint"]["step"]
+    assert res["val_loss"]["loss_ar"] == pytest.approx(last_val["loss_ar"], rel=1e-5)
+    assert res["val_loss"]["loss_par"] == pytest.approx(last_val["loss_par"], rel=1e-5)
+
+
+def test_tokenizer_mismatch_is_refused(tiny_run, tmp_path):
+    from stages import evaluate
+
+    run = run_copy(tiny_run, tmp_path / "run", lambda c: c["tokenizer"].update(vocab_size=50000))
+    with pytest.raises(UserError, match="tokenizer 'gpt2' now loads with vocab_size=50258"):
+        evaluate.run(EvalConfig(run=run, device="cpu"))
+
+
+def test_store_from_another_encoder_is_refused(tiny_run, tmp_path):
+    from stages import evaluate
+
+    def edit(c):
+        c["store"]["encoder"]["weights"]["state_sha256"] = "0" * 64
+
+    run = run_copy(tiny_run, tmp_path / "run", edit)
+    with pytest.raises(UserError, match="trained on features of"):
+        evaluate.run(EvalConfig(run=run, device="cpu"))
+
+
+def test_empty_validation_split_is_refused(tiny_run, tmp_path):
+    from stages import evaluate
+
+    run = run_copy(tiny_run, tmp_path / "run", lambda c: c["split"].update(val_fraction=0.0))
+    with pytest.raises(UserError, match="validation split .* is empty"):
+        evaluate.run(EvalConfig(run=run, device="cpu"))
+
+
+def test_cli_missing_run_is_one_line_exit_2(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--run", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "no run folder" in lines[0], p.stderr
