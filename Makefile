@@ -38,12 +38,13 @@ status: install
 bench: install
 	$(PY) -m pipeline bench $(ARGS)
 
+# eval runs last, so the final line `make all` prints is where the report is.
 all: install
 	$(MAKE) fetch
 	$(MAKE) encode
 	$(MAKE) train
-	$(MAKE) eval
 	$(PY) -m pipeline status
+	$(MAKE) --no-print-directory eval
 
 clean:
 	rm -rf data/shards data/synthetic cache/features.zarr cache/runs
