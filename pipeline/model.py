@@ -248,6 +248,8 @@ class CaptionDecoder(nn.Module):
         """
         if not 1 <= max_new_tokens <= self.cfg.max_len:
             raise ValueError(f"max_new_tokens must be in 1..{self.cfg.max_len}")
+        if beam_size < 1:
+            raise ValueError("beam_size must be >= 1")
         b, k, eos, dev = features.shape[0], beam_size, self.cfg.eos_id, features.device
         n = b * k
         kvs = self.memory(features) if use_cache else None
