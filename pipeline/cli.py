@@ -79,7 +79,9 @@ def encode(
 @app.command()
 def train(
     store: Annotated[Path, Opt("zarr feature store")] = TrainConfig.store,
-    run: Annotated[Path, Opt("run folder (config, metrics, checkpoints)")] = TrainConfig.run,
+    # torchrun's own parser rejects `--run` (a prefix of its --run-path) anywhere on the line: --run-dir works.
+    run: Annotated[Path, Opt("run folder (config, metrics, checkpoints); under torchrun spell it --run-dir",
+                             "--run", "--run-dir")] = TrainConfig.run,
     epochs: Annotated[int, Opt("epochs over the training split")] = TrainConfig.epochs,
     batch_size: Annotated[int, Opt("samples per step (global, across ranks)")] = TrainConfig.batch_size,
     lr: Annotated[float, Opt("AdamW learning rate")] = TrainConfig.lr,
@@ -106,7 +108,8 @@ def train(
 ):
     """Train the CapPa dual-mode caption decoder on cached features.
 
-    Under `torchrun --nproc_per_node N -m pipeline train ...` it runs DDP (gloo on CPU, nccl on CUDA).
+    Under `torchrun --nproc_per_node N -m pipeline train --run-dir DIR ...` it runs DDP (gloo on CPU, nccl on
+    CUDA); the batch size stays global. Only rank 0 writes files and prints.
     """
     from stages import train as stage
 

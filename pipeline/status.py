@@ -189,13 +189,79 @@ def render_store(console: Console, s: dict) -> None:
 
 
 # --- train: run folders ------------------------------------------------------------------------------------
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _last_entries(metrics: Path) -> tuple[dict, dict]:
+    """The last train and the last validation entry of metrics.jsonl (a torn last line is skipped)."""
+    last = {"train": {}, "val": {}}
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("kind") in last:
+            last[e["kind"]] = e
+    return last["train"], last["val"]
+
+
+def run_summary(run: Path) -> dict:
+    """One run folder, from its config.json, metrics.jsonl, checkpoints/last.json and summary.json."""
+    cfg, ck, summ = _json(run / "config.json"), _json(run / "checkpoints" / "last.json"), _json(run / "summary.json")
+    tr, val = _last_entries(run / "metrics.jsonl")
+    train_cfg, dec = cfg.get("train", {}), cfg.get("decoder", {})
+    step = ck.get("step", 0)
+    return {
+        "name": run.name, "path": str(run), "step": step, "total_steps": summ.get("total_steps"),
+        "epochs_done": ck.get("epoch", 0), "epochs": train_cfg.get("epochs"),
+        "complete": bool(summ.get("complete")) and summ.get("steps") == step,
+        "checkpoint": ck.get("dir"), "logged_step": tr.get("step"),
+        "train_loss_ar": tr.get("loss_ar"), "train_loss_par": tr.get("loss_par"),
+        "val_loss_ar": val.get("loss_ar"), "val_loss_par": val.get("loss_par"), "val_step": val.get("step"),
+        "random_init": bool(cfg.get("encoder_random_init")), "samples_per_s": summ.get("samples_per_s"),
+        "encoder_weights": (cfg.get("store", {}).get("encoder", {}).get("weights") or {}).get("kind"),
+        "decoder": f"{dec.get('layers')}x{dec.get('width')}" if dec else None, "store": train_cfg.get("store"),
+    }
+
+
 def runs_summary(runs: Path) -> dict:
-    """Per-run progress and last losses. (Filled in by the train stage's issue.)"""
-    return {"path": str(runs), "exists": runs.is_dir()}
+    """Every run folder under `runs` (or `runs` itself if it is one): steps, epochs, last losses, checkpoint."""
+    s: dict = {"path": str(runs), "exists": runs.is_dir(), "runs": []}
+    if s["exists"]:
+        folders = [runs] if (runs / "config.json").is_file() else \
+            sorted(p for p in runs.iterdir() if (p / "config.json").is_file())
+        s["runs"] = [run_summary(p) for p in folders]
+    return s
 
 
 def render_runs(console: Console, s: dict) -> None:
-    console.print(f"runs: {s['path']} {'present' if s['exists'] else 'missing'}")
+    if not s["runs"]:
+        why = "does not exist" if not s["exists"] else "holds no runs yet"
+        console.print(f"[bold]runs[/]: {s['path']} {why}; run `pipeline train` (or `make train`)", highlight=False)
+        return
+
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    t = Table("run", "step", "epoch", "train loss AR / par", "val loss AR / par", "checkpoint", "decoder",
+              "samples/s", "encoder", title=f"runs: {s['path']}", title_justify="left")
+    for r in s["runs"]:
+        total = f"/{r['total_steps']}" if r["total_steps"] else ""
+        step = f"[green]{r['step']}{total}[/]" if r["complete"] else f"{r['step']}{total}"
+        t.add_row(r["name"], step, f"{r['epochs_done']}/{r['epochs']}",
+                  f"{f(r['train_loss_ar'])} / {f(r['train_loss_par'])}", f"{f(r['val_loss_ar'])} / {f(r['val_loss_par'])}",
+                  r["checkpoint"] or "[yellow]none yet[/]", r["decoder"] or "-",
+                  "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.1f}",
+                  "[bold red]random-init[/]" if r["random_init"] else (r["encoder_weights"] or "-"))
+    console.print(t)
 
 
 def collect(cfg: StatusConfig) -> dict:

@@ -48,3 +48,20 @@ def tiny_store(tiny_shards, tmp_path_factory):
     store = tmp_path_factory.mktemp("store") / "features.zarr"
     encode.run(EncodeConfig(shards=tiny_shards, store=store, **TINY_ENCODE))
     return store
+
+
+# --- train: the tiny trained run (owned by the train stage's issue) -------------------------------------------
+# A tiny decoder (2 layers, width 64) on `tiny_store`; tests that train more runs reuse this recipe.
+TINY_TRAIN = dict(layers=2, width=64, heads=4, mlp_dim=128, batch_size=16, lr=3e-3, warmup_steps=5, device="cpu",
+                  precision="fp32", log_every=2, checkpoint_every=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_store, tmp_path_factory):
+    """A run folder trained 8 epochs on `tiny_store` (config.json, metrics.jsonl, loss.png, checkpoints/)."""
+    from pipeline.config import TrainConfig
+    from stages import train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train.run(TrainConfig(store=tiny_store, run=run, epochs=8, **TINY_TRAIN))
+    return run
