@@ -119,6 +119,18 @@ def lr_factor(cfg: TrainConfig, total_steps: int):
     return f
 
 
+def make_optimizer(decoder: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (norms and biases do not decay), fused into one kernel.
+
+    Fused AdamW: one kernel over all parameters; on a CPU ~3x faster than foreach (1.1 vs 4.0 s per step
+    for the seed's 134M parameters, measured here), which matters next to a ~4 s forward + backward.
+    """
+    decay = [p for p in decoder.parameters() if p.ndim >= 2]
+    rest = [p for p in decoder.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, fused=True)
+
+
 class LossModule(torch.nn.Module):
     """forward() = the decoder's loss, so DDP (and torch.compile) see one module call per step."""
 
@@ -349,12 +361,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     # -- model and optimizer: same seed on every rank, so every rank starts from the same weights ----------
     torch.manual_seed(cfg.seed)
     decoder = CaptionDecoder(dec_cfg).to(device)
-    decay = [p for p in decoder.parameters() if p.ndim >= 2]  # matrices decay; norms, biases do not
-    rest = [p for p in decoder.parameters() if p.ndim < 2]
-    # Fused AdamW: one kernel over all parameters; on a CPU ~3x faster than foreach (1.1 vs 4.0 s per step
-    # for the seed's 134M parameters, measured here), which matters next to a ~4 s forward + backward.
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
+    opt = make_optimizer(decoder, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # since the last log: [sum ar, tok ar, sum par, tok par]
