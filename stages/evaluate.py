@@ -176,8 +176,8 @@ def run(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     precision = resolve_precision("auto", device)
     amp = autocast_dtype(precision)
-    lr = load_run(cfg.run, device)
-    rec, dec, tok = lr.record, lr.decoder, lr.tokenizer
+    loaded = load_run(cfg.run, device)
+    rec, dec, tok = loaded.record, loaded.decoder, loaded.tokenizer
     store = open_run_store(rec, cfg.store)
     index = store.index()
     val_fraction = rec.get("split", {}).get("val_fraction", rec.get("train", {}).get("val_fraction"))
@@ -221,9 +221,9 @@ def run(cfg: EvalConfig) -> dict:
             task = progress.add_task(f"caption {mode}", total=k, unit="img")
             t = time.perf_counter()
             caps[mode] = caption_all(dec, tok, feats, mode, cfg, max_new, par_len, amp, progress, task)
-            timing[f"{mode}_s"] = time.perf_counter() - t
             # The blind decoder sees the same (zero) input for every image, so one caption serves them all.
             caps[f"blind_{mode}"] = caption_all(dec, tok, blind, mode, cfg, max_new, par_len, amp) * k
+            timing[f"{mode}_s"] = time.perf_counter() - t
         zs = None
         if zs_n:
             task = progress.add_task("zero-shot", total=2 * zs_n, unit="img")
@@ -243,7 +243,7 @@ def run(cfg: EvalConfig) -> dict:
                       for m in (*report.MODES, *(f"blind_{m}" for m in report.MODES))}
 
     # -- outputs --------------------------------------------------------------------------------------------------
-    out_dir = lr.path / "eval"
+    out_dir = loaded.path / "eval"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -251,7 +251,7 @@ def run(cfg: EvalConfig) -> dict:
     samples = [{"key": key, "reference": r, **{m: caps[m][i] for m in report.MODES}}
                for i, (key, r) in enumerate(zip(keys, refs))]
     result = {
-        "run": str(lr.path), "checkpoint": {"dir": str(lr.ckpt), "step": lr.step},
+        "run": str(loaded.path), "checkpoint": {"dir": str(loaded.ckpt), "step": loaded.step},
         "store": str(store.path), "encoder": store.encoder, "encoder_random_init": bool(store.is_random_init),
         "tokenizer": rec["tokenizer"],
         "decoder_summary": f"{dec.cfg.layers} layers x {dec.cfg.width} wide, {dec.num_parameters() / 1e6:.1f} M params",
@@ -263,12 +263,12 @@ def run(cfg: EvalConfig) -> dict:
         "blind_captions": {m: caps[f"blind_{m}"][0] for m in report.MODES} if k else {},
         "samples": samples, "timing": timing,
     }
-    figures = write_figures(result, lr.path, out_dir, store, index, val_pos[:k], attrs, cfg)
+    figures = write_figures(result, loaded.path, out_dir, store, index, val_pos[:k], attrs, cfg)
     result["figures"] = figures
     result["wall_s"] = time.perf_counter() - t0
     try:
         checkpoint.atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2, sort_keys=True))
-        report.write_markdown(result, out_dir / "report.md", {k: v for k, v in figures.items()})
+        report.write_markdown(result, out_dir / "report.md", figures)
     except OSError as e:
         raise UserError(f"cannot write the report in {out_dir}: {e.strerror or e}") from None
     _print_summary(result, out_dir / "report.md")
@@ -305,4 +305,4 @@ def _print_summary(res: dict, report_path: Path) -> None:
                   highlight=False)
     if res["encoder_random_init"]:
         out.print("[bold red]eval: RANDOM-INIT encoder: these numbers carry no visual knowledge[/]")
-    out.print(f"[bold]report:[/] {report_path}", highlight=False)
+    out.print(f"[bold]report:[/] {report_path}", highlight=False, soft_wrap=True)  # one copyable line

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import CaptionConfig
-from test_evaluate import run_copy
+from test_evaluate import cli_error, run_copy
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +51,19 @@ def test_caption_matches_the_store_features(tiny_run, tiny_store, shard_jpeg, ca
     assert got == run.tokenizer.decode_batch(ids)
 
 
-def test_caption_refuses_another_encoder(tiny_run, shard_jpeg, tmp_path):
+def test_caption_refuses_another_encoder(tiny_run, shard_jpeg, tmp_path, capsys, monkeypatch):
     def edit(c):  # the run claims its store came from other weights than the ones rebuilt now
         c["store"]["encoder"]["weights"]["state_sha256"] = "f" * 64
 
     run = run_copy(tiny_run, tmp_path / "run", edit)
-    p = subprocess.run([sys.executable, "-m", "pipeline", "caption", str(shard_jpeg[0]), "--run", str(run)],
-                       capture_output=True, text=True, timeout=300)
-    lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert p.returncode == 2 and p.stdout == ""
-    assert len(lines) == 1 and lines[0].startswith("error: cannot rebuild the run's encoder"), p.stderr
-    assert "other weights than the store's encoder" in lines[0]
+    line = cli_error(["caption", str(shard_jpeg[0]), "--run", str(run)], capsys, monkeypatch)
+    assert line.startswith("error: cannot rebuild the run's encoder") and "other weights than the store's" in line
 
 
-def test_caption_refuses_a_non_image(tiny_run, tmp_path):
+def test_caption_refuses_a_non_image(tiny_run, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not a picture\n")
-    p = subprocess.run([sys.executable, "-m", "pipeline", "caption", str(bad), "--run", str(tiny_run)],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stdout == ""
-    lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert lines == [f"error: {bad} is not a readable image (UnidentifiedImageError)"], p.stderr
+    line = cli_error(["caption", str(bad), "--run", str(tiny_run)], capsys, monkeypatch)
+    assert line == f"error: {bad} is not a readable image (UnidentifiedImageError)"
+    line = cli_error(["caption", str(tmp_path / "missing.jpg"), "--run", str(tiny_run)], capsys, monkeypatch)
+    assert line == f"error: {tmp_path / 'missing.jpg'}: no such file"

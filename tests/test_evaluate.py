@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -103,9 +102,20 @@ def test_empty_validation_split_is_refused(tiny_run, tmp_path):
         evaluate.run(EvalConfig(run=run, device="cpu"))
 
 
-def test_cli_missing_run_is_one_line_exit_2(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--run", str(tmp_path / "nope")],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2
-    lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and "no run folder" in lines[0], p.stderr
+def cli_error(argv: list[str], capsys, monkeypatch) -> str:
+    """Run `pipeline ARGV` in-process (no interpreter start-up); assert exit code 2 and one line; return it."""
+    from pipeline import cli
+
+    monkeypatch.setattr(sys, "argv", ["pipeline", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert out == "" and len(lines) == 1, err
+    return lines[0]
+
+
+def test_cli_missing_run_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    line = cli_error(["eval", "--run", str(tmp_path / "nope")], capsys, monkeypatch)
+    assert line.startswith("error: no run folder")
