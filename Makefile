@@ -6,8 +6,13 @@ STAMP  := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-# Pass-through knobs, e.g. `make fetch COUNT=500` or `make train ARGS="--epochs 1"`.
+# Pass-through options: `make train ARGS="--epochs 1"` for one stage; for `make all`, per stage:
+# `make all FETCH_ARGS="--count 500" TRAIN_ARGS="--epochs 1"` (ENCODE_ARGS, EVAL_ARGS likewise).
 ARGS ?=
+FETCH_ARGS ?=
+ENCODE_ARGS ?=
+TRAIN_ARGS ?=
+EVAL_ARGS ?=
 
 .PHONY: install test all fetch encode train eval status bench clean
 install: $(STAMP)
@@ -21,16 +26,16 @@ test: install
 	$(PY) -m pytest
 
 fetch: install
-	$(PY) -m pipeline fetch $(ARGS)
+	$(PY) -m pipeline fetch $(FETCH_ARGS) $(ARGS)
 
 encode: install
-	$(PY) -m pipeline encode $(ARGS)
+	$(PY) -m pipeline encode $(ENCODE_ARGS) $(ARGS)
 
 train: install
-	$(PY) -m pipeline train $(ARGS)
+	$(PY) -m pipeline train $(TRAIN_ARGS) $(ARGS)
 
 eval: install
-	$(PY) -m pipeline eval $(ARGS)
+	$(PY) -m pipeline eval $(EVAL_ARGS) $(ARGS)
 
 status: install
 	$(PY) -m pipeline status
@@ -40,11 +45,11 @@ bench: install
 
 # eval runs last, so the final line `make all` prints is where the report is.
 all: install
-	$(MAKE) fetch
-	$(MAKE) encode
-	$(MAKE) train
+	$(MAKE) fetch ARGS=
+	$(MAKE) encode ARGS=
+	$(MAKE) train ARGS=
 	$(PY) -m pipeline status
-	$(MAKE) --no-print-directory eval
+	$(MAKE) --no-print-directory eval ARGS=
 
 clean:
 	rm -rf data/shards data/synthetic cache/features.zarr cache/runs
