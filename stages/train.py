@@ -348,7 +348,12 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     tokens = CaptionTokens(tok, index.captions, cfg.max_len)
     t_tok = time.perf_counter() - t_tok
     t_feat = time.perf_counter()
-    source = FeatureSource(store, index.rows, device=device, mode=cfg.features, slab_rows=store.shard_capacity)
+    with make_progress() if d.main else nullcontext() as bar:
+        task = bar.add_task("loading features", total=len(index), unit="rows") if bar is not None else None
+        source = FeatureSource(store, index.rows, device=device, mode=cfg.features, slab_rows=store.shard_capacity,
+                               progress=(lambda n: bar.advance(task, n)) if bar is not None else None)
+        if bar is not None and source.held is None:
+            bar.update(task, visible=False)  # streamed: nothing was loaded up front
     t_feat = time.perf_counter() - t_feat
     common = dict(seed=cfg.seed, parallel_fraction=cfg.parallel_fraction, mixing=cfg.mixing, rank=d.rank,
                   world=d.world, buffer_slabs=cfg.stream_buffer_slabs if source.mode == "stream" else None)
@@ -481,6 +486,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                     end_of_epoch = batch == steps_per_epoch
                     if end_of_epoch:
                         last_val = do_val() or last_val
+                        if progress is not None and last_val is not None:
+                            progress.console.print(
+                                f"epoch {epoch + 1}/{cfg.epochs} (step {step}): val loss ar {_f(last_val['loss_ar'])} "
+                                f"par {_f(last_val['loss_par'])}", highlight=False)
                         epoch, batch = epoch + 1, 0
                     if end_of_epoch or step % cfg.checkpoint_every == 0 or step >= stop_at:
                         save()
