@@ -384,7 +384,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # The decoder's only buffer (the causal mask) is a constant: no need to broadcast it every step.
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if cfg.compile:
         net = torch.compile(net, dynamic=True)
 

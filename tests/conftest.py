@@ -53,7 +53,7 @@ def tiny_store(tiny_shards, tmp_path_factory):
 # --- train: the tiny trained run (owned by the train stage's issue) -------------------------------------------
 # A tiny decoder (2 layers, width 64) on `tiny_store`; tests that train more runs reuse this recipe.
 TINY_TRAIN = dict(layers=2, width=64, heads=4, mlp_dim=128, batch_size=16, lr=3e-3, warmup_steps=5, device="cpu",
-                  precision="fp32", log_every=2, checkpoint_every=10)
+                  precision="fp32", log_every=2, checkpoint_every=1000)
 
 
 @pytest.fixture(scope="session")

@@ -184,3 +184,11 @@ def test_status_reports_runs_without_torch(tiny_run):
     code = ("import sys; from pathlib import Path; from pipeline import status; "
             f"status.runs_summary(Path({str(tiny_run.parent)!r})); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    const = train.lr_factor(TrainConfig(warmup_steps=4, schedule="constant"), 20)
+    assert [const(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = train.lr_factor(TrainConfig(warmup_steps=4, schedule="cosine"), 20)
+    assert cos(3) == 1.0 and cos(4) == 1.0 and cos(12) == pytest.approx(0.5) and cos(20) == pytest.approx(0.0)
+    assert all(cos(s) >= cos(s + 1) for s in range(4, 20))
