@@ -42,6 +42,9 @@ class FetchConfig:
     samples_per_shard: int = 256
     image_size: int = 256  # shortest side after resize; >= 224 so a 224 px centre crop is possible
     timeout: int = 10  # seconds per download
+    # Smaller originals (tracking pixels, 1 px spacer GIFs) fail as "image too small" instead of being blown
+    # up to image_size: a 1 x 4000 spacer would otherwise become a 256 x 1,024,000 px array.
+    min_image_size: int = 32
     retries: int = 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +15,10 @@ from pipeline.errors import UserError
 CAPTION_ALIASES = ("caption", "captions", "text", "title", "alt", "alt_text", "alttext", "description", "txt")
 URL_ALIASES = ("url", "image_url", "img_url", "imageurl", "image", "link", "uri", "src", "image_link")
 EXTRA_COLUMNS = ("attributes",)  # carried into the shards' json when present
+# Invalid UTF-8 bytes are read as lone surrogates (surrogateescape), so they can be counted exactly, then
+# shown as U+FFFD. More than this share of such rows means the file is in another encoding: refused.
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+MAX_INVALID_UTF8_SHARE = 0.05
 
 
 def _pick(columns, aliases) -> str | None:
@@ -38,10 +44,8 @@ def _read_text(path: Path, count: int) -> pd.DataFrame:
         raise UserError(f"cannot read url list {path}: it is binary, not a TSV/CSV text file")
     if len(head) == 65536 and b"\n" in head:
         head = head[: head.rfind(b"\n")]  # never judge the encoding by a character cut in half
-    try:
-        first = head.decode("utf-8").splitlines()[0] if head.strip() else ""
-    except UnicodeDecodeError:
-        raise UserError(f"cannot read url list {path}: it is not UTF-8 text") from None
+    # Only the separator is judged here; stray invalid bytes are counted per row in read_url_list.
+    first = head.decode("utf-8", errors="replace").splitlines()[0] if head.strip() else ""
     if not first.strip():
         raise UserError(f"url list {path} is empty")
     if name.endswith((".tsv", ".tsv.gz", ".txt")):
@@ -52,13 +56,17 @@ def _read_text(path: Path, count: int) -> pd.DataFrame:
         sep = "\t" if "\t" in first else ","
     fields = next(csv.reader([first], delimiter=sep))
     has_header = not any(_looks_like_url(f) for f in fields)
-    kw = dict(sep=sep, dtype=str, keep_default_na=False, nrows=count, encoding="utf-8", on_bad_lines="skip")
+    kw = dict(sep=sep, dtype=str, keep_default_na=False, nrows=count, encoding="utf-8",
+              encoding_errors="surrogateescape", on_bad_lines="warn")
     if sep == "\t":
         kw["quoting"] = csv.QUOTE_NONE  # CC3M captions contain bare quotes
     try:
-        df = pd.read_csv(path, header=0 if has_header else None, **kw)
+        with warnings.catch_warnings(record=True) as caught:  # one "Skipping line N" per malformed line
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            df = pd.read_csv(path, header=0 if has_header else None, **kw)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as e:
         raise UserError(f"cannot read url list {path}: {str(e).splitlines()[0]}") from None
+    df.attrs["malformed_lines"] = sum(str(w.message).count("Skipping line") for w in caught)
     if not has_header:
         # CC3M's Train_GCC-training.tsv: caption TAB url, no header. Generally: the url column is the one
         # holding urls, the caption the first other one.
@@ -117,13 +125,31 @@ def read_url_list(path: str | Path, count: int) -> pd.DataFrame:
     if cap is None or url is None:
         _missing(path, df.columns, cap, url)
     extra = [c for c in df.columns if str(c).lower() in EXTRA_COLUMNS]
+    malformed = int(df.attrs.get("malformed_lines", 0))
     out = df[[cap, url] + extra].copy()
     out.columns = ["caption", "url"] + [str(c).lower() for c in extra]
     out["caption"] = out["caption"].fillna("").astype(str)
     out["url"] = out["url"].fillna("").astype(str).str.strip()
+    n_read = len(out)
     out = out[out["url"] != ""].reset_index(drop=True)
     if out.empty:
         raise UserError(f"url list {path} has no rows with a url")
+    bad = out["caption"].str.contains(_BAD_BYTE) | out["url"].str.contains(_BAD_BYTE)
+    n_bad = int(bad.sum())
+    if n_bad > MAX_INVALID_UTF8_SHARE * len(out):
+        raise UserError(f"cannot read url list {path}: it is not UTF-8 text ({n_bad} of {len(out)} rows have "
+                        "invalid bytes); convert it first, e.g. `iconv -f cp1252 -t utf-8`")
+    if n_bad:
+        for col in ("caption", "url"):
+            out[col] = out[col].str.replace(_BAD_BYTE, "\ufffd", regex=True)
+    # What the list itself got wrong (img2dataset's stats count what went wrong fetching): fetch records it.
+    out.attrs["issues"] = {
+        "invalid_utf8": n_bad,  # rows kept, each invalid byte shown as U+FFFD
+        "empty_caption": int((out["caption"].str.strip() == "").sum()),  # kept: the image is still fetched
+        "duplicate_url": int(out["url"].duplicated().sum()),  # kept: each row is its own sample
+        "no_url": n_read - len(out),  # dropped before fetching
+        "malformed_lines": malformed,  # wrong field count (e.g. a tab inside a caption): skipped
+    }
     return out
 
 

@@ -53,7 +53,8 @@ def fetch_summary(shards: Path) -> dict:
     """
     s: dict = {"path": str(shards), "exists": shards.is_dir(), "shards_complete": 0, "shards_unfinished": 0,
                "shards_expected": 0, "unfinished": [], "rows_requested": 0, "rows_done": 0, "fetched": 0,
-               "failed": 0, "success_rate": None, "failures": {}, "source": None, "last_run": None}
+               "failed": 0, "success_rate": None, "failures": {}, "source": None, "last_run": None,
+               "list_issues": None}
     if not s["exists"]:
         s["state"] = "missing"
         return s
@@ -89,6 +90,7 @@ def fetch_summary(shards: Path) -> dict:
     if record:
         s["source"] = record.get("config", {}).get("source")
         s["last_run"] = {k: record.get(k) for k in ("state", "started_at", "finished_at", "timings")}
+        s["list_issues"] = record.get("list_issues")  # rows the url list itself got wrong (kept or dropped)
     if not stats and not unfinished:
         s["state"] = "empty"
     else:
@@ -113,6 +115,9 @@ def render_fetch(console: Console, s: dict) -> None:
     t.add_row("failed", f"{s['failed']:,}")
     for reason, n in s["failures"].items():
         t.add_row(f"  {reason}", f"{n:,}")
+    for issue, n in (s.get("list_issues") or {}).items():
+        if n:
+            t.add_row(f"list: {issue.replace('_', ' ')}", f"{n:,}")
     colour = "green" if s["shards_unfinished"] == 0 else "yellow"
     t.add_row("shards", f"[{colour}]{s['shards_complete']} complete, {s['shards_unfinished']} unfinished[/]")
     if s["unfinished"]:
@@ -161,6 +166,7 @@ def store_summary(store: Path, shards: Path) -> dict:
         "weights_label": weights_label(enc.get("weights", {})),
         "random_init": st.is_random_init, "precision": st.attrs.get("precision"),
         "tokens": st.tokens, "width": st.width, "size_bytes": st.size_bytes(), "last_run": st.attrs.get("last_run"),
+        "problems": st.attrs.get("problems"),  # encode's record of unreadable shards and skipped images
     })
     return s
 
@@ -177,6 +183,12 @@ def render_store(console: Console, s: dict) -> None:
                   f"{s['size_bytes'] / 2**20:.1f} MiB on disk")
     console.print(f"  encoder: {s['model']} [{s['tokens']}, {s['width']}] {s['precision']}, weights: {weights}",
                   highlight=False)
+    problems = s.get("problems") or {}
+    bad, skipped = problems.get("unreadable_shards") or {}, problems.get("skipped_images") or {}
+    if bad or skipped:
+        names = f": {', '.join(list(bad)[:4])}" if bad else ""
+        console.print(f"  [yellow]{len(bad)} unreadable shard(s) not encoded{names}; "
+                      f"{sum(len(v) for v in skipped.values())} corrupt image(s) skipped[/]", highlight=False)
     todo = [r for r in s["shards"] if r["fetched"] is None or r["encoded"] != r["fetched"] or not r["done"]]
     rows = s["shards"] if len(s["shards"]) <= 12 else todo[:12]
     if rows:

@@ -38,7 +38,7 @@ def _validate(cfg: FetchConfig) -> None:
     if module and importlib.util.find_spec(module) is None:
         raise UserError(f"--distributor {cfg.distributor} needs {module}, which is not installed: "
                         f"pip install {module} (or cappa-pipeline[{'spark' if module == 'pyspark' else module}])")
-    for name in ("count", "processes", "threads", "samples_per_shard", "timeout"):
+    for name in ("count", "processes", "threads", "samples_per_shard", "timeout", "min_image_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.image_size < 224:
@@ -120,7 +120,7 @@ def _img2dataset_kwargs(cfg: FetchConfig, url_list: Path, extra: list[str]) -> d
         output_folder=str(cfg.shards), output_format="webdataset", number_sample_per_shard=cfg.samples_per_shard,
         image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=False,  # shortest side = size
         processes_count=cfg.processes, thread_count=cfg.threads, distributor=cfg.distributor,
-        timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental",
+        timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental", min_image_size=cfg.min_image_size,
         enable_wandb=False, compute_hash=None,
     )
 
@@ -179,6 +179,7 @@ def run(cfg: FetchConfig) -> dict:
     synthetic_source = cfg.source == "synthetic"
     timings: dict[str, float] = {}
     interrupted = False
+    issues = None  # what a url list itself got wrong (sources.read_url_list counts it)
     with contextlib.ExitStack() as stack:
         if synthetic_source:
             n_rows, extra = cfg.count, ["attributes"]
@@ -189,6 +190,10 @@ def run(cfg: FetchConfig) -> dict:
 
             df = sources.read_url_list(cfg.source, cfg.count)
             n_rows, extra = len(df), [c for c in sources.EXTRA_COLUMNS if c in df.columns]
+            issues = df.attrs.get("issues")
+            if issues and any(issues.values()):
+                console.print("[yellow]url list: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in
+                              issues.items() if n) + " (see docs/RELIABILITY.md)[/]", highlight=False)
             fingerprint = {"source": str(Path(cfg.source).resolve()), "count": n_rows, "digest": _list_digest(df)}
         fingerprint.update(samples_per_shard=cfg.samples_per_shard, image_size=cfg.image_size)
         _check_same_list(shards, fingerprint)
@@ -198,7 +203,8 @@ def run(cfg: FetchConfig) -> dict:
                       f"{cfg.samples_per_shard}, {expected - len(todo)} already complete", highlight=False)
         record = {"fingerprint": fingerprint, "config": to_jsonable(cfg), "rows": n_rows,
                   "samples_per_shard": cfg.samples_per_shard, "expected_shards": expected,
-                  "shards_todo": len(todo), "state": "running", "started_at": started}
+                  "shards_todo": len(todo), "state": "running", "started_at": started,
+                  **({"list_issues": issues} if issues is not None else {})}
         if todo:
             shards.mkdir(parents=True, exist_ok=True)
             if synthetic_source:

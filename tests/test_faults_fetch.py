@@ -1,0 +1,200 @@
+"""Fault injection, fetch: one real img2dataset run over a url list holding every way a web row goes wrong.
+
+Every row must end up either as a sample in a shard or under a named failure reason, the run must finish,
+and `pipeline status --json` must add up (fetched + failed = rows). One img2dataset run covers all cases:
+its start-up is most of the cost.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline import status
+from pipeline.config import FetchConfig
+from pipeline.loopback import serve
+from pipeline.sources import read_url_list
+from stages import fetch
+
+pytestmark = pytest.mark.faults
+
+LONG = " ".join(["a long caption about a red square and a blue circle on a grey background"] * 8)  # ~120 tokens
+BAD_UTF8 = b"a caf\xe9 sign \xff in the rain"  # a Latin-1 byte and a stray byte inside a UTF-8 list
+DECODED = "a caf\ufffd sign \ufffd in the rain"  # what the shards hold for it
+DECODE = "not an image / decode error"
+
+
+def _png(img: Image.Image) -> bytes:
+    b = io.BytesIO()
+    img.save(b, "PNG")
+    return b.getvalue()
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    b = io.BytesIO()
+    img.save(b, "JPEG", quality=90)
+    return b.getvalue()
+
+
+def _gif() -> bytes:
+    """A two-frame animated GIF (green, then red): the first frame is what a fetch keeps."""
+    frames = [Image.new("P", (280, 260), c) for c in (1, 2)]
+    for f in frames:
+        f.putpalette([0, 0, 0, 0, 200, 0, 200, 0, 0])
+    b = io.BytesIO()
+    frames[0].save(b, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return b.getvalue()
+
+
+def _files(www: Path) -> None:
+    rng = np.random.default_rng(0)
+    www.mkdir()
+    for i in range(12):  # ordinary photos
+        (www / f"ok{i}.jpg").write_bytes(_jpeg(Image.fromarray((rng.random((300, 340, 3)) * 255).astype(np.uint8))))
+    whole = (www / "ok0.jpg").read_bytes()
+    (www / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # a complete HTTP answer holding half a JPEG
+    (www / "cmyk.jpg").write_bytes(_jpeg(Image.new("RGB", (300, 260), (200, 60, 30)).convert("CMYK")))
+    (www / "alpha.png").write_bytes(_png(Image.new("RGBA", (260, 300), (0, 0, 255, 128))))
+    (www / "anim.gif").write_bytes(_gif())
+    (www / "pixel.png").write_bytes(_png(Image.new("RGB", (1, 1), (255, 0, 0))))
+    big = Image.new("P", (8000, 8000), 0)  # 64 Mpixel, yet ~8 KB and 0.3 s to write: one palette colour
+    big.putpalette([30, 120, 200])
+    (www / "huge.png").write_bytes(_png(big))
+
+
+def _cases(base: str, quiet: str) -> list[tuple[bytes, str, str]]:
+    """(caption bytes, url, expected outcome: "ok" or the failure reason `pipeline status` names)."""
+    return [(f"photo number {i}".encode(), f"{base}/img/ok{i}.jpg", "ok") for i in range(1, 9)] + [
+        (b"a dead link", f"{base}/missing/ok1.jpg", "http 404"),
+        (b"a server that never answers", quiet, "timeout"),
+        (b"an html page", f"{base}/html/ok1.jpg", DECODE),
+        (b"half a jpeg file", f"{base}/img/cut.jpg", DECODE),
+        (b"a dropped connection", f"{base}/truncated/ok2.jpg", "truncated"),
+        (b"a cmyk jpeg", f"{base}/img/cmyk.jpg", "ok"),
+        (b"a png with alpha", f"{base}/img/alpha.png", "ok"),
+        (b"an animated gif", f"{base}/img/anim.gif", "ok"),
+        (b"a tracking pixel", f"{base}/img/pixel.png", "image too small"),
+        (b"a very large image", f"{base}/img/huge.png", "ok"),
+        (BAD_UTF8, f"{base}/img/ok0.jpg", "ok"),
+        (b"", f"{base}/img/ok9.jpg", "ok"),
+        (b"the same url again", f"{base}/img/ok4.jpg", "ok"),
+        (LONG.encode(), f"{base}/img/ok10.jpg", "ok"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def faulty_fetch(tmp_path_factory):
+    """(config, cases, summary) of one fetch of the faulty list: 22 rows, shards of 8."""
+    root = tmp_path_factory.mktemp("faulty_fetch")
+    _files(root / "www")
+    silent = socket.socket()  # listens but never accepts: the request goes out and no answer ever comes
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    with serve(root / "www") as base, silent:
+        cases = _cases(base, f"http://127.0.0.1:{silent.getsockname()[1]}/never.jpg")
+        tsv = root / "list.tsv"  # headerless CC3M layout: caption TAB url
+        tsv.write_bytes(b"".join(c + b"\t" + u.encode() + b"\n" for c, u, _ in cases))
+        cfg = FetchConfig(source=str(tsv), count=1000, shards=root / "shards", samples_per_shard=8, processes=1,
+                          threads=len(cases), timeout=2)
+        summary = fetch.run(cfg)  # returns: never a crash, never an exit
+    return cfg, cases, summary
+
+
+def _samples(shards: Path) -> dict[str, dict]:
+    urls = [str(p) for p in sorted(shards.glob("*.tar"))]
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode("pil")}
+
+
+def _rows(shards: Path) -> pd.DataFrame:
+    """img2dataset's per-shard parquet: one line per input row, fetched or not, with its error message."""
+    return pd.concat([pd.read_parquet(p) for p in sorted(shards.glob("*.parquet"))], ignore_index=True)
+
+
+def _caption(raw: bytes) -> str:
+    return DECODED if raw == BAD_UTF8 else raw.decode()
+
+
+def test_every_row_is_in_a_shard_or_under_a_named_reason(faulty_fetch):
+    cfg, cases, summary = faulty_fetch
+    rows, samples = _rows(cfg.shards), _samples(cfg.shards)
+    assert len(rows) == len(cases) == summary["rows_done"] == summary["rows_requested"]
+    assert sorted(rows["url"]) == sorted(u for _, u, _ in cases)
+    got = {}
+    for r in rows.itertuples():
+        if r.status == "success":
+            s = samples[r.key]  # a success is a sample in a tar, with its caption
+            assert s["txt"] == r.caption and s["json"]["url"] == r.url
+            got.setdefault(r.caption, []).append("ok")
+        else:
+            assert r.key not in samples
+            got.setdefault(r.caption, []).append(status.failure_reason(r.error_message))
+    want = {}
+    for raw, _, outcome in cases:
+        want.setdefault(_caption(raw), []).append(outcome)
+    assert got == want
+    assert len(samples) == summary["fetched"] == sum(o == "ok" for *_, o in cases)
+    assert summary["failures"] == {DECODE: 2, "http 404": 1, "image too small": 1, "timeout": 1, "truncated": 1}
+    assert summary["fetched"] + summary["failed"] == len(cases) and summary["state"] == "complete"
+
+
+def test_odd_images_come_out_as_plain_rgb(faulty_fetch):
+    """CMYK, alpha, GIF and 64 Mpixel images all become RGB JPEGs, shortest side 256, colours kept."""
+    cfg, _, _ = faulty_fetch
+    by_caption = {s["txt"]: s["jpg"] for s in _samples(cfg.shards).values()}
+    for cap, rgb in (("a cmyk jpeg", (200, 60, 30)), ("a png with alpha", (128, 128, 255)),  # alpha over white
+                     ("an animated gif", (0, 200, 0)), ("a very large image", (30, 120, 200))):
+        img = by_caption[cap]
+        assert img.mode == "RGB" and min(img.size) == 256, cap
+        centre = np.asarray(img, np.float32)[100:150, 100:150].reshape(-1, 3).mean(0)
+        assert np.abs(centre - rgb).max() < 6, (cap, centre)
+
+
+def test_caption_policy_and_list_issues(faulty_fetch):
+    """Invalid UTF-8 -> U+FFFD, empty kept, duplicates kept apart, long kept verbatim; all counted in run.json."""
+    cfg, cases, summary = faulty_fetch
+    samples = list(_samples(cfg.shards).values())
+    caps = [s["txt"] for s in samples]
+    assert DECODED in caps and "" in caps and LONG in caps  # long captions are cut by the tokenizer, not here
+    dup = [s for s in samples if s["json"]["url"].endswith("/img/ok4.jpg")]
+    assert len(dup) == 2 and dup[0]["__key__"] != dup[1]["__key__"]
+    issues = {"invalid_utf8": 1, "empty_caption": 1, "duplicate_url": 1, "no_url": 0, "malformed_lines": 0}
+    assert summary["list_issues"] == issues
+    assert json.loads(fetch.record_path(cfg.shards).read_text())["list_issues"] == issues
+
+
+def test_status_json_adds_up(faulty_fetch):
+    """`pipeline status --json` in a fresh interpreter: fetched + failed = rows, same counts as the run."""
+    cfg, cases, summary = faulty_fetch
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "status", "--json", "--shards", str(cfg.shards),
+                          "--store", str(cfg.shards / "none.zarr"), "--runs", str(cfg.shards / "none")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    f = json.loads(out.stdout)["fetch"]
+    assert f["fetched"] + f["failed"] == f["rows_done"] == f["rows_requested"] == len(cases)
+    assert sum(f["failures"].values()) == f["failed"]
+    assert {k: f[k] for k in ("fetched", "failed", "failures", "list_issues")} == \
+        {k: summary[k] for k in ("fetched", "failed", "failures", "list_issues")}
+
+
+def test_list_reader_counts_what_it_drops(tmp_path):
+    """Rows the list itself breaks never vanish silently: no url and wrong field counts are counted."""
+    p = tmp_path / "list.tsv"
+    p.write_bytes(b"a cat\thttp://x/1.jpg\na tab\tinside\thttp://x/2.jpg\nno url here\t\n"
+                  b"a dog\thttp://x/3.jpg\n" + b"".join(b"row %d\thttp://x/r%d.jpg\n" % (i, i) for i in range(20))
+                  + b"caf\xe9\thttp://x/4.jpg\n")
+    df = read_url_list(p, count=1000)
+    assert len(df) == 23 and df["caption"].iloc[-1] == "caf\ufffd"
+    assert df.attrs["issues"] == {"invalid_utf8": 1, "empty_caption": 0, "duplicate_url": 0, "no_url": 1,
+                                  "malformed_lines": 1}
