@@ -53,7 +53,15 @@ def iter_shard(tar: Path):
         if img is None:
             continue
         txt, js = s.get("txt", b""), s.get("json", b"")
-        yield s["__key__"], img, txt.decode("utf-8"), js.decode("utf-8") if isinstance(js, bytes) else ""
+        # errors="replace": a stray byte in one caption must not cost the whole shard
+        yield (s["__key__"], img, txt.decode("utf-8", errors="replace"),
+               js.decode("utf-8", errors="replace") if isinstance(js, bytes) else "")
+
+
+def shard_error(e: BaseException) -> str:
+    """One line for an unreadable tar (webdataset appends the stream and url to tarfile's message)."""
+    msg = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    return f"{type(e).__name__}: {msg.split(' @ ')[0]}"
 
 
 # --- distributed (torchrun) ---------------------------------------------------------------------------------
@@ -166,17 +174,29 @@ def _decode(encoder, data: bytes):
 
 
 def _produce(jobs, encoder, pool, q: queue.Queue, batch_size: int, stop: threading.Event) -> None:
-    """Reader thread: per shard, batches of decode futures (batches never cross shards: same batches on rerun)."""
+    """Reader thread: per shard, batches of decode futures (batches never cross shards: same batches on rerun).
+
+    A tar that cannot be read to its end (torn, or fewer samples than its stats file says) is reported as
+    ("bad", ...) instead of "end": the main thread drops what it holds of that shard and goes on.
+    """
     try:
-        for pos, name, tar in jobs:
-            batch = []
-            for key, img, cap, meta in iter_shard(tar):
-                batch.append((key, cap, meta, pool.submit(_decode, encoder, img)))
-                if len(batch) == batch_size:
-                    q.put(("batch", pos, name, batch))
-                    batch = []
-                if stop.is_set():
-                    return
+        for pos, name, tar, *expected in jobs:
+            batch, n = [], 0
+            try:
+                for key, img, cap, meta in iter_shard(tar):
+                    n += 1
+                    batch.append((key, cap, meta, pool.submit(_decode, encoder, img)))
+                    if len(batch) == batch_size:
+                        q.put(("batch", pos, name, batch))
+                        batch = []
+                    if stop.is_set():
+                        return
+                want = expected[0] if expected else None
+                if want is not None and n != want:  # a tar cut at a member boundary reads "fine"
+                    raise EOFError(f"the tar holds {n} samples, its stats file says {want}")
+            except Exception as e:  # noqa: BLE001 - any unreadable tar: skip this shard, keep the others
+                q.put(("bad", pos, name, shard_error(e)))
+                continue
             if batch:
                 q.put(("batch", pos, name, batch))
             q.put(("end", pos, name, None))
@@ -203,9 +223,9 @@ def encode_shards(encoder, store: FeatureStore, jobs: list, cfg: EncodeConfig, p
     writer = ThreadPoolExecutor(1, thread_name_prefix="store-write")  # write shard k while encoding k+1
     reader = threading.Thread(target=_produce, args=(jobs, encoder, pool, q, cfg.batch_size, stop), daemon=True)
     pending_write = None
-    stats = {"images": 0, "shards": 0, "model_s": 0.0, "skipped": 0}
+    stats = {"images": 0, "shards": 0, "model_s": 0.0, "skipped": 0, "skipped_images": {}, "bad_shards": {}}
     buf: dict = {"feats": [], "keys": [], "caps": [], "meta": []}
-    batches = 0
+    batches = shard_images = 0
     cuda = encoder.device.type == "cuda"
     reader.start()
     try:
@@ -213,6 +233,13 @@ def encode_shards(encoder, store: FeatureStore, jobs: list, cfg: EncodeConfig, p
             kind, pos, name, payload = item
             if kind == "error":
                 raise payload
+            if kind == "bad":  # nothing of this shard is written: it stays not done, the rest goes on
+                buf = {"feats": [], "keys": [], "caps": [], "meta": []}
+                stats["images"] -= shard_images
+                shard_images = 0
+                stats["bad_shards"][name] = payload
+                console.print(f"[yellow]skipped shard {name}: {escape(payload)}[/]")
+                continue
             if kind == "end":
                 if pending_write is not None:
                     pending_write.result()
@@ -227,6 +254,7 @@ def encode_shards(encoder, store: FeatureStore, jobs: list, cfg: EncodeConfig, p
 
                 pending_write = writer.submit(write)
                 buf = {"feats": [], "keys": [], "caps": [], "meta": []}
+                shard_images = 0
                 continue
             tensors, keep = [], []
             for key, cap, meta, fut in payload:
@@ -235,6 +263,7 @@ def encode_shards(encoder, store: FeatureStore, jobs: list, cfg: EncodeConfig, p
                     keep.append((key, cap, meta))
                 except Exception as e:  # a corrupt image: skip it, the same way on every run
                     stats["skipped"] += 1
+                    stats["skipped_images"].setdefault(name, {})[key] = f"{type(e).__name__}: {e}"[:200]
                     console.print(f"[yellow]skipped {name}/{key}: {type(e).__name__}: {escape(str(e))}[/]")
             if tensors:
                 x = torch.stack(tensors)  # [B, 3, H, W]
@@ -249,6 +278,7 @@ def encode_shards(encoder, store: FeatureStore, jobs: list, cfg: EncodeConfig, p
                     buf["caps"].append(cap)
                     buf["meta"].append(meta)
             stats["images"] += len(tensors)
+            shard_images += len(tensors)
             batches += 1
             if progress is not None:
                 progress.update(task, advance=len(payload))
@@ -312,7 +342,7 @@ def run(cfg: EncodeConfig) -> dict:
             random_note = " [bold red](RANDOM-INIT weights)[/]" if enc["weights"]["kind"] == "random-init" else ""
             console.print(f"encode: {len(todo)} of {len(shards)} shards to do ({world} rank(s)), {enc['model']}, "
                           f"weights {weights_label(enc['weights'])}, on {device} {precision}{random_note}")
-        jobs = [(p, n, tar) for p, n, tar, _ in mine]
+        jobs = [(p, n, tar, int(st["successes"]) if "successes" in st else None) for p, n, tar, st in mine]
         t_loop = time.perf_counter()
         if rank == 0 and jobs:
             with make_progress() as progress:
@@ -334,10 +364,18 @@ def run(cfg: EncodeConfig) -> dict:
             "world_size": world, "device": str(device), "precision": precision, "batch_size": cfg.batch_size,
             "workers": cfg.workers, "weights": enc["weights"]["kind"],
         }
+        bad = {k: v for s in all_stats for k, v in s["bad_shards"].items()}
         if rank == 0:
             if images:
                 store.set_attrs(last_run=summary)
+            if todo:
+                _record_problems(store, [n for _, n, _, _ in todo], all_stats)
             _print_summary(store, summary)
+        if bad:
+            first = "; ".join(f"{n} ({why})" for n, why in sorted(bad.items())[:3]) + ("; ..." if len(bad) > 3 else "")
+            raise UserError(f"{len(bad)} shard(s) could not be read and were skipped: {first}. The others are "
+                            f"encoded. Fetch them again (delete their _stats.json in {cfg.shards} and rerun "
+                            "`pipeline fetch`), then rerun `pipeline encode`")
         return summary
     finally:
         if world > 1:
@@ -346,6 +384,22 @@ def run(cfg: EncodeConfig) -> dict:
             dist.barrier()
         if rank == 0:
             lock.release()
+
+
+def _record_problems(store: FeatureStore, attempted: list[str], all_stats: list[dict]) -> None:
+    """Store attribute `problems`: {unreadable_shards: {shard: error}, skipped_images: {shard: {key: error}}}.
+
+    Entries of the shards this run attempted are replaced (a shard encoded cleanly now loses its old entry).
+    """
+    old = store.attrs.get("problems") or {}
+    out = {}
+    for part, key in (("unreadable_shards", "bad_shards"), ("skipped_images", "skipped_images")):
+        merged = {k: v for k, v in (old.get(part) or {}).items() if k not in attempted}
+        for s in all_stats:
+            merged.update(s[key])
+        out[part] = dict(sorted(merged.items()))
+    if out != old and (old or any(out.values())):
+        store.set_attrs(problems=out)
 
 
 def _print_summary(store: FeatureStore, s: dict) -> None:
