@@ -116,12 +116,20 @@ def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: 
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (never the one last.json points at)."""
+    """Delete all but the newest `keep` complete checkpoints (never the one last.json points at), and the
+    temp folders a killed writer left behind (one writer per run: a temp seen after our save is stale)."""
+    for p in ckpt_dir.iterdir():
+        if p.name.startswith(".") and p.name.endswith((".tmp", ".old")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     pointed = last(ckpt_dir)
     steps = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
     for p in steps[:-keep] if keep > 0 else []:
         if pointed is None or p != pointed:
             shutil.rmtree(p, ignore_errors=True)
+    # Temp folders of a writer killed mid-save (never renamed, so never a checkpoint): this save renamed its
+    # own already, and rank 0 is the run's only writer, so any left now are dead weight (~3x the weights).
+    for p in [*ckpt_dir.glob(".step-*.tmp"), *ckpt_dir.glob(".step-*.old")]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def last(ckpt_dir: Path) -> Optional[Path]:

@@ -92,3 +92,14 @@ def test_a_failed_write_is_one_line_and_the_previous_checkpoint_survives(tmp_pat
 def test_no_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no complete checkpoint"):
         checkpoint.load_weights(tmp_path)
+
+
+def test_a_killed_writers_temp_folder_is_cleaned_by_the_next_save(tmp_path):
+    model, opt, sched = _setup()
+    checkpoint.save(tmp_path, model=model, optimizer=opt, scheduler=sched, step=1, epoch=0, batch=1)
+    torn = tmp_path / ".step-00000002.deadbeef.tmp"  # what SIGKILL mid-save leaves: weights, no state
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint.last(tmp_path).name == "step-00000001"  # never mistaken for a checkpoint
+    checkpoint.save(tmp_path, model=model, optimizer=opt, scheduler=sched, step=2, epoch=0, batch=2)
+    assert not torn.exists() and checkpoint.last(tmp_path).name == "step-00000002"
