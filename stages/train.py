@@ -211,11 +211,21 @@ class MetricsLog:
         """Keep only entries of steps <= the checkpoint's (and none written at an interrupting stop)."""
         keep = [] if keep_through_step is None else [
             e for e in self.read() if e.get("step", 0) <= keep_through_step and not e.get("stop")]
-        checkpoint.atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in keep))
+        try:
+            checkpoint.atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in keep))
+        except OSError as e:
+            raise self._error(e) from None
 
     def append(self, entry: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        except OSError as e:  # a full disk or a read-only folder: one line, not a traceback
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> UserError:
+        return UserError(f"cannot write {self.path}: {e.strerror or e}; the last checkpoint is intact: "
+                         "make room (or make the folder writable), then rerun with --resume")
 
 
 def plot_losses(run: Path, entries: list[dict]) -> None:
@@ -243,9 +253,14 @@ def plot_losses(run: Path, entries: list[dict]) -> None:
         ax.legend()
     fig.tight_layout()
     tmp = run / ".loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, run / "loss.png")
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, run / "loss.png")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
 
 
 # --- the stage -----------------------------------------------------------------------------------------------
@@ -397,7 +412,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                 checkpoint.save(ckpt_dir, model=decoder, optimizer=opt, scheduler=sched, step=step, epoch=epoch,
                                 batch=batch, extra=extra)
             except UserError as e:
-                ok, err = False, e
+                ok, err = False, UserError(f"{e}: make room (or make the folder writable), then rerun with --resume")
         if not d.all_ok(ok, device):
             raise err or UserError("rank 0 could not write a checkpoint")
 
@@ -440,7 +455,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
             try:
                 plot_losses(run_dir, metrics.read())
             except OSError as e:
-                raise UserError(f"cannot write {run_dir}/loss.png: {e.strerror or e}") from None
+                raise UserError(f"cannot write {run_dir}/loss.png: {e.strerror or e}; the last checkpoint is intact: "
+                                "make room (or make the folder writable), then rerun with --resume") from None
 
     say(f"train: {len(train_pos)} train / {len(val_pos)} val samples, {steps_per_epoch} steps/epoch x {cfg.epochs} "
         f"epochs, features {source.mode} ({source.nbytes / 2**30:.2f} GiB), {device.type} {precision}, "
@@ -521,7 +537,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         try:
             checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         except OSError as e:
-            raise UserError(f"cannot write {run_dir}/summary.json: {e.strerror or e}") from None
+            raise UserError(f"cannot write {run_dir}/summary.json: {e.strerror or e} (training itself finished and "
+                            "is checkpointed)") from None
         if n_run:
             lt = last_train or {}
             say(f"trained to step {step}/{total} in {train_s:.1f} s ({summary['samples_per_s']:.1f} samples/s); "
