@@ -31,8 +31,9 @@ def evaluated(tiny_run, tiny_shards, tmp_path_factory):
     from stages import evaluate
 
     run = run_copy(tiny_run, tmp_path_factory.mktemp("eval") / "run")
+    # An untrained tiny decoder never says EOS: max_new_tokens bounds every caption (and the parallel length search).
     res = evaluate.run(EvalConfig(run=run, limit=8, beam_size=2, batch_size=8, zero_shot_limit=4, shards=tiny_shards,
-                                  device="cpu"))
+                                  max_new_tokens=16, device="cpu"))
     return run, res
 
 
@@ -65,6 +66,7 @@ def test_eval_numbers(evaluated, tiny_run):
     assert res["split"]["captioned"] == k == len(res["samples"]) > 0
     assert all(s["reference"] and isinstance(s["greedy"], str) for s in res["samples"])
     assert set(res["blind_captions"]) == {"greedy", "beam", "parallel"}
+    assert res["settings"]["max_new_tokens"] == 16 and 1 <= res["settings"]["parallel_max_length"] <= 16
     assert res["zero_shot"]["colour"]["samples"] == min(4, k) and res["zero_shot"]["colour"]["chance"] == pytest.approx(1 / 9)
     assert res["grid_images"]["shard"] == k  # the grid's pictures were read back from the shards
     # Same checkpoint, same split, same loss: the eval's validation loss is training's last validation entry.
