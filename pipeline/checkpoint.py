@@ -11,6 +11,7 @@ checkpoint complete and pointed to. The newest `keep` checkpoints are kept.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from pipeline.errors import UserError
 
@@ -35,9 +37,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
+def _write_bytes(path: Path, data) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
+
+
+def save_file(tensors: dict, path: str | Path, metadata: Optional[dict] = None) -> None:
+    """safetensors' save_file, but the bytes are written by Python: a full disk is then an OSError (ENOSPC).
+
+    safetensors' own writer raises SafetensorError and torch.save's raises RuntimeError ("unexpected pos")
+    on a full disk, which no `except OSError` catches; the serialised copy costs memory once, briefly.
+    """
+    _write_bytes(Path(path), safetensors_bytes(tensors, metadata=metadata))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -87,15 +100,16 @@ def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: 
         # contiguous() + clone: safetensors refuses shared or strided storage (tied weights, views).
         weights = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        buf = io.BytesIO()  # serialised in memory, written by Python (see save_file)
         torch.save({
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "step": step, "epoch": epoch, "batch": batch,
             "rng": rng_state(),
             "extra": extra or {},
-        }, tmp / "state.pt")
-        for f in tmp.iterdir():
-            _fsync_file(f)
+        }, buf)
+        _write_bytes(tmp / "state.pt", buf.getbuffer())
+        del buf
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again: move the old copy aside (last() falls back meanwhile)
             trash = ckpt_dir / f".{name}.{uuid.uuid4().hex[:8]}.old"
@@ -126,10 +140,6 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
     for p in steps[:-keep] if keep > 0 else []:
         if pointed is None or p != pointed:
             shutil.rmtree(p, ignore_errors=True)
-    # Temp folders of a writer killed mid-save (never renamed, so never a checkpoint): this save renamed its
-    # own already, and rank 0 is the run's only writer, so any left now are dead weight (~3x the weights).
-    for p in [*ckpt_dir.glob(".step-*.tmp"), *ckpt_dir.glob(".step-*.old")]:
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def last(ckpt_dir: Path) -> Optional[Path]:
