@@ -21,7 +21,7 @@ from pipeline.progress import console
 # Fields that may change between a run and its `--resume`: they do not change what is learned from what
 # (or only how fast / how long). Everything else must match, or the resumed run would be another run.
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "device", "precision", "compile", "checkpoint_every",
-                     "log_every", "features", "stream_buffer_slabs", "store"}
+                     "log_every", "features", "stream_buffer_slabs", "store", "run"}  # a moved folder is the same run
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
