@@ -31,8 +31,9 @@ fetch: install
 encode: install
 	$(PY) -m pipeline encode $(ENCODE_ARGS) $(ARGS)
 
+# --resume: a rerun continues the run (or finds it finished) instead of refusing to overwrite it.
 train: install
-	$(PY) -m pipeline train $(TRAIN_ARGS) $(ARGS)
+	$(PY) -m pipeline train --resume $(TRAIN_ARGS) $(ARGS)
 
 eval: install
 	$(PY) -m pipeline eval $(EVAL_ARGS) $(ARGS)
