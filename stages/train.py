@@ -464,6 +464,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     start_step, gnorm, lr_used, last_train, last_val = step, torch.zeros(()), cfg.lr, None, None
     t_loop = t_int = time.perf_counter()
     n_int = n_run = 0
+    aside = 0.0
     t_first = None  # end of the first step: steady-state rate excludes warm-up (allocations, compile)
     progress = make_progress(TextColumn("loss {task.fields[loss]}")) if d.main else None
     with progress if progress is not None else nullcontext():
@@ -501,6 +502,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                         fields = {"loss": f"{last_train['loss']:.3f}"} if last_train else {}
                         progress.update(task, advance=b.size, **fields)
                     end_of_epoch = batch == steps_per_epoch
+                    t_aside = time.perf_counter()
                     if end_of_epoch:
                         last_val = do_val() or last_val
                         if progress is not None and last_val is not None:
@@ -512,6 +514,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                         save()
                     if end_of_epoch:
                         plot()
+                    aside += time.perf_counter() - t_aside  # validation, checkpoints, plots
                     if step >= stop_at:
                         break
             finally:
@@ -528,6 +531,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         "steps": step, "total_steps": total, "complete": step >= total, "steps_this_run": step - start_step,
         "samples_this_run": n_run, "train_wall_s": train_s, "stage_wall_s": time.perf_counter() - t0,
         "samples_per_s": n_run / train_s if n_run else None,
+        "validation_checkpoint_s": aside,  # inside train_wall_s
+        "step_samples_per_s": n_run / (train_s - aside) if n_run else None,  # training steps alone
         "steady_samples_per_s": (n_run - n_first) / (t_end - t_first) if t_first and n_run > n_first else None,
         "tokenize_s": t_tok, "features_load_s": t_feat, "features": source.mode, "device": str(device),
         "precision": precision, "world_size": d.world, "batch_size": cfg.batch_size,
