@@ -81,17 +81,22 @@ class FeatureSource:
         chunk = int(getattr(store, "chunk_rows", 8) or 8)
         self.slab_rows = max(chunk, slab_rows // chunk * chunk)  # whole chunks: no chunk is read twice
         self.nbytes = len(self.rows) * self.tokens * self.width * 2
-        if mode not in ("auto", "memory", "stream"):
-            raise ValueError(f"features mode must be auto, memory or stream, got {mode!r}")
-        if mode == "auto":
-            budget = budget_fraction * ram_bytes()
-            if device.type == "cuda":
-                budget = min(budget, budget_fraction * torch.cuda.get_device_properties(device).total_memory)
-            mode = "memory" if self.nbytes <= budget else "stream"
-        self.mode = mode
+        self.mode = mode = self.resolve_mode(mode, self.nbytes, device, budget_fraction)
         self.held: Optional[torch.Tensor] = None
         if mode == "memory":
             self.held = self._load_all(progress)
+
+    @staticmethod
+    def resolve_mode(mode: str, nbytes: int, device: torch.device, budget_fraction: float = 0.4) -> str:
+        """auto -> memory if `nbytes` fit in `budget_fraction` of RAM (and of GPU memory on CUDA), else stream."""
+        if mode not in ("auto", "memory", "stream"):
+            raise ValueError(f"features mode must be auto, memory or stream, got {mode!r}")
+        if mode != "auto":
+            return mode
+        budget = budget_fraction * ram_bytes()
+        if device.type == "cuda":
+            budget = min(budget, budget_fraction * torch.cuda.get_device_properties(device).total_memory)
+        return "memory" if nbytes <= budget else "stream"
 
     def slabs(self, rows: np.ndarray) -> np.ndarray:
         return rows // self.slab_rows
@@ -143,7 +148,7 @@ class Loader:
 
     def __init__(self, source: FeatureSource, tokens: CaptionTokens, positions: np.ndarray, batch_size: int, *,
                  seed: int = 0, parallel_fraction: float = 0.75, mixing: str = "per-example", shuffle: bool = True,
-                 buffer_slabs: Optional[int] = None, rank: int = 0, world: int = 1, prefetch: int = 2):
+                 buffer_slabs: Optional[int] | str = "auto", rank: int = 0, world: int = 1, prefetch: int = 2):
         if mixing not in ("per-example", "per-batch"):
             raise ValueError(f"mixing must be per-example or per-batch, got {mixing!r}")
         self.source, self.tokens = source, tokens
@@ -151,9 +156,12 @@ class Loader:
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.parallel_fraction, self.mixing = parallel_fraction, mixing
         self.rank, self.world, self.prefetch = rank, world, prefetch
-        if buffer_slabs is None and source.mode == "stream":
-            buffer_slabs = 8
-        self.buffer_slabs = buffer_slabs  # None = one group = uniform shuffle
+        # Shuffle group in slabs; None = one group = a uniform shuffle. It fixes the data order, whichever way
+        # the features are read (a streamed epoch holds one group at a time, so stream with a bounded one);
+        # "auto" = 8 when streaming, else None.
+        if buffer_slabs == "auto":
+            buffer_slabs = 8 if source.mode == "stream" else None
+        self.buffer_slabs = buffer_slabs
         n = len(self.positions)
         # A last global batch too small to give every rank a row is dropped (only ever with world > 1).
         self.num_batches = n // batch_size + (1 if n % batch_size >= max(world, 1) and n % batch_size else 0)

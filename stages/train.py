@@ -328,6 +328,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                             vocab_size=tok.vocab_size, max_len=cfg.max_len, encoder_width=store.width,
                             mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
     record = run_record(cfg, dec_cfg, tok, store, index, (train_pos, val_pos))
+    mode = FeatureSource.resolve_mode(cfg.features, len(index) * store.tokens * store.width * 2, device)
+    # The data order depends on the shuffle group; it is fixed when the run starts (uniform when the features
+    # are held, `stream_buffer_slabs` when streamed) and kept on resume, whichever way features are read then.
+    order = {"shuffle_group_slabs": cfg.stream_buffer_slabs if mode == "stream" else None,
+             "slab_rows": store.shard_capacity}
     if store.is_random_init:
         say(f"[bold red]warning:[/] [red]{cfg.store} was encoded with RANDOM-INIT encoder weights (no pretrained "
             "weights were available): captions learned from these features are meaningless. Encode with real "
@@ -344,8 +349,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         except (OSError, ValueError):
             raise UserError(f"--resume: {run_dir}/config.json is missing or unreadable") from None
         check_resume(old, record)
+        order = old.get("data_order", order)
+        if order["shuffle_group_slabs"] is None and mode == "stream":
+            say("note: this run shuffles its whole split (it started with its features in memory), so streaming "
+                "it holds the whole split in memory too", highlight=False)
     elif cfg.resume:
         say(f"--resume: no checkpoint in {run_dir} yet, starting from scratch", highlight=False)
+    record["data_order"] = order
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     ok, err = True, None
     if d.main:
@@ -365,15 +375,17 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     t_feat = time.perf_counter()
     with make_progress() if d.main else nullcontext() as bar:
         task = bar.add_task("loading features", total=len(index), unit="rows") if bar is not None else None
-        source = FeatureSource(store, index.rows, device=device, mode=cfg.features, slab_rows=store.shard_capacity,
+        source = FeatureSource(store, index.rows, device=device, mode=mode, slab_rows=order["slab_rows"],
                                progress=(lambda n: bar.advance(task, n)) if bar is not None else None)
         if bar is not None and source.held is None:
             bar.update(task, visible=False)  # streamed: nothing was loaded up front
     t_feat = time.perf_counter() - t_feat
     common = dict(seed=cfg.seed, parallel_fraction=cfg.parallel_fraction, mixing=cfg.mixing, rank=d.rank,
-                  world=d.world, buffer_slabs=cfg.stream_buffer_slabs if source.mode == "stream" else None)
-    train_loader = Loader(source, tokens, train_pos, cfg.batch_size, shuffle=True, **common)
-    val_loader = Loader(source, tokens, val_pos, cfg.batch_size, shuffle=False, **common)
+                  world=d.world)
+    train_loader = Loader(source, tokens, train_pos, cfg.batch_size, shuffle=True,
+                          buffer_slabs=order["shuffle_group_slabs"], **common)
+    val_loader = Loader(source, tokens, val_pos, cfg.batch_size, shuffle=False,  # groups only bound memory here
+                        buffer_slabs=cfg.stream_buffer_slabs if mode == "stream" else None, **common)
     steps_per_epoch = len(train_loader)
     total = cfg.epochs * steps_per_epoch
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total

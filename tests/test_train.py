@@ -77,7 +77,7 @@ def test_overfits_a_handful_of_captions(tiny_store, tmp_path):
 
 def _cfg(store, run, **kw):
     base = dict(TINY_TRAIN, store=store, run=run, epochs=3, schedule="cosine", warmup_steps=2, log_every=3,
-                checkpoint_every=4, features="stream")
+                checkpoint_every=4, features="memory")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -86,7 +86,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_store, tmp_path, c
     straight = train.run(_cfg(tiny_store, tmp_path / "a", max_steps=11))
     train.run(_cfg(tiny_store, tmp_path / "b", max_steps=5))  # interrupted mid-epoch, mid-log-interval
     assert "RANDOM-INIT" in capsys.readouterr().err  # the visible warning for a random-init encoder
-    resumed = train.run(_cfg(tiny_store, tmp_path / "b", max_steps=11, resume=True))
+    # ... and resumed streaming its features in small shuffle groups: the data order is the run's, not the mode's.
+    resumed = train.run(_cfg(tiny_store, tmp_path / "b", max_steps=11, resume=True, features="stream",
+                             stream_buffer_slabs=1))
     assert resumed["steps_this_run"] == 6 and straight["steps"] == resumed["steps"] == 11
 
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
