@@ -261,18 +261,22 @@ def render_runs(console: Console, s: dict) -> None:
         return
 
     def f(x):
-        return "-" if x is None else f"{x:.3f}"
+        return "-" if x is None else f"{x:.2f}"
 
-    t = Table("run", "step", "epoch", "train loss AR / par", "val loss AR / par", "checkpoint", "decoder",
-              "samples/s", "encoder", title=f"runs: {s['path']}", title_justify="left")
+    from rich import box
+
+    t = Table(box=box.SIMPLE_HEAD, title=f"runs: {s['path']}", title_justify="left")
+    t.add_column("run", overflow="fold")
+    for name in ("step", "epoch", "train AR/par", "val AR/par", "ckpt", "samp/s", "encoder"):
+        t.add_column(name, no_wrap=True)
     for r in s["runs"]:
         total = f"/{r['total_steps']}" if r["total_steps"] else ""
         step = f"[green]{r['step']}{total}[/]" if r["complete"] else f"{r['step']}{total}"
+        ckpt = r["checkpoint"].removeprefix("step-").lstrip("0") or "0" if r["checkpoint"] else "[yellow]none[/]"
         t.add_row(r["name"], step, f"{r['epochs_done']}/{r['epochs']}",
-                  f"{f(r['train_loss_ar'])} / {f(r['train_loss_par'])}", f"{f(r['val_loss_ar'])} / {f(r['val_loss_par'])}",
-                  r["checkpoint"] or "[yellow]none yet[/]", r["decoder"] or "-",
-                  "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.1f}",
-                  "[bold red]random-init[/]" if r["random_init"] else (r["encoder_weights"] or "-"))
+                  f"{f(r['train_loss_ar'])}/{f(r['train_loss_par'])}", f"{f(r['val_loss_ar'])}/{f(r['val_loss_par'])}",
+                  ckpt, "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.1f}",
+                  "[bold red]random[/]" if r["random_init"] else (r["encoder_weights"] or "-"))
     console.print(t)
 
 
