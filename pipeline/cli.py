@@ -87,6 +87,7 @@ def train(
     lr: Annotated[float, Opt("AdamW learning rate")] = TrainConfig.lr,
     parallel_fraction: Annotated[float, Opt("share of parallel-prediction (CapPa) examples")] = TrainConfig.parallel_fraction,
     mixing: Annotated[str, Opt("per-example | per-batch")] = TrainConfig.mixing,
+    length_buckets: Annotated[int, Opt("sort each window of N batches by caption length (less padding); 0 = off")] = TrainConfig.length_buckets,
     max_len: Annotated[int, Opt("caption tokens incl. EOS")] = TrainConfig.max_len,
     max_steps: Annotated[Optional[int], Opt("stop after this many steps")] = TrainConfig.max_steps,
     layers: Annotated[int, Opt("decoder layers")] = TrainConfig.layers,
@@ -114,7 +115,7 @@ def train(
     from stages import train as stage
 
     stage.run(TrainConfig(store=store, run=run, epochs=epochs, batch_size=batch_size, lr=lr,
-                          parallel_fraction=parallel_fraction, mixing=mixing, max_len=max_len, max_steps=max_steps,
+                          parallel_fraction=parallel_fraction, mixing=mixing, length_buckets=length_buckets, max_len=max_len, max_steps=max_steps,
                           layers=layers, width=width, heads=heads, mlp_dim=mlp_dim, warmup_steps=warmup_steps,
                           schedule=schedule, seed=seed, precision=precision, device=device, compile=compile,
                           resume=resume, tokenizer=tokenizer, val_fraction=val_fraction, features=features,

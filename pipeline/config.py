@@ -74,6 +74,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     parallel_fraction: float = 0.75
     mixing: str = "per-example"  # per-example (big_vision) | per-batch (the seed's)
+    # Each window of this many batches is sorted by caption length, so batches are padded to about their own
+    # rows' length (mean 20 vs 39 tokens on the default set); 0 = plain shuffled batches. Changes data order.
+    length_buckets: int = 16
     max_len: int = 77
     max_steps: Optional[int] = None
     layers: int = 6

@@ -6,7 +6,9 @@ L caption tokens of the batch (dynamic padding).
 Data order is a pure function of (seed, epoch): the slabs of the split (chunk-aligned row ranges of the
 store) are permuted, cut into shuffle groups of `buffer_slabs` slabs, and the rows of each group are
 permuted. With one group covering everything this is a uniform permutation (the in-memory default); a
-streamed epoch reads one group at a time, so memory stays bounded. Training modes (parallel / AR) are drawn
+streamed epoch reads one group at a time, so memory stays bounded. With `length_buckets` = k, each window of
+k global batches (cut again at group edges) is then sorted by caption length, so a batch is padded to about
+its own rows' length instead of the longest of 32 random captions (the sort direction is drawn per window). Training modes (parallel / AR) are drawn
 for the whole epoch from a generator seeded by (seed, epoch), so a resumed run only needs (epoch, batch).
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 # Stream tags of the per-epoch generators, so order and mode draws never share random numbers.
-_ORDER, _MODES = 1, 2
+_ORDER, _MODES, _BUCKETS = 1, 2, 3
 _SPLIT_SALT = b"cappa-val-split-v1"  # changing it changes every run's validation split
 
 
@@ -168,7 +170,8 @@ class Loader:
 
     def __init__(self, source: FeatureSource, tokens: CaptionTokens, positions: np.ndarray, batch_size: int, *,
                  seed: int = 0, parallel_fraction: float = 0.75, mixing: str = "per-example", shuffle: bool = True,
-                 buffer_slabs: Optional[int] | str = "auto", rank: int = 0, world: int = 1, prefetch: int = 2):
+                 buffer_slabs: Optional[int] | str = "auto", length_buckets: int = 0, rank: int = 0, world: int = 1,
+                 prefetch: int = 2):
         if mixing not in ("per-example", "per-batch"):
             raise ValueError(f"mixing must be per-example or per-batch, got {mixing!r}")
         self.source, self.tokens = source, tokens
@@ -182,6 +185,9 @@ class Loader:
         if buffer_slabs == "auto":
             buffer_slabs = 8 if source.mode == "stream" else None
         self.buffer_slabs = buffer_slabs
+        if length_buckets < 0:
+            raise ValueError(f"length_buckets must be >= 0, got {length_buckets}")
+        self.length_buckets = length_buckets
         n = len(self.positions)
         # A last global batch too small to give every rank a row is dropped (only ever with world > 1).
         self.num_batches = n // batch_size + (1 if n % batch_size >= max(world, 1) and n % batch_size else 0)
@@ -207,7 +213,24 @@ class Loader:
             srt = np.lexsort((key, group))
             order, group = pos[srt], group[srt]
         starts = np.flatnonzero(np.r_[True, np.diff(group) != 0]) if len(group) else np.zeros(0, np.int64)
+        if self.length_buckets and len(order):
+            order = self._bucket(order, starts, epoch)
         return order, starts
+
+    def _bucket(self, order: np.ndarray, starts: np.ndarray, epoch: int) -> np.ndarray:
+        """Sort each window of `length_buckets` global batches (cut at shuffle-group edges) by caption extent.
+
+        Rows never leave their window, so shuffle groups (and a streamed epoch's memory bound) are kept.
+        """
+        n = len(order)
+        edge = np.zeros(n, bool)
+        edge[starts] = True
+        edge[:: self.length_buckets * self.batch_size] = True
+        window = np.cumsum(edge) - 1  # [n] window id of each epoch slot
+        rng = np.random.default_rng([self.seed, epoch, _BUCKETS])
+        sign = np.where(rng.random(window[-1] + 1) < 0.5, -1, 1) if self.shuffle else np.ones(window[-1] + 1, int)
+        extent = self.tokens.extent.numpy()[order] * sign[window]
+        return order[np.lexsort((np.arange(n), extent, window))]  # by window, then length, ties keep order
 
     def modes(self, epoch: int) -> np.ndarray:
         """Parallel flag per epoch slot [n]: per example, or one draw per global batch."""

@@ -91,6 +91,8 @@ class CrossAttention(nn.Module):
         return _heads(k, self.h), _heads(v, self.h)
 
     def forward(self, x, kv):
+        if isinstance(kv, torch.Tensor):
+            return self.absorbed(x, kv)
         k, v = kv  # [B, H, P, D/H]
         b, n, t = k.shape[0], x.shape[0], x.shape[1]
         g = n // b  # text rows per image (beams, candidate captions): stacked as extra queries, so
@@ -101,6 +103,40 @@ class CrossAttention(nn.Module):
         if g > 1:
             y = y.view(b, self.h, g, t, -1).transpose(1, 2).reshape(n, self.h, t, -1)  # [N, H, T, D/H]
         return self.out(_merge(y))
+
+    def absorbed(self, x, img):
+        """The same attention with the K/V projections moved off the image tokens. x [B, T, D], img [B, P, D].
+
+        Per head, scores q_h (W_k,h img)^T = (q_h W_k,h) img^T and output A (img W_v,h^T) = (A img) W_v,h^T:
+        the D x D projections then run on T text tokens instead of P image tokens, for an extra 2*T*P*D*H
+        multiply-adds in the attention itself. Cheaper when T is short (training: a caption of ~20 tokens vs
+        197 image tokens); generation keeps `memory` (K/V once per image, reused at every step).
+        """
+        b, t, d = x.shape
+        h, hd = self.h, d // self.h
+        wk, wv = self.kv.weight.view(2, h, hd, d).unbind(0)  # [H, D/H, D] each
+        # Head-major [H, B*T, .] layouts, so the per-head weights are bmm operands as they are (no copies).
+        q = (self.q(x) * hd**-0.5).view(b * t, h, hd).transpose(0, 1)  # [H, B*T, D/H]
+        qk = torch.bmm(q, wk).view(h, b, t, d).transpose(0, 1).reshape(b, h * t, d)  # [B, H*T, D]
+        att = torch.softmax(torch.bmm(qk, img.transpose(1, 2)), dim=-1)  # [B, H*T, P]
+        y = torch.bmm(att, img).view(b, h, t, d).transpose(0, 1).reshape(h, b * t, d)  # [H, B*T, D]
+        y = torch.bmm(y, wv.transpose(1, 2))  # [H, B*T, D/H]
+        return self.out(y.transpose(0, 1).reshape(b, t, d))
+
+
+# The absorbed path's batched matmuls and layout copies run at ~60% of the rate of the standard path's large
+# image K/V matmuls (CPU, fp32, seed sizes, measured): it is taken only when it wins after that discount.
+ABSORBED_DISCOUNT = 1.7
+
+
+def absorb_cross(text_len: int, image_tokens: int, cfg: DecoderConfig) -> bool:
+    """Whether the absorbed cross-attention (`CrossAttention.absorbed`) is the faster one at this text length.
+
+    Forward multiply-adds per layer, standard: 2*P*D^2 (image K/V) + 2*T*P*D; absorbed: 2*T*D^2 +
+    2*T*P*D*H, discounted by ABSORBED_DISCOUNT. At the seed's sizes it wins up to T = 29 tokens.
+    """
+    t, p, d, h = text_len, image_tokens, cfg.width, cfg.heads
+    return ABSORBED_DISCOUNT * (2 * t * d * d + 2 * t * p * d * h) < 2 * p * d * d + 2 * t * p * d
 
 
 class Block(nn.Module):
@@ -134,6 +170,8 @@ class CaptionDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(d, bias=False)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        # Cross-attention form in forward / loss: "auto" (cheaper one per batch length) | "kv" | "absorbed".
+        self.cross_mode = "auto"
         self.register_buffer("causal", torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool).tril(), persistent=False)
         self.reset_parameters()
 
@@ -158,6 +196,16 @@ class CaptionDecoder(nn.Module):
         """Image tokens -> per-layer cross-attention K/V, computed once per image. features [B, P, E]."""
         img = self.img_proj(features.to(self.pos_emb.dtype))  # [B, P, D] (fp16 store -> param dtype)
         return [b.cross.memory(img) for b in self.blocks]
+
+    def _train_memory(self, features, text_len: int):
+        """What each layer's cross-attention reads in one pass over [B, T] text: the image tokens themselves
+        (absorbed K/V projections, see `CrossAttention.absorbed`) when that is cheaper, else `memory`."""
+        absorbed = {"auto": None, "kv": False, "absorbed": True}[self.cross_mode]
+        if absorbed is None:
+            absorbed = absorb_cross(text_len, features.shape[1], self.cfg)
+        if not absorbed:
+            return self.memory(features)
+        return [self.img_proj(features.to(self.pos_emb.dtype))] * len(self.blocks)
 
     def _hidden(self, tokens, kvs, mask=None, start=0, caches=None, causal=False):
         """tokens [N, T] at positions start.. -> final hidden states [N, T, D]."""
@@ -187,7 +235,7 @@ class CaptionDecoder(nn.Module):
     def forward(self, features, targets, target_mask, parallel):
         """features [B, P, E], targets [B, L] int64, target_mask [B, L] bool, parallel [B] bool -> logits [B, L, V]."""
         tokens, mask = self._inputs(targets, target_mask, parallel)
-        return self.head(self._hidden(tokens, self.memory(features), mask))
+        return self.head(self._hidden(tokens, self._train_memory(features, tokens.shape[1]), mask))
 
     def loss(self, features, targets, target_mask, parallel) -> dict:
         """Cross-entropy over real tokens (EOS included, padding excluded by the mask, never by id).
@@ -198,7 +246,7 @@ class CaptionDecoder(nn.Module):
         none); tokens_ar / tokens_par = token counts (int64), for exact weighted averages across steps.
         """
         tokens, mask = self._inputs(targets, target_mask, parallel)
-        h = self._hidden(tokens, self.memory(features), mask)  # [B, L, D]
+        h = self._hidden(tokens, self._train_memory(features, tokens.shape[1]), mask)  # [B, L, D]
         logits = self.head(h[target_mask])  # [T_real, V]
         ce = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")  # [T_real]
         par = torch.as_tensor(parallel, device=targets.device).expand(targets.shape[0])
@@ -343,25 +391,33 @@ class CaptionDecoder(nn.Module):
         return tokens, conf.masked_fill(~real, 0.0)
 
 
-def flops_per_sample(cfg: DecoderConfig, text_len: float, image_tokens: int) -> dict:
+def flops_per_sample(cfg: DecoderConfig, text_len: float, image_tokens: int, cross: str = "kv") -> dict:
     """Model FLOPs of one sample (a multiply-add = 2 FLOPs) -> {"forward": F, "train": forward + backward}.
 
     Forward, per layer: self-attn projections 2*L*4D^2; scores and weighted sum 2*2*L^2*D (the full L x L,
-    as computed); cross-attn Q/out 2*L*2D^2; cross-attn K/V of the image tokens 2*P*2D^2; cross scores and
-    sum 2*2*L*P*D; MLP 2*L*2*D*F. Plus the image projection 2*P*E*D when E != D, and the vocab head
-    2*L*D*V (the loss fast path runs it on real tokens only, so pass L = real tokens per row).
+    as computed); cross-attn Q/out 2*L*2D^2; MLP 2*L*2*D*F; and the cross-attention to the image tokens,
+    as `cross` computes it: "kv" = K/V of the image tokens 2*P*2D^2 plus scores and sum 2*2*L*P*D;
+    "absorbed" (`CrossAttention.absorbed`) = the K/V weights applied on the text side 2*2*L*D^2 plus scores
+    and sum over full-width image tokens per head 2*2*L*P*D*H. Plus the image projection 2*P*E*D when
+    E != D, and the vocab head 2*L*D*V (the loss fast path runs it on real tokens only, so pass L = real
+    tokens per row).
     Train: backward = 2x forward (input and weight gradients), except that the frozen, cached features
-    need no gradient: the first matmul that reads them (image K/V when E == D, else the projection) only
-    computes its weight gradient. So train = 3*F - that matmul's forward. Embedding lookups, norms and
-    softmax are not counted (they are not matmuls).
+    need no gradient: the matmuls that read them directly skip that half of their backward ("kv": the image
+    K/V when E == D, else the projection; "absorbed": the two image-token matmuls when E == D). So train =
+    3*F - the skipped part. Embedding lookups, norms and softmax are not counted (they are not matmuls).
     """
-    l, p, d, f, e = text_len, image_tokens, cfg.width, cfg.mlp_dim, cfg.encoder_width
-    image_kv = 2 * p * 2 * d * d
-    layer = 2 * l * 4 * d * d + 4 * l * l * d + 2 * l * 2 * d * d + image_kv + 4 * l * p * d + 4 * l * d * f
+    if cross not in ("kv", "absorbed"):
+        raise ValueError(f"cross must be kv or absorbed, got {cross!r}")
+    l, p, d, f, e, h = text_len, image_tokens, cfg.width, cfg.mlp_dim, cfg.encoder_width, cfg.heads
+    if cross == "kv":
+        image_side, image_att = 2 * p * 2 * d * d, 4 * l * p * d  # image_side: reads the features directly
+    else:
+        image_side, image_att = 4 * l * p * d * h, 2 * l * 2 * d * d
+    layer = 2 * l * 4 * d * d + 4 * l * l * d + 2 * l * 2 * d * d + image_side + image_att + 4 * l * d * f
     fwd = cfg.layers * layer + 2 * l * d * cfg.vocab_size
     if e != d:
         fwd += 2 * p * e * d
         no_input_grad = 2 * p * e * d
     else:
-        no_input_grad = cfg.layers * image_kv
+        no_input_grad = cfg.layers * image_side
     return {"forward": fwd, "train": 3 * fwd - no_input_grad}

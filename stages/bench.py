@@ -130,22 +130,33 @@ def _captions(n: int) -> list[str]:
 
 
 def bench_train(device, precision: str, quick: bool, sync) -> dict:
-    """Seed-config decoder steps on cached-feature-shaped inputs vs a seed-style step (ViT every step, fp32,
-    fixed padding to 77, full logits); per-example vs per-batch mixing."""
+    """Seed-config decoder steps on cached-feature-shaped inputs, batched as the trainer batches them (a window
+    of 16 batches sorted by caption length), vs a seed-style step (ViT every step, fp32, fixed padding to 77,
+    full logits); per-example vs per-batch mixing."""
     import torch
 
+    from pipeline.config import TrainConfig
     from pipeline.devices import autocast_dtype
     from pipeline.encoder import build_random
-    from pipeline.model import CaptionDecoder, DecoderConfig, flops_per_sample
+    from pipeline.model import CaptionDecoder, DecoderConfig, absorb_cross, flops_per_sample
     from pipeline.tokenizer import load_tokenizer
     from stages.train import make_optimizer
 
     bs = 8 if quick else 32
-    reps = 2 if quick else 3
+    reps = 2
     tok = load_tokenizer("gpt2")
-    caps = _captions(bs)
-    targets, mask = tok.encode_batch(caps, 77)
-    targets, mask = targets.to(device), mask.to(device)
+    # The trainer's batches: one window of `length_buckets` batches sorted by caption extent; time an evenly
+    # spaced sample of them (short to long), so the mix of padded lengths is the training run's.
+    window = TrainConfig.length_buckets
+    pool_t, pool_m = tok.encode_batch(_captions(bs * window), 77)
+    extent = (pool_m * torch.arange(1, pool_m.shape[1] + 1)).amax(1)
+    srt = torch.argsort(extent, stable=True)
+    picks = (window // 4, 3 * window // 4) if quick else tuple(range(window // 8, window, window // 4))
+    batches = []
+    for i in picks:
+        idx = srt[i * bs:(i + 1) * bs]
+        w = int(extent[idx].max())
+        batches.append((pool_t[idx, :w].to(device), pool_m[idx, :w].to(device)))
     feats = torch.randn(bs, 197, 768, device=device)
     cfg = DecoderConfig()
     torch.manual_seed(0)
@@ -163,25 +174,37 @@ def bench_train(device, precision: str, quick: bool, sync) -> dict:
         opt.zero_grad(set_to_none=True)
 
     def ours(mixing: str):
-        if mixing == "per-example":
-            par = (torch.rand(bs, generator=gen) < 0.75).to(device)
-        else:
-            par = torch.full((bs,), bool(torch.rand(1, generator=gen) < 0.75), device=device)
-        return lambda: step(par, lambda p: dec.loss(feats, targets, mask, p)["loss"])
+        def run():
+            for targets, mask in batches:
+                if mixing == "per-example":
+                    par = (torch.rand(bs, generator=gen) < 0.75).to(device)
+                else:
+                    par = torch.full((bs,), bool(torch.rand(1, generator=gen) < 0.75), device=device)
+                step(par, lambda p: dec.loss(feats, targets, mask, p)["loss"])
+        return run
 
-    out = {"batch_size": bs, "mean_tokens": float(mask.sum(1).float().mean()), "padded_len": int(targets.shape[1])}
+    n = bs * len(batches)
+    real = [float(m.sum(1).float().mean()) for _, m in batches]
+    cross = ["absorbed" if absorb_cross(t.shape[1], 197, cfg) else "kv" for t, _ in batches]
+    out = {"batch_size": bs, "batches_timed": len(batches), "length_buckets": window,
+           "mean_tokens": sum(real) / len(real), "padded_len": sum(t.shape[1] for t, _ in batches) / len(batches),
+           "cross_attention": cross}
     for mixing in ("per-example", "per-batch"):
         t = timed(ours(mixing), repeats=reps, sync=sync)
-        out[f"samples_per_s_{mixing}"] = bs / t
-        console.print(f"  train ({mixing}): {bs / t:.2f} samples/s")
-    fl = flops_per_sample(cfg, text_len=round(out["mean_tokens"]), image_tokens=197)["train"]
+        out[f"samples_per_s_{mixing}"] = n / t
+        console.print(f"  train ({mixing}): {n / t:.2f} samples/s")
+    # Model FLOPs at each batch's real tokens, in the form its cross-attention ran (and in the plain K/V form).
+    fl = sum(flops_per_sample(cfg, r, 197, c)["train"] for r, c in zip(real, cross)) / len(batches)
+    fl_kv = sum(flops_per_sample(cfg, r, 197, "kv")["train"] for r in real) / len(batches)
     out["train_gflop_per_sample"] = fl / 1e9
+    out["train_gflop_per_sample_kv_form"] = fl_kv / 1e9
     out["train_gflops"] = out["samples_per_s_per-example"] * fl / 1e9
 
     # Seed-style baseline: the encoder runs inside every step (fp32), captions padded to 77, all 77 logits.
     vit = build_random("vit_base_patch16_224", 0, device, "fp32")
     images = torch.randn(bs, 3, 224, 224)
-    t77, m77 = tok.encode_batch(caps, 77)
+    dec.cross_mode = "kv"  # the seed's decoder: image K/V projected in every layer
+    t77, m77 = tok.encode_batch(_captions(bs), 77)
     t77 = torch.nn.functional.pad(t77, (0, 77 - t77.shape[1]), value=tok.eos_id).to(device)
     m77 = torch.nn.functional.pad(m77, (0, 77 - m77.shape[1])).to(device)
 

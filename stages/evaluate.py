@@ -199,7 +199,8 @@ def run(cfg: EvalConfig) -> dict:
     source = FeatureSource(store, index.rows[val_pos], device=torch.device("cpu"), mode="auto",
                            slab_rows=store.shard_capacity)
     tokens = CaptionTokens(tok, vcap, max_len)
-    loader = Loader(source, tokens, np.arange(len(val_pos)), cfg.batch_size, shuffle=False, prefetch=1)
+    loader = Loader(source, tokens, np.arange(len(val_pos)), cfg.batch_size, shuffle=False, prefetch=1,
+                    length_buckets=16)  # sorted by length: less padding; the token-weighted loss is order-free
     val_loss = validate(dec, loader, amp, device, Dist())
     dec.eval()  # validate() leaves the module in train mode
     timing = {"val_loss_s": time.perf_counter() - t}

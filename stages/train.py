@@ -75,6 +75,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         (not cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
         (not 0.0 <= cfg.parallel_fraction <= 1.0, f"--parallel-fraction must be in [0, 1] (got {cfg.parallel_fraction})"),
         (cfg.mixing not in ("per-example", "per-batch"), f"--mixing must be per-example or per-batch (got {cfg.mixing!r})"),
+        (cfg.length_buckets < 0, f"--length-buckets must be >= 0 (got {cfg.length_buckets})"),
         (cfg.schedule not in ("constant", "cosine"), f"--schedule must be constant or cosine (got {cfg.schedule!r})"),
         (cfg.max_len < 2, f"--max-len must be >= 2 (got {cfg.max_len})"),
         (cfg.max_steps is not None and cfg.max_steps < 1, f"--max-steps must be >= 1 (got {cfg.max_steps})"),
@@ -381,7 +382,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
             bar.update(task, visible=False)  # streamed: nothing was loaded up front
     t_feat = time.perf_counter() - t_feat
     common = dict(seed=cfg.seed, parallel_fraction=cfg.parallel_fraction, mixing=cfg.mixing, rank=d.rank,
-                  world=d.world)
+                  world=d.world, length_buckets=cfg.length_buckets)
     train_loader = Loader(source, tokens, train_pos, cfg.batch_size, shuffle=True,
                           buffer_slabs=order["shuffle_group_slabs"], **common)
     val_loader = Loader(source, tokens, val_pos, cfg.batch_size, shuffle=False,  # groups only bound memory here

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import CaptionDecoder, DecoderConfig, flops_per_sample
+from pipeline.model import CaptionDecoder, DecoderConfig, absorb_cross, flops_per_sample
 
 V = 50258
 
@@ -266,10 +266,11 @@ def test_flops_formula_matches_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    for enc in (48, 64):  # with and without the image projection
+    for enc, cross in ((48, "kv"), (64, "kv"), (48, "absorbed"), (64, "absorbed")):  # with/without projection
         m = CaptionDecoder(DecoderConfig(**{**TINY, "encoder_width": enc}))
+        m.cross_mode = cross
         f, t, mk = torch.randn(2, P, enc), torch.randint(0, 50000, (2, 7)), torch.ones(2, 7, dtype=torch.bool)
-        want = flops_per_sample(m.cfg, 7, P)
+        want = flops_per_sample(m.cfg, 7, P, cross)
         # The math backend runs attention as matmuls the counter sees (the CPU flash kernel is uncounted).
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
             m(f, t, mk, torch.tensor([True, False]))
@@ -277,6 +278,36 @@ def test_flops_formula_matches_counter():
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
             m.loss(f, t, mk, torch.tensor([True, False]))["loss"].backward()
         assert fc.get_total_flops() == 2 * want["train"]
+
+
+@pytest.mark.parametrize("enc", [48, 64])
+def test_absorbed_cross_attention_equals_kv_path(enc):
+    """The absorbed K/V form is the same function with the same gradients (float64, so only rounding differs)."""
+    torch.manual_seed(0)
+    m = CaptionDecoder(DecoderConfig(**{**TINY, "encoder_width": enc})).double()
+    torch.nn.init.normal_(m.head.weight, std=0.3)
+    f, t, mk = batch(b=3)
+    f = f[..., :enc].double() if enc <= E else torch.randn(3, P, enc, dtype=torch.float64)
+    mk[1, 4:] = False
+    par = torch.tensor([True, False, True])
+    out, grads = {}, {}
+    for cross in ("kv", "absorbed"):
+        m.cross_mode = cross
+        m.zero_grad()
+        loss = m.loss(f, t, mk, par)["loss"]
+        loss.backward()
+        out[cross] = (m(f, t, mk, par), loss)
+        grads[cross] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(out["kv"][0], out["absorbed"][0])
+    torch.testing.assert_close(out["kv"][1], out["absorbed"][1])
+    assert grads["kv"].keys() == grads["absorbed"].keys() and any("cross.kv" in n for n in grads["kv"])
+    for n in grads["kv"]:
+        torch.testing.assert_close(grads["kv"][n], grads["absorbed"][n], msg=n)
+
+
+def test_auto_cross_attention_choice():
+    cfg = DecoderConfig()  # the seed's sizes: absorbed for short captions only
+    assert absorb_cross(20, 197, cfg) and not absorb_cross(40, 197, cfg) and not absorb_cross(20, 16, cfg)
 
 
 def test_bf16_autocast_matches_fp32():
