@@ -18,7 +18,7 @@ from pipeline.config import (
     StatusConfig,
     TrainConfig,
 )
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home on import
 
@@ -192,5 +192,6 @@ def main() -> None:
     except UserError as e:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        word = "stopped" if isinstance(e, Interrupted) else "error"
+        Console(stderr=True).print(f"[bold red]{word}:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)

@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.config import TrainConfig, to_jsonable
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 from pipeline.progress import console
 
 # Fields that may change between a run and its `--resume`: they do not change what is learned from what
@@ -65,6 +67,37 @@ class Dist:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask training to stop at the next step boundary (after a checkpoint) instead of dying
+    mid-step and losing the steps since the last checkpoint. A second Ctrl-C aborts at once."""
+
+    def __init__(self, say):
+        self.say, self.requested, self.previous = say, False, {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say(f"[yellow]{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                 "(Ctrl-C again to abort without one)[/]", highlight=False)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def agreed(self, d: "Dist", device) -> bool:
+        """Whether to stop now, the same answer on every rank (a DDP rank stopping alone would hang the rest)."""
+        if d.world == 1:
+            return self.requested
+        return not d.all_ok(not self.requested, device)
 
 
 def check_config(cfg: TrainConfig, world: int) -> None:
@@ -480,12 +513,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     aside = 0.0
     t_first = None  # end of the first step: steady-state rate excludes warm-up (allocations, compile)
     progress = make_progress(TextColumn("loss {task.fields[loss]}")) if d.main else None
-    with progress if progress is not None else nullcontext():
+    stop_request = StopRequest(progress.console.print if progress is not None else say)
+    interrupted = False
+    with progress if progress is not None else nullcontext(), stop_request:
         n_tr, spe, bs = len(train_pos), steps_per_epoch, cfg.batch_size
         todo = sum(min(bs, n_tr - (s % spe) * bs) for s in range(step, stop_at))  # samples still to train
         task = progress.add_task("train", total=todo, unit="samples", loss="--") \
             if progress is not None else None
-        while step < stop_at:
+        while step < stop_at and not interrupted:
             it = train_loader.epoch(epoch, batch)
             try:
                 for b in it:
@@ -523,19 +558,20 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                                 f"epoch {epoch + 1}/{cfg.epochs} (step {step}): val loss ar {_f(last_val['loss_ar'])} "
                                 f"par {_f(last_val['loss_par'])}", highlight=False)
                         epoch, batch = epoch + 1, 0
-                    if end_of_epoch or step % cfg.checkpoint_every == 0 or step >= stop_at:
+                    interrupted = step < stop_at and stop_request.agreed(d, device)
+                    if end_of_epoch or step % cfg.checkpoint_every == 0 or step >= stop_at or interrupted:
                         save()
                     if end_of_epoch:
                         plot()
                     aside += time.perf_counter() - t_aside  # validation, checkpoints, plots
-                    if step >= stop_at:
+                    if step >= stop_at or interrupted:
                         break
             finally:
                 it.close()
     t_end = time.perf_counter()
     if step > start_step:
         last_train = flush(stop=True) or last_train
-        if batch != 0:  # stopped mid-epoch (--max-steps): validate what we have
+        if batch != 0 and not interrupted:  # stopped mid-epoch (--max-steps): validate what we have
             last_val = do_val(stop=True) or last_val
         plot()
 
@@ -550,6 +586,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         "tokenize_s": t_tok, "features_load_s": t_feat, "features": source.mode, "device": str(device),
         "precision": precision, "world_size": d.world, "batch_size": cfg.batch_size,
         "last_train": last_train, "last_val": last_val, "encoder_random_init": bool(store.is_random_init),
+        "interrupted": interrupted,
     }
     if d.main:
         try:
@@ -567,6 +604,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
             say(f"{run_dir} is already trained to step {step}/{total}: nothing to do", highlight=False)
         if store.is_random_init:
             say("[bold red]warning:[/] [red]trained on features from a RANDOM-INIT encoder[/]", highlight=False)
+    if interrupted:
+        raise Interrupted(f"training interrupted at step {step}/{total}; checkpoint saved in {ckpt_dir}: rerun with "
+                          "--resume to continue from it")
     return summary
 
 

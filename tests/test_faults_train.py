@@ -120,6 +120,44 @@ def test_sigkill_mid_checkpoint_then_mid_epoch_resumes_exactly(tiny_store, strai
     assert_same_run(straight, run)
 
 
+# The real CLI in a fresh interpreter; the process sends itself a real signal right after step `step`'s metrics
+# line, as Ctrl-C (SIGINT) or a scheduler's SIGTERM would arrive mid-epoch. argv: signal name, step, CLI args.
+INTERRUPTER = r"""
+import os, signal, sys
+from stages import train
+from pipeline import cli
+
+sig, at = getattr(signal, sys.argv[1]), int(sys.argv[2])
+real_append = train.MetricsLog.append
+def append(self, entry):
+    real_append(self, entry)
+    if entry.get("kind") == "train" and entry["step"] == at:
+        os.kill(os.getpid(), sig)
+train.MetricsLog.append = append
+sys.argv = ["pipeline", "train", *sys.argv[3:]]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_checkpoints_the_current_step_and_resumes_exactly(tiny_store, straight, tmp_path, sig):
+    run = tmp_path / "run"
+    args = ["--store", str(tiny_store), "--run", str(run)]
+    for k, v in RECIPE.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "200"}
+    p = subprocess.run([sys.executable, "-c", INTERRUPTER, sig, "9", *args], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 130, p.stderr[-3000:]
+    assert "stopped: training interrupted at step 9/12" in p.stderr and "Traceback" not in p.stderr
+    assert f"{sig}: stopping after this step" in p.stderr
+    # Step 9 is no periodic checkpoint (those are 4, 6, 8): the interruption wrote it, so nothing is redone.
+    assert checkpoint.last(run / "checkpoints").name == "step-00000009"
+    summary = train.run(TrainConfig(store=tiny_store, run=run, resume=True, **RECIPE))
+    assert summary["steps_this_run"] == 3 and summary["complete"]
+    assert_same_run(straight, run)
+
+
 # --- a disk that fills up, a folder that turns read-only (tmpfs mounts: root with CAP_SYS_ADMIN) ------------
 @pytest.fixture
 def small_disk(tmp_path):
