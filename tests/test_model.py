@@ -310,8 +310,10 @@ def test_auto_cross_attention_choice():
     assert absorb_cross(20, 197, cfg) and not absorb_cross(40, 197, cfg) and not absorb_cross(20, 16, cfg)
 
 
-def test_bf16_autocast_matches_fp32():
+@pytest.mark.parametrize("cross", ["kv", "absorbed"])
+def test_bf16_autocast_matches_fp32(cross):
     m = tiny()
+    m.cross_mode = cross
     f, t, mk = batch(b=2, l=5)
     par = torch.tensor([True, False])
     ref = m.loss(f, t, mk, par)["loss"]
