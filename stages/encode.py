@@ -406,10 +406,13 @@ def _print_summary(store: FeatureStore, s: dict) -> None:
     st = FeatureStore.open(store.path, require_done=False)
     counts = st.shard_counts()
     random = st.is_random_init
-    console.print(
-        f"encode: {s['shards_encoded']} shard(s), {s['images']} images in {s['loop_s']:.1f} s "
-        f"({s['img_per_s']:.2f} img/s; model alone {s['model_img_per_s']:.2f} img/s; {s['wall_s']:.1f} s with start-up)"
-        + (f", {s['skipped']} unreadable images skipped" if s["skipped"] else ""))
+    if s["shards_encoded"] == 0:
+        console.print(f"encode: nothing to do, every shard is encoded ({s['wall_s']:.1f} s)", highlight=False)
+    else:
+        console.print(
+            f"encode: {s['shards_encoded']} shard(s), {s['images']} images in {s['loop_s']:.1f} s "
+            f"({s['img_per_s']:.2f} img/s; model alone {s['model_img_per_s']:.2f} img/s; {s['wall_s']:.1f} s with "
+            "start-up)" + (f", {s['skipped']} unreadable images skipped" if s["skipped"] else ""))
     console.print(
         f"store: {st.path}  {sum(counts.values())} samples in {sum(1 for v in st.shard_done() if v)}/"
         f"{len(st.shards)} shards, [{st.tokens}, {st.width}] float16, {st.size_bytes() / 2**20:.1f} MiB"

@@ -100,9 +100,11 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_store, tmp_path, c
     sb = torch.load(checkpoint.last(tmp_path / "b" / "checkpoints") / "state.pt", weights_only=True)
     for k, v in sa["optimizer"]["state"].items():
         assert torch.equal(v["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"])
-    # Resuming a finished run does nothing and keeps its metrics.
+    # Resuming a finished run does nothing and keeps its metrics and the summary of the run that trained.
+    summary = (tmp_path / "b" / "summary.json").read_bytes()
     again = train.run(_cfg(tiny_store, tmp_path / "b", max_steps=11, resume=True))
     assert again["steps_this_run"] == 0 and _metrics(tmp_path / "b") == b
+    assert (tmp_path / "b" / "summary.json").read_bytes() == summary
 
 
 def test_refusals_are_one_line_and_touch_nothing(tiny_run, tiny_store, tmp_path):
