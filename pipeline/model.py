@@ -129,14 +129,24 @@ class CrossAttention(nn.Module):
 ABSORBED_DISCOUNT = 1.7
 
 
-def absorb_cross(text_len: int, image_tokens: int, cfg: DecoderConfig) -> bool:
-    """Whether the absorbed cross-attention (`CrossAttention.absorbed`) is the faster one at this text length.
+def _cross_flops(cfg: DecoderConfig, text_len: float, image_tokens: int, cross: str) -> tuple[float, float]:
+    """Forward FLOPs per layer of the part of cross-attention that differs between the two forms, as
+    (matmuls that read the image tokens directly, the rest). "kv": image K/V 2*P*2D^2, scores and sum
+    2*2*L*P*D. "absorbed": scores and sum over full-width image tokens per head 2*2*L*P*D*H, K/V weights
+    applied on the text side 2*L*2D^2."""
+    l, p, d, h = text_len, image_tokens, cfg.width, cfg.heads
+    if cross == "kv":
+        return 2 * p * 2 * d * d, 4 * l * p * d
+    if cross == "absorbed":
+        return 4 * l * p * d * h, 2 * l * 2 * d * d
+    raise ValueError(f"cross must be kv or absorbed, got {cross!r}")
 
-    Forward multiply-adds per layer, standard: 2*P*D^2 (image K/V) + 2*T*P*D; absorbed: 2*T*D^2 +
-    2*T*P*D*H, discounted by ABSORBED_DISCOUNT. At the seed's sizes it wins up to T = 29 tokens.
-    """
-    t, p, d, h = text_len, image_tokens, cfg.width, cfg.heads
-    return ABSORBED_DISCOUNT * (2 * t * d * d + 2 * t * p * d * h) < 2 * p * d * d + 2 * t * p * d
+
+def absorb_cross(text_len: int, image_tokens: int, cfg: DecoderConfig) -> bool:
+    """Whether the absorbed cross-attention (`CrossAttention.absorbed`) is the faster one at this text length:
+    fewer FLOPs (`_cross_flops`) after ABSORBED_DISCOUNT. At the seed's sizes it wins up to T = 29 tokens."""
+    return (ABSORBED_DISCOUNT * sum(_cross_flops(cfg, text_len, image_tokens, "absorbed"))
+            < sum(_cross_flops(cfg, text_len, image_tokens, "kv")))
 
 
 class Block(nn.Module):
@@ -192,20 +202,25 @@ class CaptionDecoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ---- shared pieces -------------------------------------------------------------------------
+    def _image_tokens(self, features):  # [B, P, E] (fp16 store) -> [B, P, D] in the parameters' dtype
+        return self.img_proj(features.to(self.pos_emb.dtype))
+
     def memory(self, features):
         """Image tokens -> per-layer cross-attention K/V, computed once per image. features [B, P, E]."""
-        img = self.img_proj(features.to(self.pos_emb.dtype))  # [B, P, D] (fp16 store -> param dtype)
+        img = self._image_tokens(features)
         return [b.cross.memory(img) for b in self.blocks]
 
     def _train_memory(self, features, text_len: int):
-        """What each layer's cross-attention reads in one pass over [B, T] text: the image tokens themselves
-        (absorbed K/V projections, see `CrossAttention.absorbed`) when that is cheaper, else `memory`."""
-        absorbed = {"auto": None, "kv": False, "absorbed": True}[self.cross_mode]
-        if absorbed is None:
-            absorbed = absorb_cross(text_len, features.shape[1], self.cfg)
-        if not absorbed:
+        """What each layer's cross-attention reads in one pass over [B, T] text: `memory` (K/V tuples), or in
+        the absorbed form the image tokens themselves (`CrossAttention.forward` dispatches on which)."""
+        cross = self.cross_mode
+        if cross == "auto":
+            cross = "absorbed" if absorb_cross(text_len, features.shape[1], self.cfg) else "kv"
+        if cross == "kv":
             return self.memory(features)
-        return [self.img_proj(features.to(self.pos_emb.dtype))] * len(self.blocks)
+        if cross == "absorbed":
+            return [self._image_tokens(features)] * len(self.blocks)
+        raise ValueError(f"cross_mode must be auto, kv or absorbed, got {self.cross_mode!r}")
 
     def _hidden(self, tokens, kvs, mask=None, start=0, caches=None, causal=False):
         """tokens [N, T] at positions start.. -> final hidden states [N, T, D]."""
@@ -406,13 +421,8 @@ def flops_per_sample(cfg: DecoderConfig, text_len: float, image_tokens: int, cro
     K/V when E == D, else the projection; "absorbed": the two image-token matmuls when E == D). So train =
     3*F - the skipped part. Embedding lookups, norms and softmax are not counted (they are not matmuls).
     """
-    if cross not in ("kv", "absorbed"):
-        raise ValueError(f"cross must be kv or absorbed, got {cross!r}")
-    l, p, d, f, e, h = text_len, image_tokens, cfg.width, cfg.mlp_dim, cfg.encoder_width, cfg.heads
-    if cross == "kv":
-        image_side, image_att = 2 * p * 2 * d * d, 4 * l * p * d  # image_side: reads the features directly
-    else:
-        image_side, image_att = 4 * l * p * d * h, 2 * l * 2 * d * d
+    l, p, d, f, e = text_len, image_tokens, cfg.width, cfg.mlp_dim, cfg.encoder_width
+    image_side, image_att = _cross_flops(cfg, l, p, cross)
     layer = 2 * l * 4 * d * d + 4 * l * l * d + 2 * l * 2 * d * d + image_side + image_att + 4 * l * d * f
     fwd = cfg.layers * layer + 2 * l * d * cfg.vocab_size
     if e != d:
