@@ -8,8 +8,9 @@ store) are permuted, cut into shuffle groups of `buffer_slabs` slabs, and the ro
 permuted. With one group covering everything this is a uniform permutation (the in-memory default); a
 streamed epoch reads one group at a time, so memory stays bounded. With `length_buckets` = k, each window of
 k global batches (cut again at group edges) is then sorted by caption length, so a batch is padded to about
-its own rows' length instead of the longest of 32 random captions (the sort direction is drawn per window). Training modes (parallel / AR) are drawn
-for the whole epoch from a generator seeded by (seed, epoch), so a resumed run only needs (epoch, batch).
+its own rows' length instead of the longest of 32 random captions (the sort direction is drawn per window).
+Training modes (parallel / AR) are drawn for the whole epoch from a generator seeded by (seed, epoch), so a
+resumed run only needs (epoch, batch).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class FeatureSource:
             slab = torch.from_numpy(self.store.read(start, int(r[-1]) + 1))  # [n, P, E] fp16, one contiguous read
             if not (len(r) == len(slab) and r[0] == start):  # not every row in order: gather the wanted ones
                 slab = slab.index_select(0, torch.from_numpy(r - start))
-            if out.device.type == "cpu" and d[-1] - d[0] == len(d) - 1 and bool(np.all(np.diff(d) == 1)):
+            if out.device.type == "cpu" and bool(np.all(np.diff(d) == 1)):
                 out[int(d[0]):int(d[-1]) + 1] = slab  # a plain slice copy (index_put is ~10x slower)
             else:
                 out.index_copy_(0, torch.from_numpy(d).to(out.device), slab.to(out.device, non_blocking=True))
@@ -272,7 +273,8 @@ class _GroupStream:
     def __init__(self, source: FeatureSource, order: np.ndarray, starts: np.ndarray):
         self.source, self.order = source, order
         self.bounds = np.r_[starts, len(order)].astype(np.int64)
-        self.pieces: list[tuple[int, int, torch.Tensor]] = []  # (lo, hi, fp16 [hi-lo, P, E]) in epoch order
+        # (lo, hi, fp16 [hi-lo, P, E], the buffer it lives in) per resident group, in epoch order
+        self.pieces: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         self.next_group = 0
         self.spare: Optional[torch.Tensor] = None  # a passed group's buffer, reused for the next group
 
@@ -281,11 +283,9 @@ class _GroupStream:
 
         The returned tensor may view a group buffer that is reused once the epoch moves past that group:
         callers copy it (the loader converts it to fp32) before the next call."""
-        for p in self.pieces:
-            if p[1] <= lo:  # a group behind us: its buffer becomes the spare
-                base = p[2] if p[2]._base is None else p[2]._base
-                if self.spare is None or len(base) > len(self.spare):
-                    self.spare = base
+        for _, b, _, buf in self.pieces:
+            if b <= lo and (self.spare is None or len(buf) > len(self.spare)):  # a group behind us
+                self.spare = buf
         self.pieces = [p for p in self.pieces if p[1] > lo]
         # Skip groups wholly before `lo` (a resumed epoch starts mid-way) without reading them.
         while self.next_group < len(self.bounds) - 1 and self.bounds[self.next_group + 1] <= lo:
@@ -293,9 +293,11 @@ class _GroupStream:
         while (self.pieces[-1][1] if self.pieces else lo) < hi:
             g_lo, g_hi = int(self.bounds[self.next_group]), int(self.bounds[self.next_group + 1])
             buf, self.spare = self.spare, None
-            self.pieces.append((g_lo, g_hi, self.source.read_positions(self.order[g_lo:g_hi], buf)))
+            if buf is None or len(buf) < g_hi - g_lo:
+                buf = torch.empty(g_hi - g_lo, self.source.tokens, self.source.width, dtype=torch.float16)
+            self.pieces.append((g_lo, g_hi, self.source.read_positions(self.order[g_lo:g_hi], buf), buf))
             self.next_group += 1
-        parts = [t[max(lo, a) - a:min(hi, b) - a] for a, b, t in self.pieces if a < hi and b > lo]
+        parts = [t[max(lo, a) - a:min(hi, b) - a] for a, b, t, _ in self.pieces if a < hi and b > lo]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -118,7 +118,7 @@ def test_stream_memory_is_bounded_by_the_shuffle_buffer(store, tokens, monkeypat
 
     def spy(self, lo, hi):
         out = orig(self, lo, hi)
-        bases = {id(t if t._base is None else t._base): len(t if t._base is None else t._base) for _, _, t in self.pieces}
+        bases = {id(buf): len(buf) for _, _, _, buf in self.pieces}
         if self.spare is not None:
             bases[id(self.spare)] = len(self.spare)
         peak.append(sum(bases.values()))  # group buffers alive, the reused spare included
