@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint, metrics, report
-from pipeline.config import EvalConfig, FetchConfig
+from pipeline.config import EvalConfig, FetchConfig, TrainConfig
 from pipeline.errors import UserError
 from pipeline.progress import console
 
@@ -200,7 +200,7 @@ def run(cfg: EvalConfig) -> dict:
                            slab_rows=store.shard_capacity)
     tokens = CaptionTokens(tok, vcap, max_len)
     loader = Loader(source, tokens, np.arange(len(val_pos)), cfg.batch_size, shuffle=False, prefetch=1,
-                    length_buckets=16)  # sorted by length: less padding; the token-weighted loss is order-free
+                    length_buckets=TrainConfig.length_buckets)  # less padding; the token-weighted loss is order-free
     val_loss = validate(dec, loader, amp, device, Dist())
     dec.eval()  # validate() leaves the module in train mode
     timing = {"val_loss_s": time.perf_counter() - t}

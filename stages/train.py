@@ -24,6 +24,8 @@ from pipeline.progress import console
 # (or only how fast / how long). Everything else must match, or the resumed run would be another run.
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "device", "precision", "compile", "checkpoint_every",
                      "log_every", "features", "stream_buffer_slabs", "store", "run"}  # a moved folder is the same run
+# What a failed write in the run folder tells the user to do (the last checkpoint is intact either way).
+WRITE_HINT = "make room (or make the folder writable), then rerun with --resume"
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -258,8 +260,7 @@ class MetricsLog:
             raise self._error(e) from None
 
     def _error(self, e: OSError) -> UserError:
-        return UserError(f"cannot write {self.path}: {e.strerror or e}; the last checkpoint is intact: "
-                         "make room (or make the folder writable), then rerun with --resume")
+        return UserError(f"cannot write {self.path}: {e.strerror or e}; the last checkpoint is intact: {WRITE_HINT}")
 
 
 def plot_losses(run: Path, entries: list[dict]) -> None:
@@ -458,7 +459,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                 checkpoint.save(ckpt_dir, model=decoder, optimizer=opt, scheduler=sched, step=step, epoch=epoch,
                                 batch=batch, extra=extra)
             except UserError as e:
-                ok, err = False, UserError(f"{e}: make room (or make the folder writable), then rerun with --resume")
+                ok, err = False, UserError(f"{e}: {WRITE_HINT}")
         if not d.all_ok(ok, device):
             raise err or UserError("rank 0 could not write a checkpoint")
 
@@ -502,7 +503,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                 plot_losses(run_dir, metrics.read())
             except OSError as e:
                 raise UserError(f"cannot write {run_dir}/loss.png: {e.strerror or e}; the last checkpoint is intact: "
-                                "make room (or make the folder writable), then rerun with --resume") from None
+                                f"{WRITE_HINT}") from None
 
     say(f"train: {len(train_pos)} train / {len(val_pos)} val samples, {steps_per_epoch} steps/epoch x {cfg.epochs} "
         f"epochs, features {source.mode} ({source.nbytes / 2**30:.2f} GiB), {device.type} {precision}, "
