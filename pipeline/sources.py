@@ -14,7 +14,7 @@ from pipeline.errors import UserError
 
 CAPTION_ALIASES = ("caption", "captions", "text", "title", "alt", "alt_text", "alttext", "description", "txt")
 URL_ALIASES = ("url", "image_url", "img_url", "imageurl", "image", "link", "uri", "src", "image_link")
-EXTRA_COLUMNS = ("attributes",)  # carried into the shards' json when present
+EXTRA_COLUMNS = ("attributes", "references")  # carried into the shards' json when present
 # Invalid UTF-8 bytes are read as lone surrogates (surrogateescape), so they can be counted exactly, then
 # shown as U+FFFD. More than this share of such rows means the file is in another encoding: refused.
 _BAD_BYTE = re.compile("[\udc80-\udcff]")

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-GENERATOR_VERSION = 2  # bump when drawings or captions change: images on disk are then redrawn
+GENERATOR_VERSION = 3  # bump when drawings or captions change: images on disk are then redrawn
+N_REFERENCES = 5  # captions per image, in different phrasings (the first is the training caption), as in COCO
 
 # --- vocabularies (eval reads these) -------------------------------------------------------------------------
 COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black")
@@ -51,6 +52,7 @@ class Row:
     caption: str
     attributes: dict
     fault: Optional[str]  # None, or one of FAULTS
+    references: tuple[str, ...] = ()  # N_REFERENCES captions; references[0] == caption
 
     @property
     def file(self) -> str:
@@ -300,6 +302,21 @@ def make_row(seed: int, index: int) -> tuple[dict, str]:
     return attributes, make_caption(rng, attributes)
 
 
+def make_references(seed: int, index: int) -> list[str]:
+    """The N_REFERENCES reference captions of row `index`: the training caption first, then others drawn from
+    their own streams (so the first caption and the image stay what they are without the rest)."""
+    attributes, first = make_row(seed, index)
+    refs = [first]
+    for k in range(1, N_REFERENCES):
+        rng = np.random.default_rng([seed, index, k])
+        for _ in range(8):  # a different phrasing when one is to be had
+            c = make_caption(rng, attributes)
+            if c not in refs:
+                break
+        refs.append(c)
+    return refs
+
+
 def fault_plan(seed: int, count: int, broken_fraction: float) -> dict[int, str]:
     """Which rows are broken on purpose: exactly round(count * fraction) of them, cycling through FAULTS."""
     n = int(round(count * broken_fraction))
@@ -313,8 +330,9 @@ def make_rows(seed: int, count: int, broken_fraction: float) -> list[Row]:
     faults = fault_plan(seed, count, broken_fraction)
     rows = []
     for i in range(count):
-        attributes, caption = make_row(seed, i)
-        rows.append(Row(i, caption, attributes, faults.get(i)))
+        attributes, _ = make_row(seed, i)
+        refs = make_references(seed, i)
+        rows.append(Row(i, refs[0], attributes, faults.get(i), tuple(refs)))
     return rows
 
 
@@ -453,7 +471,7 @@ def url_for(base_url: str, row: Row) -> str:
 
 
 def write_url_list(path: Path, rows: list[Row], base_url: str) -> None:
-    """caption, url, attributes (JSON string) as parquet, written atomically."""
+    """caption, url, attributes and references (JSON strings) as parquet, written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -461,6 +479,7 @@ def write_url_list(path: Path, rows: list[Row], base_url: str) -> None:
         "caption": [r.caption for r in rows],
         "url": [url_for(base_url, r) for r in rows],
         "attributes": [json.dumps(r.attributes, separators=(",", ":")) for r in rows],
+        "references": [json.dumps(list(r.references or (r.caption,))) for r in rows],
     })
     tmp = path.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)

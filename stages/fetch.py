@@ -182,7 +182,7 @@ def run(cfg: FetchConfig) -> dict:
     issues = None  # what a url list itself got wrong (sources.read_url_list counts it)
     with contextlib.ExitStack() as stack:
         if synthetic_source:
-            n_rows, extra = cfg.count, ["attributes"]
+            n_rows, extra = cfg.count, ["attributes", "references"]
             fingerprint = {"source": "synthetic", "seed": cfg.seed, "count": cfg.count,
                            "broken_fraction": cfg.broken_fraction, "generator": synthetic.GENERATOR_VERSION}
         else:
