@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,47 @@ def weights_label(weights: dict) -> str:
     if kind == "file":
         return f"file {Path(str(weights.get('path', '?'))).name} (sha256 {str(weights.get('sha256', '?'))[:12]})"
     return kind
+
+
+def is_replaceable(path: Path) -> bool:
+    """What `--overwrite` may delete: an empty folder, or a folder whose zarr.json says it is a cappa store."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("attributes") or {}).get("format") == FORMAT
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Temp folders of a create that was killed (the caller holds the store lock: nobody else writes them)."""
+    for p in path.parent.glob(f".{path.name}.*"):
+        if p.name.endswith((".tmp", ".old")) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder under `path` (zarr renames its writes into place but never fsyncs)."""
+    for root, dirs, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
 
 
 class StoreLock:
@@ -164,16 +206,22 @@ class FeatureStore:
         import zarr
 
         path = Path(path)
-        if path.exists():
+        if path.exists() or path.is_symlink():
             if not overwrite:
                 raise UserError(f"{path} already exists (use --overwrite to replace it)")
-            shutil.rmtree(path)
+            if not is_replaceable(path):  # never rmtree what we did not make: a shards folder, a file, ...
+                raise UserError(f"--overwrite refuses to replace {path}: it is not a cappa feature store (no "
+                                f"zarr.json saying {FORMAT}); nothing was deleted. Choose another --store")
         chunk_rows = chunk_rows or chunk_rows_for(shard_capacity, tokens, width)
         if shard_capacity % chunk_rows:
             raise ValueError(f"chunk_rows {chunk_rows} must divide shard_capacity {shard_capacity}")
         n = len(shards) * shard_capacity
         path.parent.mkdir(parents=True, exist_ok=True)
-        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        _clean_leftovers(path)
+        # Built under a temp name and renamed into place: a store either exists whole (with its format
+        # attribute) or not at all, so a kill mid-create never leaves a folder that `open` refuses.
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         # float16 features barely compress (~10%); uncompressed chunks keep the training loader's reads cheap.
         g.create_array("features", shape=(n, tokens, width), chunks=(chunk_rows, tokens, width),
                        dtype="float16", fill_value=0, compressors=None)
@@ -188,7 +236,16 @@ class FeatureStore:
         }
         meta.update(attrs or {})
         g.attrs.update(meta)
-        return cls(path, g, writable=True)
+        fsync_tree(tmp)
+        if path.exists():  # checked above: an empty folder or a cappa store; moved aside, then deleted
+            trash = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(path, trash)
+            os.replace(tmp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return cls.open_for_write(path)
 
     # --- attributes -----------------------------------------------------------------------------------------
     @property

@@ -125,3 +125,27 @@ def test_lock_refuses_live_and_takes_stale(tmp_path):
     assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     lock.release()
     assert not lock.path.exists()
+
+
+@pytest.mark.faults
+def test_overwrite_deletes_only_a_cappa_store(tmp_path):
+    """`--overwrite` on a shards folder, a foreign zarr group or a file: one error line, nothing touched."""
+    import zarr
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes(b"precious")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w", zarr_format=3).attrs["mine"] = 1
+    (tmp_path / "a-file").write_text("precious")
+    for victim in (shards, tmp_path / "other.zarr", tmp_path / "a-file"):
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        with pytest.raises(UserError, match="not a cappa feature store") as e:
+            FeatureStore.create(victim, encoder=ENC, tokens=T, width=E, shard_capacity=C, shards=["a"],
+                                overwrite=True)
+        assert "\n" not in str(e.value) and "nothing was deleted" in str(e.value)
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (shards / "00000.tar").read_bytes() == b"precious"
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder holds nothing to lose
+    assert FeatureStore.create(empty, encoder=ENC, tokens=T, width=E, shard_capacity=C, shards=["a"],
+                               overwrite=True).shards == ["a"]
