@@ -99,7 +99,8 @@ def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: 
         tmp.mkdir()
         # contiguous() + clone: safetensors refuses shared or strided storage (tied weights, views).
         weights = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        finite = all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point())
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step), "finite": str(int(finite))})
         buf = io.BytesIO()  # serialised in memory, written by Python (see save_file)
         torch.save({
             "optimizer": optimizer.state_dict(),
@@ -137,9 +138,22 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     pointed = last(ckpt_dir)
     steps = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+    finite = [p for p in steps if is_finite(p)]
+    spare = {pointed, finite[-1] if finite else None}  # never the newest finite one: NaN weights help nobody
     for p in steps[:-keep] if keep > 0 else []:
-        if pointed is None or p != pointed:
+        if p not in spare:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def is_finite(path: Path) -> bool:
+    """Whether a checkpoint's weights were all finite when saved (recorded in the safetensors header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+            return (f.metadata() or {}).get("finite", "1") == "1"
+    except Exception:  # noqa: BLE001 - unreadable: not a good checkpoint to keep for its finiteness
+        return False
 
 
 def last(ckpt_dir: Path) -> Optional[Path]:

@@ -189,6 +189,26 @@ def objective(out: dict, b, world: int) -> torch.Tensor:
     return sum(terms) * (world / total)
 
 
+def refuse_nonfinite(loss, gnorm, b, keys: list[str], step: int, d: "Dist", device, save) -> None:
+    """Before a step is applied: a NaN/inf loss or gradient norm stops training (every rank agrees).
+
+    The update is never applied, so the weights, optimizer and checkpoint stay finite; the state before the
+    bad step is checkpointed (`save`) and one line names the step and the batch's first keys.
+    """
+    finite = bool(torch.isfinite(torch.stack([loss.detach().float(), gnorm.detach().float()])).all())
+    if d.all_ok(finite, device):
+        return
+    save()
+    bad = (~torch.isfinite(b.features).flatten(1).all(1)).cpu().numpy()  # rows whose stored features are NaN/inf
+    pos = b.positions[bad] if bad.any() else b.positions
+    what = "keys with non-finite features" if bad.any() else "batch keys"
+    names = [keys[int(p)] for p in pos[:5]]
+    more = f" and {len(pos) - 5} more" if len(pos) > 5 else ""
+    raise UserError(f"non-finite loss or gradient at step {step + 1} ({what} {', '.join(names)}{more}); the step "
+                    f"was not applied and the checkpoint of step {step} is finite. Check those samples "
+                    "(`pipeline verify --store ...`) or lower --lr, then rerun with --resume")
+
+
 # --- run folder ----------------------------------------------------------------------------------------------
 def run_record(cfg: TrainConfig, dec_cfg, tok, store, index, split) -> dict:
     import dataclasses
@@ -255,12 +275,16 @@ class MetricsLog:
     def append(self, entry: dict) -> None:
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(json.dumps(_json_safe(entry), allow_nan=False) + "\n")  # NaN is not JSON
         except OSError as e:  # a full disk or a read-only folder: one line, not a traceback
             raise self._error(e) from None
 
     def _error(self, e: OSError) -> UserError:
         return UserError(f"cannot write {self.path}: {e.strerror or e}; the last checkpoint is intact: {WRITE_HINT}")
+
+
+def _json_safe(entry: dict) -> dict:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}
 
 
 def plot_losses(run: Path, entries: list[dict]) -> None:
@@ -533,6 +557,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                     scaler.scale(loss).backward()
                     scaler.unscale_(opt)
                     gnorm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip, foreach=True)
+                    if not scaler.is_enabled():  # fp16's scaler skips non-finite steps itself
+                        refuse_nonfinite(loss, gnorm, b, index.keys, step, d, device, save)
                     scaler.step(opt)
                     scaler.update()
                     sched.step()
