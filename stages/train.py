@@ -331,9 +331,28 @@ def run(cfg: TrainConfig) -> dict:
     check_config(cfg, d.world)
     device = d.init(resolve_device(cfg.device))
     try:
-        return _train(cfg, d, device)
+        lock = lock_run(cfg, d, device)
+        try:
+            return _train(cfg, d, device)
+        finally:
+            lock.release()
     finally:
         d.close()
+
+
+def lock_run(cfg: TrainConfig, d: Dist, device):
+    """`<run>.lock` (rank 0 holds it): a second `pipeline train` into the same folder refuses, every rank agrees."""
+    from pipeline.lock import FolderLock
+
+    lock, err = FolderLock(Path(cfg.run), who="training", noun="the run folder"), None
+    if d.main:
+        try:
+            lock.acquire()
+        except UserError as e:
+            err = e
+    if not d.all_ok(err is None, device):
+        raise err or UserError(f"rank 0 could not lock the run folder {cfg.run}")
+    return lock
 
 
 @torch.no_grad()
