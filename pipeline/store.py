@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.lock import FolderLock
 
 FORMAT = "cappa-features/1"
 CHUNK_TARGET_BYTES = 2 << 20  # >= ~1 MB per features chunk: big sequential reads, few files
@@ -43,16 +42,6 @@ def chunk_rows_for(capacity: int, tokens: int, width: int) -> int:
         if capacity % d == 0 and d * row_bytes >= CHUNK_TARGET_BYTES:
             return d
     return capacity
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def weights_label(weights: dict) -> str:
@@ -108,51 +97,11 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(Path(root))
 
 
-class StoreLock:
-    """`<store>.lock` beside the store: a second writer refuses instead of corrupting.
-
-    A lock left by a killed writer on this host (its pid is gone) is stale and taken over, so
-    `kill -9` + rerun just works.
-    """
+class StoreLock(FolderLock):
+    """`<store>.lock` beside the store: a second encoder refuses instead of corrupting (pipeline/lock.py)."""
 
     def __init__(self, store: Path):
-        self.path = Path(str(store).rstrip("/") + ".lock")
-        self.held = False
-
-    def acquire(self) -> "StoreLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    other = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    other = {}
-                if other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1))):
-                    self.path.unlink(missing_ok=True)  # stale: its writer died
-                    continue
-                raise UserError(
-                    f"another encoder (pid {other.get('pid', '?')} on {other.get('host', '?')}) is writing "
-                    f"{self.path.with_suffix('')}; wait for it, or delete {self.path} if none is running"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise UserError(f"could not take the store lock {self.path}")
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> "StoreLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(store, who="encoder", noun="the feature store")
 
 
 class FeatureStore:

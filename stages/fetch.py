@@ -164,14 +164,24 @@ def _list_digest(df) -> str:
 
 
 def run(cfg: FetchConfig) -> dict:
-    """Fetch cfg.source into cfg.shards; returns the fetch summary (same dict as `pipeline status`)."""
+    """Fetch cfg.source into cfg.shards; returns the fetch summary (same dict as `pipeline status`).
+
+    `<shards>.lock` (pipeline/lock.py) makes a second fetch into the same folder refuse with one line.
+    """
+    from pipeline.lock import FolderLock
+
+    _validate(cfg)
+    with FolderLock(Path(cfg.shards), who="fetch", noun="the shards folder"):
+        return _run(cfg)
+
+
+def _run(cfg: FetchConfig) -> dict:
     from rich.console import Console
 
     from pipeline import synthetic
     from pipeline.loopback import serve
     from pipeline.progress import make_progress
 
-    _validate(cfg)
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     shards = Path(cfg.shards)
