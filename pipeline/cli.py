@@ -191,7 +191,8 @@ def main() -> None:
         app()
     except UserError as e:
         from rich.console import Console
+        from rich.markup import escape
 
-        word = "stopped" if isinstance(e, Interrupted) else "error"
-        Console(stderr=True).print(f"[bold red]{word}:[/] {e}", highlight=False, soft_wrap=True)
+        word = "stopped" if isinstance(e, Interrupted) else "error"  # paths may hold "[/x]": never markup
+        Console(stderr=True).print(f"[bold red]{word}:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

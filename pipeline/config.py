@@ -46,6 +46,9 @@ class FetchConfig:
     # up to image_size: a 1 x 4000 spacer would otherwise become a 256 x 1,024,000 px array.
     min_image_size: int = 32
     retries: int = 0
+    # Originals promising more pixels fail as "image area too large" before they are decoded (decompression
+    # bombs: a few-KB PNG of 50,000 x 50,000 px would decode to 7.5 GB). 8000 x 8000 photos pass.
+    max_image_area: int = 100_000_000
 
 
 @dataclass

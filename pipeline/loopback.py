@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import http.server
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """/img/F the image; /missing/F 404; /html/F an HTML page; /truncated/F half the JPEG, then a dropped link."""
+    """/img/F the image; /missing/F 404; /html/F an HTML page; /truncated/F half the JPEG, then a dropped link;
+    /redirect/<quoted url> a 302 to that url."""
 
     protocol_version = "HTTP/1.1"
 
@@ -20,6 +22,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's naming
         parts = self.path.strip("/").split("/")
         root: Path = self.server.root  # type: ignore[attr-defined]
+        if len(parts) == 2 and parts[0] == "redirect":  # /redirect/<quoted url>: 302 to that url
+            self.send_response(302)
+            self.send_header("Location", urllib.parse.unquote(parts[1]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         if len(parts) != 2 or parts[0] not in ("img", "html", "truncated") or "/" in parts[1] or ".." in parts[1]:
             return self._send(404, b"not found", "text/plain")
         route, name = parts

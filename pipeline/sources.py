@@ -16,9 +16,10 @@ CAPTION_ALIASES = ("caption", "captions", "text", "title", "alt", "alt_text", "a
 URL_ALIASES = ("url", "image_url", "img_url", "imageurl", "image", "link", "uri", "src", "image_link")
 EXTRA_COLUMNS = ("attributes", "references")  # carried into the shards' json when present
 # Invalid UTF-8 bytes are read as lone surrogates (surrogateescape), so they can be counted exactly, then
-# shown as U+FFFD. More than this share of such rows means the file is in another encoding: refused.
+# shown as U+FFFD. When most rows hold such bytes the file is in another encoding: refused (a few stray
+# bytes in a short list are kept and counted, as in a long one).
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
-MAX_INVALID_UTF8_SHARE = 0.05
+MAX_INVALID_UTF8_SHARE = 0.5
 
 
 def _pick(columns, aliases) -> str | None:

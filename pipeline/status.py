@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.config import StatusConfig
@@ -24,6 +25,8 @@ _REASONS = [  # (pattern in img2dataset's error string, reason); first match win
     (r"Name or service not known|nodename nor servname|getaddrinfo|name resolution", "dns error"),
     (r"SSL|CERTIFICATE", "ssl error"),
     (r"unknown url type|no host given|Invalid URL", "bad url"),
+    (r"redirect refused", "redirect refused"),  # to another scheme or a private address (pipeline/safe_fetch.py)
+    (r"image area too large", "image area too large"),  # more than FetchConfig.max_image_area pixels
     (r"X-Robots-Tag", "disallowed by x-robots-tag"),
 ]
 
@@ -101,9 +104,9 @@ def fetch_summary(shards: Path) -> dict:
 def render_fetch(console: Console, s: dict) -> None:
     if s["state"] in ("missing", "empty"):
         why = "does not exist" if s["state"] == "missing" else "holds no shards yet"
-        console.print(f"[bold]fetch[/]: {s['path']} {why}; run `pipeline fetch` (or `make fetch`)", highlight=False)
+        console.print(f"[bold]fetch[/]: {escape(s['path'])} {why}; run `pipeline fetch` (or `make fetch`)", highlight=False)
         return
-    t = Table(title=f"fetch: {s['path']}" + (f"  (source {s['source']})" if s["source"] else ""),
+    t = Table(title=f"fetch: {escape(s['path'])}" + (f"  (source {escape(str(s['source']))})" if s["source"] else ""),
               title_justify="left", show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
@@ -173,12 +176,12 @@ def store_summary(store: Path, shards: Path) -> dict:
 
 def render_store(console: Console, s: dict) -> None:
     if not s["exists"] or "error" in s:
-        console.print(f"[bold]store[/]: {s['path']} " + (f"[red]{s['error']}[/]" if "error" in s else "missing"))
+        console.print(f"[bold]store[/]: {escape(s['path'])} " + (f"[red]{escape(s['error'])}[/]" if "error" in s else "missing"))
         return
     cov = f"{100 * s['coverage']:.1f}%" if s["coverage"] is not None else "n/a (no fetched shards found)"
     weights = f"[bold red]{s['weights_label']} - features carry no visual knowledge[/]" if s["random_init"] \
         else s["weights_label"]
-    console.print(f"[bold]store[/]: {s['path']}  {s['encoded_of_fetched']}/{s['fetched']} fetched samples encoded "
+    console.print(f"[bold]store[/]: {escape(s['path'])}  {s['encoded_of_fetched']}/{s['fetched']} fetched samples encoded "
                   f"({cov}), {s['encoded']} in store, {s['shards_done']} shards done, "
                   f"{s['size_bytes'] / 2**20:.1f} MiB on disk")
     console.print(f"  encoder: {s['model']} [{s['tokens']}, {s['width']}] {s['precision']}, weights: {weights}",
@@ -257,7 +260,7 @@ def runs_summary(runs: Path) -> dict:
 def render_runs(console: Console, s: dict) -> None:
     if not s["runs"]:
         why = "does not exist" if not s["exists"] else "holds no runs yet"
-        console.print(f"[bold]runs[/]: {s['path']} {why}; run `pipeline train` (or `make train`)", highlight=False)
+        console.print(f"[bold]runs[/]: {escape(s['path'])} {why}; run `pipeline train` (or `make train`)", highlight=False)
         return
 
     def f(x):
@@ -265,7 +268,7 @@ def render_runs(console: Console, s: dict) -> None:
 
     from rich import box
 
-    t = Table(box=box.SIMPLE_HEAD, title=f"runs: {s['path']}", title_justify="left")
+    t = Table(box=box.SIMPLE_HEAD, title=f"runs: {escape(s['path'])}", title_justify="left")
     t.add_column("run", overflow="fold")
     for name in ("step", "epoch", "train AR/par", "val AR/par", "ckpt", "samp/s", "encoder"):
         t.add_column(name, no_wrap=True)

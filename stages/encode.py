@@ -414,6 +414,6 @@ def _print_summary(store: FeatureStore, s: dict) -> None:
             f"({s['img_per_s']:.2f} img/s; model alone {s['model_img_per_s']:.2f} img/s; {s['wall_s']:.1f} s with "
             "start-up)" + (f", {s['skipped']} unreadable images skipped" if s["skipped"] else ""))
     console.print(
-        f"store: {st.path}  {sum(counts.values())} samples in {sum(1 for v in st.shard_done() if v)}/"
+        f"store: {escape(str(st.path))}  {sum(counts.values())} samples in {sum(1 for v in st.shard_done() if v)}/"
         f"{len(st.shards)} shards, [{st.tokens}, {st.width}] float16, {st.size_bytes() / 2**20:.1f} MiB"
         + ("  [bold red]RANDOM-INIT encoder[/]" if random else ""))

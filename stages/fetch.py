@@ -99,7 +99,8 @@ def _progress_rows(shards: Path, todo: list[int], sizes: dict[int, int]) -> int:
     return done
 
 
-def _img2dataset_main(kwargs: dict, log_path: str) -> None:
+def _img2dataset_main(kwargs: dict, log_path: str, allowed_hosts: frozenset = frozenset(),
+                      max_image_area: float = float("inf")) -> None:
     """Child process: img2dataset with its prints, tqdm bars and worker output sent to a log file."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
@@ -108,9 +109,18 @@ def _img2dataset_main(kwargs: dict, log_path: str) -> None:
     # webdataset imports torch only for its DataLoader mix-ins and falls back when torch is absent; this
     # coordinating process never needs it, and importing torch doubles its start-up (~3 s on 2 cores).
     sys.modules.setdefault("torch", None)  # type: ignore[assignment]
-    from img2dataset import download
+    import functools
 
-    download(**kwargs)
+    import img2dataset  # noqa: F401 - its package attribute `main` is a function: take the module itself
+
+    from pipeline import safe_fetch
+
+    i2d = sys.modules["img2dataset.main"]
+
+    # http(s) only, no redirects into private networks, no decompression bombs (pipeline/safe_fetch.py)
+    i2d.Downloader = functools.partial(safe_fetch.GuardedDownloader, allowed_hosts=allowed_hosts,
+                                       max_image_area=max_image_area)
+    i2d.download(**kwargs)
 
 
 def _img2dataset_kwargs(cfg: FetchConfig, url_list: Path, extra: list[str]) -> dict:
@@ -121,12 +131,15 @@ def _img2dataset_kwargs(cfg: FetchConfig, url_list: Path, extra: list[str]) -> d
         image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=False,  # shortest side = size
         processes_count=cfg.processes, thread_count=cfg.threads, distributor=cfg.distributor,
         timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental", min_image_size=cfg.min_image_size,
-        enable_wandb=False, compute_hash=None,
+        enable_wandb=False, compute_hash=None, max_image_area=cfg.max_image_area,
     )
 
 
 def _download(cfg: FetchConfig, url_list: Path, extra: list[str], n_rows: int, todo: list[int]) -> None:
+    import pyarrow.parquet as pq
+
     from pipeline.progress import make_progress
+    from pipeline.safe_fetch import private_hosts
 
     shards = Path(cfg.shards)
     sps = cfg.samples_per_shard
@@ -135,7 +148,9 @@ def _download(cfg: FetchConfig, url_list: Path, extra: list[str], n_rows: int, t
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     proc = mp.get_context("spawn").Process(
-        target=_img2dataset_main, args=(_img2dataset_kwargs(cfg, url_list, extra), str(log)), daemon=False)
+        target=_img2dataset_main, daemon=False,
+        args=(_img2dataset_kwargs(cfg, url_list, extra), str(log),
+              private_hosts(pq.read_table(url_list, columns=["url"]).column("url").to_pylist()), cfg.max_image_area))
     proc.start()
     try:
         with make_progress() as progress:
@@ -177,6 +192,7 @@ def run(cfg: FetchConfig) -> dict:
 
 def _run(cfg: FetchConfig) -> dict:
     from rich.console import Console
+    from rich.markup import escape
 
     from pipeline import synthetic
     from pipeline.loopback import serve
@@ -209,7 +225,8 @@ def _run(cfg: FetchConfig) -> dict:
         _check_same_list(shards, fingerprint)
         expected = math.ceil(n_rows / cfg.samples_per_shard)
         todo = sorted(set(range(expected)) - _done_ids(shards))
-        console.print(f"[bold]fetch[/] {cfg.source} ({n_rows} rows) -> {shards}: {expected} shards of "
+        console.print(f"[bold]fetch[/] {escape(str(cfg.source))} ({n_rows} rows) -> {escape(str(shards))}: "
+                      f"{expected} shards of "
                       f"{cfg.samples_per_shard}, {expected - len(todo)} already complete", highlight=False)
         record = {"fingerprint": fingerprint, "config": to_jsonable(cfg), "rows": n_rows,
                   "samples_per_shard": cfg.samples_per_shard, "expected_shards": expected,

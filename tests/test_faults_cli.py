@@ -136,3 +136,21 @@ def test_fresh_interpreter_one_line_exit_2(wrong):
     assert p.returncode == 2 and "Traceback" not in p.stdout + p.stderr
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no complete checkpoint" in lines[0], p.stderr
+
+
+def test_markup_in_paths_is_printed_not_parsed(tmp_path, capsys, monkeypatch):
+    """A path holding `[/x]` (rich markup) is printed as it is: never a MarkupError traceback."""
+    odd = tmp_path / "a[/x]b[bold]"
+    monkeypatch.setattr(sys, "argv", ["pipeline", "encode", "--shards", str(odd / "shards")])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert [x for x in err.splitlines() if x.strip()] == [f"error: no shards folder {odd / 'shards'}: run `pipeline "
+                                                         "fetch` first"]
+    from pipeline import status
+    from pipeline.config import StatusConfig
+
+    status.run(StatusConfig(shards=odd / "shards", store=odd / "f.zarr", runs=odd / "runs"))
+    out = capsys.readouterr()
+    assert "[/x]" in out.out + out.err

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -71,6 +72,23 @@ def _files(www: Path) -> None:
     big = Image.new("P", (8000, 8000), 0)  # 64 Mpixel, yet ~8 KB and 0.3 s to write: one palette colour
     big.putpalette([30, 120, 200])
     (www / "huge.png").write_bytes(_png(big))
+    (www / "bomb.png").write_bytes(_bomb(20000))
+
+
+def _bomb(side: int) -> bytes:
+    """A valid all-black greyscale PNG of side x side px: ~0.4 MB on the wire, side**2 bytes once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row, parts = zlib.compressobj(9), b"\0" * (side + 1), []
+    for _ in range(side // 100):
+        parts.append(z.compress(row * 100))
+    parts.append(z.flush())
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
 def _cases(base: str, quiet: str) -> list[tuple[bytes, str, str]]:
@@ -90,12 +108,21 @@ def _cases(base: str, quiet: str) -> list[tuple[bytes, str, str]]:
         (b"", f"{base}/img/ok9.jpg", "ok"),
         (b"the same url again", f"{base}/img/ok4.jpg", "ok"),
         (LONG.encode(), f"{base}/img/ok10.jpg", "ok"),
+        # hostile rows: never fetched from anywhere but http(s), never redirected into a private network
+        (b"a local file", "file:///etc/passwd", "bad url"),
+        (b"an ftp url", "ftp://127.0.0.1:9/x.jpg", "bad url"),
+        (b"a data url", "data:image/png;base64,iVBORw0KGgo=", "bad url"),
+        (b"a redirect into a private network", f"{base}/redirect/" + quote("http://10.1.2.3/ok1.jpg", safe=""),
+         "redirect refused"),
+        (b"a redirect to a local file", f"{base}/redirect/" + quote("file:///etc/passwd", safe=""), "redirect refused"),
+        (b"a redirect on the same server", f"{base}/redirect/" + quote(f"{base}/img/ok3.jpg", safe=""), "ok"),
+        (b"a decompression bomb", f"{base}/img/bomb.png", "image area too large"),
     ]
 
 
 @pytest.fixture(scope="module")
 def faulty_fetch(tmp_path_factory):
-    """(config, cases, summary) of one fetch of the faulty list: 22 rows, shards of 8."""
+    """(config, cases, summary) of one fetch of the faulty list: 29 rows, shards of 8."""
     root = tmp_path_factory.mktemp("faulty_fetch")
     _files(root / "www")
     silent = socket.socket()  # listens but never accepts: the request goes out and no answer ever comes
@@ -144,7 +171,8 @@ def test_every_row_is_in_a_shard_or_under_a_named_reason(faulty_fetch):
         want.setdefault(_caption(raw), []).append(outcome)
     assert got == want
     assert len(samples) == summary["fetched"] == sum(o == "ok" for *_, o in cases)
-    assert summary["failures"] == {DECODE: 2, "http 404": 1, "image too small": 1, "timeout": 1, "truncated": 1}
+    assert summary["failures"] == {DECODE: 2, "http 404": 1, "image too small": 1, "timeout": 1, "truncated": 1,
+                                   "bad url": 3, "redirect refused": 2, "image area too large": 1}
     assert summary["fetched"] + summary["failed"] == len(cases) and summary["state"] == "complete"
 
 

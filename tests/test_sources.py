@@ -80,3 +80,14 @@ def test_count_must_be_positive(tmp_path):
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+@pytest.mark.faults
+def test_one_stray_byte_in_a_short_list_is_kept_and_counted(tmp_path):
+    """17 rows, one caption in cp1252: kept with U+FFFD and counted; refused only when most rows are undecodable."""
+    rows = b"".join(b"caption %d\thttp://x/%d.jpg\n" % (i, i) for i in range(16)) + b"a caf\xe9 sign\thttp://x/c.jpg\n"
+    df = read_url_list(_write(tmp_path / "short.tsv", rows), count=100)
+    assert len(df) == 17 and df["caption"].iloc[-1] == "a caf\ufffd sign" and df.attrs["issues"]["invalid_utf8"] == 1
+    mostly = b"".join(b"caf\xe9 %d\thttp://x/%d.jpg\n" % (i, i) for i in range(9)) + rows[:200]
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_url_list(_write(tmp_path / "cp1252.tsv", mostly), count=100)
