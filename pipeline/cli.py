@@ -86,6 +86,7 @@ def train(
     batch_size: Annotated[int, Opt("samples per step (global, across ranks)")] = TrainConfig.batch_size,
     lr: Annotated[float, Opt("AdamW learning rate")] = TrainConfig.lr,
     parallel_fraction: Annotated[float, Opt("share of parallel-prediction (CapPa) examples")] = TrainConfig.parallel_fraction,
+    parallel_len: Annotated[Optional[int], Opt("length of every all-[MASK] parallel row (default: the longest training caption)")] = TrainConfig.parallel_len,
     mixing: Annotated[str, Opt("per-example | per-batch")] = TrainConfig.mixing,
     length_buckets: Annotated[int, Opt("sort each window of N batches by caption length (less padding); 0 = off")] = TrainConfig.length_buckets,
     max_len: Annotated[int, Opt("caption tokens incl. EOS")] = TrainConfig.max_len,
@@ -114,12 +115,9 @@ def train(
     """
     from stages import train as stage
 
-    stage.run(TrainConfig(store=store, run=run, epochs=epochs, batch_size=batch_size, lr=lr,
-                          parallel_fraction=parallel_fraction, mixing=mixing, length_buckets=length_buckets, max_len=max_len, max_steps=max_steps,
-                          layers=layers, width=width, heads=heads, mlp_dim=mlp_dim, warmup_steps=warmup_steps,
-                          schedule=schedule, seed=seed, precision=precision, device=device, compile=compile,
-                          resume=resume, tokenizer=tokenizer, val_fraction=val_fraction, features=features,
-                          checkpoint_every=checkpoint_every, log_every=log_every))
+    given = {k: v for k, v in ctx.params.items()
+             if k != "recipe" and ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    stage.run(train_config(recipe, **given))
 
 
 @app.command("eval")
@@ -130,6 +128,7 @@ def evaluate(
     device: Annotated[str, Opt("auto | cpu | cuda")] = EvalConfig.device,
     store: Annotated[Optional[Path], Opt("feature store (default: the one recorded in the run)")] = EvalConfig.store,
     max_new_tokens: Annotated[int, Opt("longest generated caption, in tokens")] = EvalConfig.max_new_tokens,
+    length_penalty: Annotated[float, Opt("beam search ranks captions by log-prob / length**this")] = EvalConfig.length_penalty,
     batch_size: Annotated[int, Opt("images per decoding batch")] = EvalConfig.batch_size,
     zero_shot_limit: Annotated[int, Opt("captioned samples also ranked zero-shot (colour, shape)")] = EvalConfig.zero_shot_limit,
     shards: Annotated[Optional[Path], Opt("WebDataset shards to read the grid's images from (default: data/shards)")] = EvalConfig.shards,
@@ -137,9 +136,10 @@ def evaluate(
     """Caption the validation split, score it (COCO metrics, attributes, blind baseline), write a report."""
     from stages import evaluate as stage
 
-    stage.run(EvalConfig(run=run, beam_size=beam_size, limit=limit, device=device, store=store,
+    precision: Annotated[str, Opt("auto (the run's training precision where fast here) | bf16 | fp16 | fp32")] = EvalConfig.precision,
+    stage.run(EvalConfig(run=run, beam_size=beam_size, limit=limit, device=device, precision=precision, store=store,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, zero_shot_limit=zero_shot_limit,
-                         shards=shards))
+                         shards=shards, length_penalty=length_penalty))
 
 
 @app.command()
@@ -149,14 +149,16 @@ def caption(
     beam_size: Annotated[int, Opt("1 = greedy")] = CaptionConfig.beam_size,
     device: Annotated[str, Opt("auto | cpu | cuda")] = CaptionConfig.device,
     max_new_tokens: Annotated[int, Opt("longest caption, in tokens")] = CaptionConfig.max_new_tokens,
+    length_penalty: Annotated[float, Opt("beam search ranks captions by log-prob / length**this")] = CaptionConfig.length_penalty,
 ):
     """Caption new images with a trained run (same encoder and weights as its store)."""
     from stages import caption as stage
 
-    stage.run(CaptionConfig(images=images, run=run, beam_size=beam_size, device=device,
-                            max_new_tokens=max_new_tokens))
+    stage.run(CaptionConfig(images=images, run=run, beam_size=beam_size, device=device, precision=precision,
+                            max_new_tokens=max_new_tokens, length_penalty=length_penalty))
 
 
+    precision: Annotated[str, Opt("auto (the run's training precision where fast here) | bf16 | fp16 | fp32")] = CaptionConfig.precision,
 @app.command()
 def status(
     shards: Annotated[Path, Opt("folder of WebDataset shards")] = StatusConfig.shards,
@@ -173,13 +175,17 @@ def status(
 @app.command()
 def bench(
     device: Annotated[str, Opt("auto | cpu | cuda")] = BenchConfig.device,
-    quick: Annotated[bool, Opt("smaller sizes, under 2 minutes")] = BenchConfig.quick,
-    json: Annotated[Path, Opt("where to write the JSON results")] = BenchConfig.json,
+    precision: Annotated[str, Opt("auto | bf16 | fp32")] = BenchConfig.precision,
+    quick: Annotated[bool, Opt("smaller sizes, under 2 minutes; writes nothing under docs/")] = BenchConfig.quick,
+    json: Annotated[Path, Opt("JSON results (this machine kind's rows are merged in)")] = BenchConfig.json,
+    markdown: Annotated[Path, Opt("markdown whose table is regenerated (only beside --json, full runs)")] = BenchConfig.markdown,
+    repeats: Annotated[int, Opt("interleaved repeats per ratio")] = BenchConfig.repeats,
 ):
     """Measure every stage against the machine's matmul limit and a seed-style baseline."""
     from stages import bench as stage
 
-    stage.run(BenchConfig(device=device, quick=quick, json=json))
+    stage.run(BenchConfig(device=device, precision=precision, quick=quick, json=json, markdown=markdown,
+                          repeats=repeats))
 
 
 def main() -> None:

@@ -76,6 +76,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     parallel_fraction: float = 0.75
+    # Length Lp of every parallel (all-[MASK], full-attention) row; None = the longest training caption in
+    # tokens (EOS included), resolved when the run starts and recorded in config.json. At most max_len.
+    parallel_len: Optional[int] = None
     mixing: str = "per-example"  # per-example (big_vision) | per-batch (the seed's)
     # Each window of this many batches is sorted by caption length, so batches are padded to about their own
     # rows' length (mean 20 vs 39 tokens on the default set); 0 = plain shuffled batches. Changes data order.
@@ -106,10 +109,11 @@ class EvalConfig:
     run: Path = Path("cache/runs/default")
     store: Optional[Path] = None  # default: the store recorded in the run's config.json
     beam_size: int = 3
-    # validation samples captioned (None = all). 100 keeps `make all`'s eval to a few minutes on 2 CPU cores:
-    # parallel decoding searches every caption length (~12x the FLOPs of greedy), beam search is ~3x greedy.
-    limit: Optional[int] = 100
+    # validation samples captioned (None = the whole split: parallel decoding is one pass per batch, beam
+    # search ~3x greedy)
+    limit: Optional[int] = None
     max_new_tokens: int = 32
+    length_penalty: float = 1.0  # beam search ranks finished captions by summed log-prob / length**this
     device: str = "auto"
     batch_size: int = 32
     zero_shot_limit: int = 64  # captioned samples also ranked zero-shot (9 colour + 6 shape candidates each)
@@ -123,6 +127,7 @@ class CaptionConfig:
     run: Path = Path("cache/runs/default")
     beam_size: int = 1
     max_new_tokens: int = 32
+    length_penalty: float = 1.0  # beam search: summed log-prob / length**this (as EvalConfig)
     device: str = "auto"
 
 
@@ -135,8 +140,16 @@ class StatusConfig:
 
 
 @dataclass
+    # auto: the run's training precision where this device runs it fast (so the validation loss is training's),
+    # else this device's auto (pipeline.devices.run_precision); or bf16 | fp16 | fp32
+    precision: str = "auto"
 class BenchConfig:
     device: str = "auto"
-    quick: bool = False
+    precision: str = "auto"  # the stages' precision (bf16 where the hardware is fast at it)
+    quick: bool = False  # smaller sizes; never touches docs/ unless --json points somewhere
+    # The kind's rows are merged into `json`; `markdown`'s table is regenerated only for a full run whose json
+    # lives beside it (the committed pair), so a quick run or a --json elsewhere leaves the docs alone.
     json: Path = Path("docs/benchmarks.json")
     markdown: Path = Path("docs/BENCHMARKS.md")
+    precision: str = "auto"  # encoder and decoder; auto as EvalConfig.precision
+    repeats: int = 3  # interleaved rounds per ratio (quick: 2): median and spread over them

@@ -7,8 +7,8 @@ Data order is a pure function of (seed, epoch): the slabs of the split (chunk-al
 store) are permuted, cut into shuffle groups of `buffer_slabs` slabs, and the rows of each group are
 permuted. With one group covering everything this is a uniform permutation (the in-memory default); a
 streamed epoch reads one group at a time, so memory stays bounded. With `length_buckets` = k, each window of
-k global batches (cut again at group edges) is then sorted by caption length, so a batch is padded to about
-its own rows' length instead of the longest of 32 random captions (the sort direction is drawn per window).
+k global batches (cut again at group edges) is then grouped by caption length, so a batch is padded to about
+its own rows' length instead of the longest of 32 random captions; the window's batches run in a random order.
 Training modes (parallel / AR) are drawn for the whole epoch from a generator seeded by (seed, epoch), so a
 resumed run only needs (epoch, batch).
 """
@@ -162,7 +162,7 @@ class Loader:
     def __init__(self, source: FeatureSource, tokens: CaptionTokens, positions: np.ndarray, batch_size: int, *,
                  seed: int = 0, parallel_fraction: float = 0.75, mixing: str = "per-example", shuffle: bool = True,
                  buffer_slabs: Optional[int] | str = "auto", length_buckets: int = 0, rank: int = 0, world: int = 1,
-                 prefetch: int = 2):
+                 prefetch: int = 2, parallel_len: Optional[int] = None):
         if mixing not in ("per-example", "per-batch"):
             raise ValueError(f"mixing must be per-example or per-batch, got {mixing!r}")
         self.source, self.tokens = source, tokens
@@ -170,6 +170,7 @@ class Loader:
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.parallel_fraction, self.mixing = parallel_fraction, mixing
         self.rank, self.world, self.prefetch = rank, world, prefetch
+        self.parallel_len = parallel_len  # a parallel row scores only its first parallel_len tokens
         # Shuffle group in slabs; None = one group = a uniform shuffle. It fixes the data order, whichever way
         # the features are read (a streamed epoch holds one group at a time, so stream with a bounded one);
         # "auto" = 8 when streaming, else None.
@@ -209,19 +210,33 @@ class Loader:
         return order, starts
 
     def _bucket(self, order: np.ndarray, starts: np.ndarray, epoch: int) -> np.ndarray:
-        """Sort each window of `length_buckets` global batches (cut at shuffle-group edges) by caption extent.
+        """Group each window of `length_buckets` global batches (cut at shuffle-group edges) by caption extent,
+        in a random batch order.
 
-        Rows never leave their window, so shuffle groups (and a streamed epoch's memory bound) are kept.
+        A window's slots fall into chunks at the global batch boundaries (a window cut at a group edge may
+        start or end mid-batch). Its rows, sorted by extent, fill the chunks in a random order: each batch
+        holds rows of similar length, and successive batches do not run short to long. Rows never leave
+        their window, so shuffle groups (and a streamed epoch's memory bound) are kept.
         """
-        n = len(order)
+        n, bs = len(order), self.batch_size
         edge = np.zeros(n, bool)
         edge[starts] = True
-        edge[:: self.length_buckets * self.batch_size] = True
-        window = np.cumsum(edge) - 1  # [n] window id of each epoch slot
+        edge[:: self.length_buckets * bs] = True
+        w_lo = np.flatnonzero(edge)
+        w_hi = np.r_[w_lo[1:], n]
         rng = np.random.default_rng([self.seed, epoch, _BUCKETS])
-        sign = np.where(rng.random(window[-1] + 1) < 0.5, -1, 1) if self.shuffle else np.ones(window[-1] + 1, int)
-        extent = self.tokens.extent.numpy()[order] * sign[window]
-        return order[np.lexsort((np.arange(n), extent, window))]  # by window, then length, ties keep order
+        extent = self.tokens.extent.numpy()[order]
+        out = np.empty_like(order)
+        for lo, hi in zip(w_lo.tolist(), w_hi.tolist()):
+            srt = order[lo:hi][np.argsort(extent[lo:hi], kind="stable")]  # by length, ties keep their order
+            cuts = np.r_[lo, np.arange((lo // bs + 1) * bs, hi, bs), hi]  # the window's parts of batches
+            perm = rng.permutation(len(cuts) - 1) if self.shuffle else np.arange(len(cuts) - 1)
+            taken = 0
+            for c in perm.tolist():  # chunk perm[0] gets the shortest rows, and so on
+                size = int(cuts[c + 1] - cuts[c])
+                out[cuts[c]:cuts[c + 1]] = srt[taken:taken + size]
+                taken += size
+        return out
 
     def modes(self, epoch: int) -> np.ndarray:
         """Parallel flag per epoch slot [n]: per example, or one draw per global batch."""
@@ -251,6 +266,8 @@ class Loader:
             gpos = torch.from_numpy(order[glo:ghi])
             gpar = torch.from_numpy(modes[glo:ghi])
             counts = self.tokens.count[gpos]
+            if self.parallel_len:
+                counts = torch.where(gpar, counts.clamp(max=self.parallel_len), counts)
             lpar, lcounts = gpar[lo - glo:hi - glo], counts[lo - glo:hi - glo]
             feats = self.source.read_positions(pos) if stream is None else stream.take(lo, hi)
             targets, mask = self.tokens.batch(torch.from_numpy(pos))

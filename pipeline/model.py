@@ -28,6 +28,9 @@ class DecoderConfig:
     mask_id: int = 50257
     bos_id: int = 50256
     eos_id: int = 50256
+    # Length Lp of every parallel row (all [MASK], full attention): the longest training caption in tokens
+    # (EOS included) when a run starts. None (configs written before it existed) = max_len.
+    parallel_len: int | None = None
 
 
 class KVCache:
@@ -91,13 +94,17 @@ class CrossAttention(nn.Module):
         return _heads(k, self.h), _heads(v, self.h)
 
     def forward(self, x, kv):
+        """x [N, T, D] (N = G rows per image), or [1, T, D]: one query row shared by all B images (parallel
+        rows' first layer: their queries are computed once) -> [max(N, B), T, D]."""
         if isinstance(kv, torch.Tensor):
             return self.absorbed(x, kv)
         k, v = kv  # [B, H, P, D/H]
         b, n, t = k.shape[0], x.shape[0], x.shape[1]
         g = n // b  # text rows per image (beams, candidate captions): stacked as extra queries, so
         q = _heads(self.q(x), self.h)  # [N, H, T, D/H]          the image K/V are never copied
-        if g > 1:
+        if n == 1 < b:
+            q = q.expand(b, -1, -1, -1)  # [B, H, T, D/H]
+        elif g > 1:
             q = q.view(b, g, self.h, t, -1).transpose(1, 2).reshape(b, self.h, g * t, -1)  # [B, H, G*T, D/H]
         y = F.scaled_dot_product_attention(q, k, v)
         if g > 1:
@@ -105,20 +112,25 @@ class CrossAttention(nn.Module):
         return self.out(_merge(y))
 
     def absorbed(self, x, img):
-        """The same attention with the K/V projections moved off the image tokens. x [B, T, D], img [B, P, D].
+        """The same attention with the K/V projections moved off the image tokens. x [B or 1, T, D], img [B, P, D].
 
         Per head, scores q_h (W_k,h img)^T = (q_h W_k,h) img^T and output A (img W_v,h^T) = (A img) W_v,h^T:
         the D x D projections then run on T text tokens instead of P image tokens, for an extra 2*T*P*D*H
         multiply-adds in the attention itself. Cheaper when T is short (training: a caption of ~20 tokens vs
         197 image tokens); generation keeps `memory` (K/V once per image, reused at every step).
         """
-        b, t, d = x.shape
+        n, t, d = x.shape
+        b, p = img.shape[:2]
         h, hd = self.h, d // self.h
         wk, wv = self.kv.weight.view(2, h, hd, d).unbind(0)  # [H, D/H, D] each
-        # Head-major [H, B*T, .] layouts, so the per-head weights are bmm operands as they are (no copies).
-        q = (self.q(x) * hd**-0.5).view(b * t, h, hd).transpose(0, 1)  # [H, B*T, D/H]
-        qk = torch.bmm(q, wk).view(h, b, t, d).transpose(0, 1).reshape(b, h * t, d)  # [B, H*T, D]
-        att = torch.softmax(torch.bmm(qk, img.transpose(1, 2)), dim=-1)  # [B, H*T, P]
+        # Head-major [H, N*T, .] layouts, so the per-head weights are bmm operands as they are (no copies).
+        q = (self.q(x) * hd**-0.5).view(n * t, h, hd).transpose(0, 1)  # [H, N*T, D/H]
+        qk = torch.bmm(q, wk).view(h, n, t, d).transpose(0, 1).reshape(n, h * t, d)  # [N, H*T, D]
+        if n == 1 < b:  # one shared query row: its scores against every image are one matmul
+            s = (qk[0] @ img.reshape(b * p, d).T).view(h * t, b, p).transpose(0, 1)  # [B, H*T, P]
+        else:
+            s = torch.bmm(qk, img.transpose(1, 2))  # [B, H*T, P]
+        att = torch.softmax(s, dim=-1)  # [B, H*T, P]
         y = torch.bmm(att, img).view(b, h, t, d).transpose(0, 1).reshape(h, b * t, d)  # [H, B*T, D]
         y = torch.bmm(y, wv.transpose(1, 2))  # [H, B*T, D/H]
         return self.out(y.transpose(0, 1).reshape(b, t, d))
@@ -166,14 +178,20 @@ class Block(nn.Module):
 
 
 class CaptionDecoder(nn.Module):
-    """CapPa decoder. Autoregressive rows: inputs BOS + targets shifted right, causal attention.
-    Parallel rows: inputs all [MASK], bidirectional attention over the row's real positions (masking ratio 1).
+    """CapPa decoder. Autoregressive rows: inputs BOS + targets shifted right, causal attention, padded keys
+    masked (a row's logits never depend on the batch's padding).
+    Parallel rows (big_vision's masking ratio 1): inputs [MASK] at every position 0..Lp-1 for one fixed
+    length Lp = `parallel_len`, full attention over all Lp positions, loss on the caption's real tokens only.
+    Nothing tells the model the caption's length: it must predict where EOS goes, so a parallel row's logits
+    are a function of the image alone.
     """
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
         d = cfg.width
+        if not 1 <= self.parallel_len <= cfg.max_len:
+            raise ValueError(f"parallel_len must be in 1..max_len={cfg.max_len}, got {cfg.parallel_len}")
         self.img_proj = nn.Linear(cfg.encoder_width, d, bias=False) if cfg.encoder_width != d else nn.Identity()
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.pos_emb = nn.Parameter(torch.zeros(cfg.max_len, d))
@@ -184,6 +202,10 @@ class CaptionDecoder(nn.Module):
         self.cross_mode = "auto"
         self.register_buffer("causal", torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool).tril(), persistent=False)
         self.reset_parameters()
+
+    @property
+    def parallel_len(self) -> int:
+        return self.cfg.parallel_len or self.cfg.max_len
 
     def reset_parameters(self):
         for m in self.modules():
@@ -223,59 +245,113 @@ class CaptionDecoder(nn.Module):
         raise ValueError(f"cross_mode must be auto, kv or absorbed, got {self.cross_mode!r}")
 
     def _hidden(self, tokens, kvs, mask=None, start=0, caches=None, causal=False):
-        """tokens [N, T] at positions start.. -> final hidden states [N, T, D]."""
+        """tokens [N, T] at positions start.. -> final hidden states [N, T, D] (mask None: full attention)."""
         t = tokens.shape[1]
         x = self.tok_emb(tokens) + self.pos_emb[start : start + t]  # [N, T, D]
         for i, b in enumerate(self.blocks):
             x = b(x, kvs[i], mask, None if caches is None else caches[i], causal)
         return self.ln_f(x)
 
-    def _inputs(self, targets, target_mask, parallel):
-        """The model's own inputs and per-row self-attention mask. -> tokens [B, L], mask [B, 1, L, L]."""
+    def _parallel_hidden(self, kvs):
+        """All-[MASK] rows of length Lp against the images of `kvs` -> [B, Lp, D].
+
+        Every parallel row enters the first block as the same [MASK] + position embeddings, so block 0's
+        self-attention (and its cross-attention queries) run once on one [1, Lp, D] row; the row fans out
+        to the B images in block 0's cross-attention. Same function as `_hidden` on [MASK] tokens.
+        """
+        lp = self.parallel_len
+        x = (self.tok_emb.weight[self.cfg.mask_id] + self.pos_emb[:lp])[None]  # [1, Lp, D]
+        for i, b in enumerate(self.blocks):
+            x = b(x, kvs[i])  # block 0: [1, Lp, D] -> [B, Lp, D]
+        return self.ln_f(x)
+
+    def _ar_inputs(self, targets, target_mask):
+        """AR rows' inputs and self-attention mask. -> tokens [B, L], mask [B, 1, L, L]."""
         b, l = targets.shape
         if l > self.cfg.max_len:
             raise ValueError(f"text length {l} > max_len {self.cfg.max_len}")
-        parallel = torch.as_tensor(parallel, device=targets.device).expand(b)  # [B]
-        bos = targets.new_full((b, 1), self.cfg.bos_id)
-        ar_in = torch.cat([bos, targets[:, :-1]], dim=1)  # [B, L] shifted right
-        tokens = torch.where(parallel[:, None], torch.full_like(targets, self.cfg.mask_id), ar_in)
+        tokens = torch.cat([targets.new_full((b, 1), self.cfg.bos_id), targets[:, :-1]], dim=1)  # shifted right
         # Padded keys are masked, so logits do not depend on the batch's padding; key 0 always stays
         # visible so no query row is fully masked (SDPA would return NaN for it).
         key_ok = target_mask.clone()
         key_ok[:, 0] = True  # [B, L]
-        allowed = self.causal[:l, :l] | parallel[:, None, None]  # [B, L, L]
-        return tokens, (allowed & key_ok[:, None, :])[:, None]  # [B, 1, L, L]
+        return tokens, (self.causal[:l, :l] & key_ok[:, None, :])[:, None]  # [B, 1, L, L]
+
+    def _ar_hidden(self, features, targets, target_mask):  # -> [B, L, D]
+        tokens, mask = self._ar_inputs(targets, target_mask)
+        return self._hidden(tokens, self._train_memory(features, tokens.shape[1]), mask)
+
+    def _split(self, parallel, b: int):
+        """parallel flags -> (AR row indices, parallel row indices), on the CPU (one device read of B flags)."""
+        flags = torch.as_tensor(parallel).to("cpu", torch.bool).expand(b)
+        return (~flags).nonzero()[:, 0], flags.nonzero()[:, 0]
+
+    def _fit(self, targets, target_mask):
+        """Parallel rows' targets / mask cut or padded (mask False) to Lp columns -> [B, Lp] each."""
+        lp, l = self.parallel_len, targets.shape[1]
+        if l >= lp:
+            return targets[:, :lp], target_mask[:, :lp]
+        return F.pad(targets, (0, lp - l), value=self.cfg.eos_id), F.pad(target_mask, (0, lp - l))
 
     # ---- training --------------------------------------------------------------------------------
     def forward(self, features, targets, target_mask, parallel):
-        """features [B, P, E], targets [B, L] int64, target_mask [B, L] bool, parallel [B] bool -> logits [B, L, V]."""
-        tokens, mask = self._inputs(targets, target_mask, parallel)
-        return self.head(self._hidden(tokens, self._train_memory(features, tokens.shape[1]), mask))
+        return self.logits(features, targets, target_mask, parallel)
+
+    def logits(self, features, targets, target_mask, parallel):
+        """features [B, P, E], targets [B, L] int64, target_mask [B, L] bool, parallel [B] bool -> [B, L, V].
+
+        A parallel row's logits come from its Lp-long all-[MASK] pass: columns >= Lp (longer batches) have
+        no prediction and are 0 (a uniform distribution).
+        """
+        b, l = targets.shape
+        ar, par = self._split(parallel, b)
+        out = self.head.weight.new_zeros(b, l, self.cfg.vocab_size)  # [B, L, V]
+        if len(ar):
+            i = ar.to(targets.device)
+            out[i] = self.head(self._ar_hidden(features[i], targets[i], target_mask[i])).to(out.dtype)
+        if len(par):
+            i, w = par.to(targets.device), min(l, self.parallel_len)
+            h = self._parallel_hidden(self._train_memory(features[i], self.parallel_len))  # [Bp, Lp, D]
+            out[i, :w] = self.head(h[:, :w]).to(out.dtype)
+        return out
 
     def loss(self, features, targets, target_mask, parallel) -> dict:
         """Cross-entropy over real tokens (EOS included, padding excluded by the mask, never by id).
 
-        The vocab head runs only on real positions (the padding's share of the D x V matmul is skipped).
+        AR rows and parallel rows run as two sub-passes: the AR rows at the batch's length L, the parallel
+        rows at Lp. A parallel row scores its caption's first Lp tokens (all of them when Lp is the longest
+        training caption). The vocab head runs only on real positions.
         Returns tensors: loss = mean over ALL real tokens of the batch (so each token weighs the same,
         whichever mode its row drew); loss_ar / loss_par = mean over that mode's tokens (0 when a mode has
         none); tokens_ar / tokens_par = token counts (int64), for exact weighted averages across steps.
         """
-        tokens, mask = self._inputs(targets, target_mask, parallel)
-        h = self._hidden(tokens, self._train_memory(features, tokens.shape[1]), mask)  # [B, L, D]
-        logits = self.head(h[target_mask])  # [T_real, V]
-        ce = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")  # [T_real]
-        par = torch.as_tensor(parallel, device=targets.device).expand(targets.shape[0])
-        is_par = par[:, None].expand_as(target_mask)[target_mask]  # [T_real]
-        n_par = is_par.sum()
-        n_ar = is_par.numel() - n_par
-        sum_par = (ce * is_par).sum()
-        sum_ar = ce.sum() - sum_par
+        b = targets.shape[0]
+        rows = dict(zip(("ar", "par"), self._split(parallel, b)))
+        sums, counts = {}, {}
+        for mode, idx in rows.items():
+            if len(idx) == 0:
+                sums[mode] = torch.zeros((), dtype=torch.promote_types(self.head.weight.dtype, torch.float32),
+                                         device=targets.device)
+                counts[mode] = torch.zeros((), dtype=torch.long, device=targets.device)
+                continue
+            whole = len(idx) == b  # a one-mode batch needs no row gather
+            i = idx.to(targets.device)
+            f, t, m = (features, targets, target_mask) if whole else (features[i], targets[i], target_mask[i])
+            if mode == "ar":
+                h = self._ar_hidden(f, t, m)  # [Ba, L, D]
+            else:
+                t, m = self._fit(t, m)
+                h = self._parallel_hidden(self._train_memory(f, self.parallel_len))  # [Bp, Lp, D]
+            logits = self.head(h[m])  # [T_real, V]: the head on real tokens only
+            ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), t[m], reduction="sum")
+            sums[mode], counts[mode] = ce, m.sum()
+        n = counts["ar"] + counts["par"]
         return {
-            "loss": ce.mean(),
-            "loss_ar": sum_ar / n_ar.clamp(min=1),
-            "loss_par": sum_par / n_par.clamp(min=1),
-            "tokens_ar": n_ar,
-            "tokens_par": n_par,
+            "loss": (sums["ar"] + sums["par"]) / n.clamp(min=1),
+            "loss_ar": sums["ar"] / counts["ar"].clamp(min=1),
+            "loss_par": sums["par"] / counts["par"].clamp(min=1),
+            "tokens_ar": counts["ar"],
+            "tokens_par": counts["par"],
         }
 
     @torch.no_grad()
@@ -288,146 +364,80 @@ class CaptionDecoder(nn.Module):
         n = targets.shape[0]
         if n % features.shape[0]:
             raise ValueError("targets rows must be a multiple of the images")
-        tokens, mask = self._inputs(targets, target_mask, torch.zeros(n, dtype=torch.bool, device=targets.device))
+        tokens, mask = self._ar_inputs(targets, target_mask)
         h = self._hidden(tokens, self.memory(features), mask)[target_mask]  # [T_real, D]: head on real tokens only
         nll = F.cross_entropy(self.head(h).float(), targets[target_mask], reduction="none")  # [T_real]
         row = torch.arange(n, device=targets.device)[:, None].expand_as(target_mask)[target_mask]  # [T_real]
         return torch.zeros(n, device=targets.device).index_add_(0, row, -nll)
 
-    # ---- generation ------------------------------------------------------------------------------
+    # ---- generation (pipeline/decoding.py) ------------------------------------------------------
     def _next_logp(self, h):  # [N, D] -> [N, V] float32 log-probs, [MASK] never generated
         logp = self.head(h).float()
         logp[:, self.cfg.mask_id] = -math.inf
         return logp.log_softmax(-1)
 
     @torch.no_grad()
-    def generate(self, features, *, max_new_tokens: int, beam_size: int = 1, use_cache: bool = True):
+    def generate(self, features, *, max_new_tokens: int, beam_size: int = 1, length_penalty: float = 1.0,
+                 use_cache: bool = True):
         """Autoregressive captions -> ids [B, T], T <= max_new_tokens; rows padded with EOS after they end.
 
-        use_cache=True: self-attention K/V appended per step, image K/V computed once per image.
-        use_cache=False: the naive baseline, re-running the whole prefix (and image K/V) every step.
-        Beam search keeps finished beams in the beam (extended by EOS at no cost) and returns the beam
-        with the best length-normalised log-likelihood; beam_size=1 is exactly greedy.
+        beam_size=1: greedy. Else beam search (`decoding.beam_search`): K alive hypotheses per image,
+        finished ones kept in a pool of the best K, ranked by summed log-prob / length**length_penalty.
+        use_cache=False re-runs the whole prefix (and image K/V) every step: the naive baseline.
         """
-        if not 1 <= max_new_tokens <= self.cfg.max_len:
-            raise ValueError(f"max_new_tokens must be in 1..{self.cfg.max_len}")
-        if beam_size < 1:
-            raise ValueError("beam_size must be >= 1")
-        b, k, eos, dev = features.shape[0], beam_size, self.cfg.eos_id, features.device
-        n = b * k
-        kvs = self.memory(features) if use_cache else None
-        caches = [KVCache(max_new_tokens) for _ in self.blocks] if use_cache else None
-        seq = torch.full((n, 1), self.cfg.bos_id, dtype=torch.long, device=dev)  # [N, 1+t] incl. BOS
-        scores = torch.zeros(b, k, device=dev)
-        scores[:, 1:] = -math.inf  # all beams start identical: let only the first one expand at step 0
-        done = torch.zeros(n, dtype=torch.bool, device=dev)
-        for t in range(max_new_tokens):
-            if use_cache:
-                h = self._hidden(seq[:, -1:], kvs, start=t, caches=caches)[:, -1]  # [N, D]
-            else:
-                h = self._hidden(seq, self.memory(features), causal=True)[:, -1]  # [N, D]
-            logp = self._next_logp(h)  # [N, V]
-            # Finished rows may only repeat EOS, at no cost.
-            logp = torch.where(done[:, None], torch.full_like(logp, -math.inf), logp)
-            logp[:, eos] = torch.where(done, torch.zeros_like(logp[:, eos]), logp[:, eos])
-            # One code path for every beam size: with K = 1, top-1 over V is the greedy argmax.
-            cand = (scores.view(n, 1) + logp).view(b, -1)  # [B, K*V]
-            scores, idx = cand.topk(k, dim=-1)  # [B, K]
-            tok = (idx % logp.shape[1]).view(n)  # [N]
-            if k > 1:
-                src = (torch.arange(b, device=dev)[:, None] * k + idx // logp.shape[1]).view(n)
-                seq, done = seq[src], done[src]
-                for c in caches or ():
-                    c.reorder(src)
-            seq = torch.cat([seq, tok[:, None]], dim=1)
-            done = done | (tok == eos)
-            if bool(done.all()):
-                break
-        out = seq[:, 1:]  # [N, T]
-        if k > 1:
-            ended = (out == eos).cumsum(1) > 0
-            length = (~ended).sum(1) + ended.any(1).long()  # tokens up to and incl. the first EOS
-            best = (scores.view(n) / length.clamp(min=1)).view(b, k).argmax(1)  # [B]
-            out = out.view(b, k, -1)[torch.arange(b, device=dev), best]
-        return out
+        from pipeline import decoding
+
+        if beam_size == 1:
+            return decoding.greedy(self, features, max_new_tokens=max_new_tokens, use_cache=use_cache)
+        return decoding.beam_search(self, features, max_new_tokens=max_new_tokens, beam_size=beam_size,
+                                    length_penalty=length_penalty, use_cache=use_cache).best()
 
     @torch.no_grad()
-    def parallel_decode(self, features, *, length=None, refine_steps: int = 0, max_length: int | None = None):
-        """CapPa parallel decoding -> ids [B, L]: one all-[MASK] pass (argmax), then `refine_steps` passes.
+    def parallel_decode(self, features, *, refine_steps: int = 0):
+        """CapPa parallel decoding -> ids [B, T], T <= Lp: one all-[MASK] pass at Lp (+ refine_steps
+        mask-predict passes), each row cut at its first EOS (EOS padding after it). `decoding.parallel`."""
+        from pipeline import decoding
 
-        Parallel rows were trained to attend over exactly their real positions, so the row length is an
-        input: `length` (int or [B] tensor, EOS included). length=None searches every length 1..max_length
-        (default max_len) and keeps, per image, the one whose argmax caption has the best mean token
-        log-probability: max_length passes, so pass a small max_length (e.g. 32) on a CPU.
-        Refinement (mask-predict): pass s of S re-masks the n*(S-s+1)/(S+1) least confident tokens of a row
-        and re-predicts them with the rest visible. The model never saw partly masked rows in training
-        (masking ratio 1), so refinement is a comparison mode, not expected to help much.
-        """
-        b, dev = features.shape[0], features.device
-        kvs = self.memory(features)
-        if length is None:
-            best_tok, best_score = None, None
-            for n in range(1, (max_length or self.cfg.max_len) + 1):
-                tok, conf = self._parallel(kvs, torch.full((b,), n, device=dev), refine_steps)
-                s = conf[:, :n].mean(1)  # [B]
-                if best_tok is None:
-                    best_tok, best_score = tok, s
-                else:
-                    best_tok = F.pad(best_tok, (0, 1), value=self.cfg.eos_id)
-                    better = s > best_score
-                    best_tok = torch.where(better[:, None], tok, best_tok)
-                    best_score = torch.maximum(s, best_score)
-            return best_tok
-        lengths = torch.as_tensor(length, device=dev).expand(b).long()
-        return self._parallel(kvs, lengths, refine_steps)[0]
-
-    def _parallel(self, kvs, lengths, refine_steps):
-        """-> (tokens [B, L], log-prob of each chosen token [B, L]) for rows of the given lengths."""
-        l = int(lengths.max())
-        if not 1 <= l <= self.cfg.max_len or int(lengths.min()) < 1:
-            raise ValueError(f"lengths must be in 1..{self.cfg.max_len}")
-        real = torch.arange(l, device=lengths.device)[None] < lengths[:, None]  # [B, L]
-        mask = (real[:, None, :] | ~real[:, :, None])[:, None]  # [B, 1, L, L]: real keys (pads see all)
-        tokens = torch.full(real.shape, self.cfg.mask_id, dtype=torch.long, device=lengths.device)
-        conf = torch.zeros(real.shape, device=lengths.device)
-        for s in range(refine_steps + 1):
-            h = self._hidden(tokens, kvs, mask)  # [B, L, D]
-            logp = self._next_logp(h.flatten(0, 1)).view(*real.shape, -1)  # [B, L, V]
-            new_conf, new_tok = logp.max(-1)  # [B, L]
-            redo = tokens == self.cfg.mask_id
-            tokens = torch.where(redo, new_tok, tokens)
-            conf = torch.where(redo, new_conf, conf)
-            if s == refine_steps:
-                break
-            n_mask = (lengths * (refine_steps - s) // (refine_steps + 1)).clamp(min=0)  # [B]
-            rank = conf.masked_fill(~real, math.inf).argsort(1).argsort(1)  # 0 = least confident
-            tokens = torch.where((rank < n_mask[:, None]) & real, self.cfg.mask_id, tokens)
-        tokens = tokens.masked_fill(~real, self.cfg.eos_id)
-        return tokens, conf.masked_fill(~real, 0.0)
+        return decoding.parallel(self, features, refine_steps=refine_steps)
 
 
-def flops_per_sample(cfg: DecoderConfig, text_len: float, image_tokens: int, cross: str = "kv") -> dict:
+def flops_per_sample(cfg: DecoderConfig, text_len: float, image_tokens: int, cross: str = "kv", *,
+                     parallel: bool = False) -> dict:
     """Model FLOPs of one sample (a multiply-add = 2 FLOPs) -> {"forward": F, "train": forward + backward}.
 
-    Forward, per layer: self-attn projections 2*L*4D^2; scores and weighted sum 2*2*L^2*D (the full L x L,
-    as computed); cross-attn Q/out 2*L*2D^2; MLP 2*L*2*D*F; and the cross-attention to the image tokens,
-    as `cross` computes it: "kv" = K/V of the image tokens 2*P*2D^2 plus scores and sum 2*2*L*P*D;
-    "absorbed" (`CrossAttention.absorbed`) = the K/V weights applied on the text side 2*2*L*D^2 plus scores
-    and sum over full-width image tokens per head 2*2*L*P*D*H. Plus the image projection 2*P*E*D when
-    E != D, and the vocab head 2*L*D*V (the loss fast path runs it on real tokens only, so pass L = real
-    tokens per row).
+    Forward, per layer over S positions: self-attn projections 2*S*4D^2; scores and weighted sum 2*2*S^2*D
+    (the full S x S, as computed); cross-attn Q/out 2*S*2D^2; MLP 2*S*2*D*F; and the cross-attention to the
+    image tokens, as `cross` computes it: "kv" = K/V of the image tokens 2*P*2D^2 plus scores and sum
+    2*2*S*P*D; "absorbed" (`CrossAttention.absorbed`) = the K/V weights applied on the text side 2*2*S*D^2
+    plus scores and sum over full-width image tokens per head 2*2*S*P*D*H. Plus the image projection
+    2*P*E*D when E != D, and the vocab head 2*L*D*V on the L = `text_len` real tokens (the loss runs it on
+    real tokens only). An AR row has S = L. A parallel row has S = Lp, and its block 0 leaves out what all
+    parallel rows of a batch share (self-attention, cross-attention Q, and in the absorbed form Q W_k):
+    `parallel_shared_flops` counts that once per batch.
     Train: backward = 2x forward (input and weight gradients), except that the frozen, cached features
     need no gradient: the matmuls that read them directly skip that half of their backward ("kv": the image
     K/V when E == D, else the projection; "absorbed": the two image-token matmuls when E == D). So train =
     3*F - the skipped part. Embedding lookups, norms and softmax are not counted (they are not matmuls).
     """
     l, p, d, f, e = text_len, image_tokens, cfg.width, cfg.mlp_dim, cfg.encoder_width
-    image_side, image_att = _cross_flops(cfg, l, p, cross)
-    layer = 2 * l * 4 * d * d + 4 * l * l * d + 2 * l * 2 * d * d + image_side + image_att + 4 * l * d * f
+    s = (cfg.parallel_len or cfg.max_len) if parallel else l
+    image_side, image_att = _cross_flops(cfg, s, p, cross)
+    layer = 2 * s * 4 * d * d + 4 * s * s * d + 2 * s * 2 * d * d + image_side + image_att + 4 * s * d * f
     fwd = cfg.layers * layer + 2 * l * d * cfg.vocab_size
+    if parallel:
+        fwd -= parallel_shared_flops(cfg, cross)["forward"]
     if e != d:
         fwd += 2 * p * e * d
         no_input_grad = 2 * p * e * d
     else:
         no_input_grad = cfg.layers * image_side
     return {"forward": fwd, "train": 3 * fwd - no_input_grad}
+
+
+def parallel_shared_flops(cfg: DecoderConfig, cross: str = "kv") -> dict:
+    """FLOPs of block 0's part that every parallel row shares, run once per batch on one [1, Lp, D] row:
+    self-attention 2*S*4D^2 + 2*2*S^2*D, cross-attention Q 2*S*D^2, and in the absorbed form Q W_k 2*S*D^2
+    (S = Lp). -> {"forward", "train"} (train = 3x: its input, the embeddings, needs gradients too)."""
+    s, d = cfg.parallel_len or cfg.max_len, cfg.width
+    fwd = 2 * s * 4 * d * d + 4 * s * s * d + 2 * s * d * d + (2 * s * d * d if cross == "absorbed" else 0)
+    return {"forward": fwd, "train": 3 * fwd}

@@ -175,6 +175,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *["| " + " | ".join(r) + " |" for r in rows]]
 
 
+def _parallel_note(st: dict) -> str:
+    lp = st.get("parallel_len")
+    note = (f"The parallel loss is CapPa's: every row is {lp} [MASK] inputs with full attention, scored on the "
+            "caption's real tokens (EOS included). The model is not told the caption's length; it must predict "
+            "where EOS goes, exactly as parallel decoding has to.")
+    if st.get("parallel_len_recorded") is False:
+        note += (" This run's config.json records no parallel_len (it predates fixed-length parallel rows): "
+                 "max_len is assumed, and its parallel rows were trained otherwise, so its parallel numbers "
+                 "are not comparable.")
+    return note
+
+
 def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
     """One page: provenance (a loud warning for a random-init encoder), metrics, attributes, blind, zero-shot."""
     enc = res["encoder"]
@@ -199,12 +211,19 @@ def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
           f"{res['device']} {res['precision']}, {res['wall_s']:.0f} s", "",
           "## Validation loss", "",
           *_table(["mode", "loss (nats/token)"], [["autoregressive", _f(res["val_loss"].get("loss_ar"))],
-                                                  ["parallel", _f(res["val_loss"].get("loss_par"))]]), ""]
+                                                  ["parallel", _f(res["val_loss"].get("loss_par"))]]), "",
+          _parallel_note(res["settings"]), ""]
     coco = res["metrics"]
-    cols = [k for k in (*MODES, *(f"blind_{m}" for m in MODES)) if k in coco]
+    st = res["settings"]
+    cols = [c for m in MODES for c in (m, f"blind_{m}") if c in coco]  # each mode beside its blind baseline
+    n_refs = st.get("references_per_image", 1)
+    refs = "one reference caption" if n_refs == 1 else f"{n_refs:g} reference captions"
     L += ["## COCO caption metrics", "",
-          f"pycocoevalcap with its PTB tokenizer, one reference caption per image; beam size {res['settings']['beam_size']}; "
-          "blind = the same decoder with the image features zeroed.", "",
+          f"pycocoevalcap with its PTB tokenizer, {refs} per image (all of them scored, as COCO does). Decoding: "
+          f"greedy; beam search (beam {st['beam_size']}, finished captions ranked by log-prob / "
+          f"length^{st.get('length_penalty', 1.0):g}); parallel (one all-[MASK] pass at length "
+          f"{st.get('parallel_len', '?')}, cut at the first EOS). Blind = the same decoder and decoding with the "
+          "image features zeroed: the sighted - blind gap is what the image adds.", "",
           *_table(["metric", *[c.replace("_", " ") for c in cols]],
                   [[m.replace("_", "-"), *[_f(coco[c].get(m)) for c in cols]] for m in METRICS]), ""]
     if res.get("attributes"):

@@ -63,7 +63,8 @@ def run(cfg: CaptionConfig) -> list[str]:
     amp = autocast_dtype(precision)
     max_new = min(cfg.max_new_tokens, dec.cfg.max_len)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        ids = dec.generate(feats.to(device).float(), max_new_tokens=max_new, beam_size=cfg.beam_size)
+        ids = dec.generate(feats.to(device).float(), max_new_tokens=max_new, beam_size=cfg.beam_size,
+                           length_penalty=cfg.length_penalty)
     captions = run.tokenizer.decode_batch(ids.cpu())
     for path, caption in zip(cfg.images, captions):
         print(f"{path}: {caption}", flush=True)

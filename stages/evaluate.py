@@ -106,12 +106,26 @@ def _meta_attributes(meta: str):
     return a or None
 
 
+def _meta_references(meta: str, caption: str) -> list[str]:
+    """The sample's reference captions (COCO style): the `references` its json carries (synthetic data: 5
+    phrasings, the training caption first), else the single caption (real lists)."""
+    try:
+        m = json.loads(meta) if meta else {}
+        refs = m.get("references") if isinstance(m, dict) else None
+        refs = json.loads(refs) if isinstance(refs, str) else refs
+    except ValueError:
+        refs = None
+    if isinstance(refs, list) and refs and all(isinstance(r, str) and r.strip() for r in refs):
+        return refs
+    return [caption]
+
+
 # --- generation ------------------------------------------------------------------------------------------------
 def _autocast(device, amp):
     return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
 
 
-def caption_all(decoder, tok, feats: torch.Tensor, mode: str, cfg: EvalConfig, max_new: int, par_len: int, amp,
+def caption_all(decoder, tok, feats: torch.Tensor, mode: str, cfg: EvalConfig, max_new: int, amp,
                 progress=None, task=None) -> list[str]:
     """Captions of fp16 features [K, P, E] (host) in batches; mode greedy | beam | parallel."""
     dev = next(decoder.parameters()).device
@@ -120,9 +134,10 @@ def caption_all(decoder, tok, feats: torch.Tensor, mode: str, cfg: EvalConfig, m
         f = feats[i:i + cfg.batch_size].to(dev).float()  # [b, P, E]
         with torch.no_grad(), _autocast(dev, amp):
             if mode == "parallel":
-                ids = decoder.parallel_decode(f, max_length=par_len)
+                ids = decoder.parallel_decode(f)  # one all-[MASK] pass at the run's parallel_len
             else:
-                ids = decoder.generate(f, max_new_tokens=max_new, beam_size=cfg.beam_size if mode == "beam" else 1)
+                ids = decoder.generate(f, max_new_tokens=max_new, beam_size=cfg.beam_size if mode == "beam" else 1,
+                                       length_penalty=cfg.length_penalty)
         out += tok.decode_batch(ids.cpu())
         if progress is not None:
             progress.update(task, advance=len(f))
@@ -210,10 +225,8 @@ def run(cfg: EvalConfig) -> dict:
     feats = source.read_positions(np.arange(k)).cpu()  # [K, P, E] fp16
     keys, refs = [index.keys[i] for i in val_pos[:k]], vcap[:k]
     attrs = [_meta_attributes(index.meta[i]) for i in val_pos[:k]]
+    references = [_meta_references(index.meta[i], r) for i, r in zip(val_pos[:k], refs)]
     synthetic_data = any(a is not None for a in attrs)
-    # Parallel decoding searches caption lengths; the training captions' longest bounds the search.
-    train_caps = [index.captions[i] for i in train_pos] or vcap
-    par_len = max(1, min(max_new, int(CaptionTokens(tok, train_caps, max_len).count.max())))
     blind = torch.zeros(1, store.tokens, store.width, dtype=torch.float16)  # [1, P, E]: no image at all
     caps: dict[str, list[str]] = {}
     zs_n = min(cfg.zero_shot_limit, k) if synthetic_data else 0
@@ -221,9 +234,9 @@ def run(cfg: EvalConfig) -> dict:
         for mode in report.MODES:
             task = progress.add_task(f"caption {mode}", total=k, unit="img")
             t = time.perf_counter()
-            caps[mode] = caption_all(dec, tok, feats, mode, cfg, max_new, par_len, amp, progress, task)
+            caps[mode] = caption_all(dec, tok, feats, mode, cfg, max_new, amp, progress, task)
             # The blind decoder sees the same (zero) input for every image, so one caption serves them all.
-            caps[f"blind_{mode}"] = caption_all(dec, tok, blind, mode, cfg, max_new, par_len, amp) * k
+            caps[f"blind_{mode}"] = caption_all(dec, tok, blind, mode, cfg, max_new, amp) * k
             timing[f"{mode}_s"] = time.perf_counter() - t
         zs = None
         if zs_n:
@@ -234,7 +247,7 @@ def run(cfg: EvalConfig) -> dict:
 
     # -- scores ---------------------------------------------------------------------------------------------------
     t = time.perf_counter()
-    ref_map = {key: [r] for key, r in zip(keys, refs)}
+    ref_map = dict(zip(keys, references))  # every reference of each image, as COCO scores
     coco = metrics.coco_metrics_many(ref_map, {m: dict(zip(keys, c)) for m, c in caps.items()})
     timing["coco_metrics_s"] = time.perf_counter() - t
     attributes = None
@@ -249,7 +262,7 @@ def run(cfg: EvalConfig) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from None
-    samples = [{"key": key, "reference": r, **{m: caps[m][i] for m in report.MODES}}
+    samples = [{"key": key, "reference": r, "references": references[i], **{m: caps[m][i] for m in report.MODES}}
                for i, (key, r) in enumerate(zip(keys, refs))]
     result = {
         "run": str(loaded.path), "checkpoint": {"dir": str(loaded.ckpt), "step": loaded.step},
@@ -258,7 +271,9 @@ def run(cfg: EvalConfig) -> dict:
         "decoder_summary": f"{dec.cfg.layers} layers x {dec.cfg.width} wide, {dec.num_parameters() / 1e6:.1f} M params",
         "device": str(device), "precision": precision,
         "split": {"val_fraction": float(val_fraction), "val": int(len(val_pos)), "captioned": k},
-        "settings": {"beam_size": cfg.beam_size, "max_new_tokens": max_new, "parallel_max_length": par_len,
+        "settings": {"beam_size": cfg.beam_size, "length_penalty": cfg.length_penalty, "max_new_tokens": max_new,
+                     "parallel_len": dec.parallel_len, "parallel_len_recorded": dec.cfg.parallel_len is not None,
+                     "references_per_image": sum(map(len, references)) / max(k, 1),
                      "limit": cfg.limit, "zero_shot_limit": cfg.zero_shot_limit},
         "val_loss": val_loss, "metrics": coco, "attributes": attributes, "zero_shot": zs,
         "blind_captions": {m: caps[f"blind_{m}"][0] for m in report.MODES} if k else {},

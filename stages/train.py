@@ -113,6 +113,8 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         (cfg.length_buckets < 0, f"--length-buckets must be >= 0 (got {cfg.length_buckets})"),
         (cfg.schedule not in ("constant", "cosine"), f"--schedule must be constant or cosine (got {cfg.schedule!r})"),
         (cfg.max_len < 2, f"--max-len must be >= 2 (got {cfg.max_len})"),
+        (cfg.parallel_len is not None and not 1 <= cfg.parallel_len <= cfg.max_len,
+         f"--parallel-len must be in 1..--max-len {cfg.max_len} (got {cfg.parallel_len})"),
         (cfg.max_steps is not None and cfg.max_steps < 1, f"--max-steps must be >= 1 (got {cfg.max_steps})"),
         (min(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim) < 1, "--layers, --width, --heads and --mlp-dim must be >= 1"),
         (cfg.width % max(cfg.heads, 1) != 0, f"--width {cfg.width} is not divisible by --heads {cfg.heads}"),
@@ -402,9 +404,17 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     if len(train_pos) < d.world:
         raise UserError(f"feature store {cfg.store} has {len(train_pos)} training samples: too few to train")
     tok = load_tokenizer(cfg.tokenizer)
+    t_tok = time.perf_counter()
+    tokens = CaptionTokens(tok, index.captions, cfg.max_len)
+    t_tok = time.perf_counter() - t_tok
+    if cfg.parallel_len is None:  # parallel rows' fixed length: the longest training caption, EOS included;
+        # recorded resolved, so a resumed run (same data) keeps it and another length is refused
+        from dataclasses import replace
+
+        cfg = replace(cfg, parallel_len=int(tokens.count[torch.from_numpy(train_pos)].max()))
     dec_cfg = DecoderConfig(layers=cfg.layers, width=cfg.width, heads=cfg.heads, mlp_dim=cfg.mlp_dim,
                             vocab_size=tok.vocab_size, max_len=cfg.max_len, encoder_width=store.width,
-                            mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+                            mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id, parallel_len=cfg.parallel_len)
     record = run_record(cfg, dec_cfg, tok, store, index, (train_pos, val_pos))
     mode = FeatureSource.resolve_mode(cfg.features, len(index) * store.tokens * store.width * 2, device)
     # The data order depends on the shuffle group; it is fixed when the run starts (uniform when the features
@@ -447,9 +457,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     if not d.all_ok(ok, device):
         raise err or UserError("rank 0 could not write the run folder")
 
-    t_tok = time.perf_counter()
-    tokens = CaptionTokens(tok, index.captions, cfg.max_len)
-    t_tok = time.perf_counter() - t_tok
     t_feat = time.perf_counter()
     with make_progress() if d.main else nullcontext() as bar:
         task = bar.add_task("loading features", total=len(index), unit="rows") if bar is not None else None
@@ -459,7 +466,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
             bar.update(task, visible=False)  # streamed: nothing was loaded up front
     t_feat = time.perf_counter() - t_feat
     common = dict(seed=cfg.seed, parallel_fraction=cfg.parallel_fraction, mixing=cfg.mixing, rank=d.rank,
-                  world=d.world, length_buckets=cfg.length_buckets)
+                  world=d.world, length_buckets=cfg.length_buckets, parallel_len=cfg.parallel_len)
     train_loader = Loader(source, tokens, train_pos, cfg.batch_size, shuffle=True,
                           buffer_slabs=order["shuffle_group_slabs"], **common)
     val_loader = Loader(source, tokens, val_pos, cfg.batch_size, shuffle=False,  # groups only bound memory here

@@ -66,7 +66,12 @@ def test_eval_numbers(evaluated, tiny_run):
     assert res["split"]["captioned"] == k == len(res["samples"]) > 0
     assert all(s["reference"] and isinstance(s["greedy"], str) for s in res["samples"])
     assert set(res["blind_captions"]) == {"greedy", "beam", "parallel"}
-    assert res["settings"]["max_new_tokens"] == 16 and 1 <= res["settings"]["parallel_max_length"] <= 16
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert res["settings"]["max_new_tokens"] == 16 and res["settings"]["parallel_len"] == cfg["decoder"]["parallel_len"]
+    assert all(len(s["parallel"].split()) <= cfg["decoder"]["parallel_len"] for s in res["samples"])
+    # Synthetic data: every image is scored against its 5 references, the training caption first.
+    assert res["settings"]["references_per_image"] == 5
+    assert all(len(s["references"]) == 5 and s["references"][0] == s["reference"] for s in res["samples"])
     assert res["zero_shot"]["colour"]["samples"] == min(4, k) and res["zero_shot"]["colour"]["chance"] == pytest.approx(1 / 9)
     assert res["grid_images"]["shard"] == k  # the grid's pictures were read back from the shards
     # Same checkpoint, same split, same loss: the eval's validation loss is training's last validation entry.

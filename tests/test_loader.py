@@ -195,3 +195,22 @@ def test_length_buckets_cut_padding_and_keep_every_guarantee(store, tokens, monk
         assert np.array_equal(np.r_[a.positions, b.positions], g[0])
     with pytest.raises(ValueError):
         make(store, tokens, "memory", length_buckets=-1)
+
+
+def test_length_bucketed_batches_run_in_a_shuffled_order(store, tokens):
+    """Within a window, each batch holds rows of neighbouring lengths, but the batches do not run short to
+    long (or long to short): their order is drawn, per (seed, epoch)."""
+    ld = make(store, tokens, "memory", batch_size=4, length_buckets=4, buffer_slabs=None)
+    ext = tokens.extent.numpy()
+    monotone, windows = 0, 0
+    for epoch in range(4):
+        order, _ = ld.order(epoch)
+        for w in range(0, len(order) - 16 + 1, 16):  # one group: windows are 4 whole batches each
+            rows = order[w:w + 16].reshape(4, 4)
+            lo, hi = ext[rows].min(1), ext[rows].max(1)
+            srt = np.argsort(lo, kind="stable")
+            assert (hi[srt][:-1] <= lo[srt][1:]).all()  # batches do not overlap in length: grouped by length
+            windows += 1
+            monotone += bool((np.diff(lo) >= 0).all() or (np.diff(hi) <= 0).all())
+        assert np.array_equal(order, ld.order(epoch)[0])  # a pure function of (seed, epoch)
+    assert windows >= 8 and monotone < windows / 2, (monotone, windows)

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import CaptionDecoder, DecoderConfig, absorb_cross, flops_per_sample
+from pipeline import decoding
+from pipeline.model import CaptionDecoder, DecoderConfig, absorb_cross, flops_per_sample, parallel_shared_flops
 
 V = 50258
 
@@ -21,7 +22,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-TINY = dict(layers=2, width=64, heads=4, mlp_dim=128, encoder_width=48)
+TINY = dict(layers=2, width=64, heads=4, mlp_dim=128, encoder_width=48, parallel_len=9)
 P, E = 10, 48
 
 
@@ -69,18 +70,77 @@ def test_ar_rows_are_causal():
 
 
 @torch.no_grad()
-def test_parallel_rows_ignore_target_values():
+def test_parallel_logits_are_a_function_of_the_image_alone():
+    """Two captions of different lengths for the same image, in batches holding other rows (AR and parallel,
+    other lengths): identical parallel logits at every one of the Lp positions."""
     m = tiny()
-    f, t, mk = batch(b=2)
-    par = torch.ones(2, dtype=torch.bool)
-    a = m(f, t, mk, par)
-    b = m(f, torch.randint(0, 50000, t.shape), mk, par)
-    torch.testing.assert_close(a, b)
-    # ... but they do attend bidirectionally: the first position depends on the row's length.
-    mk2 = mk.clone()
-    mk2[:, 5:] = False
-    c = m(f, t, mk2, par)
-    assert (a[:, 0] - c[:, 0]).abs().max() > 1e-3
+    lp = m.parallel_len
+    f, t, mk = batch(b=3, l=lp)
+    mk[0, 3:] = False  # image 0 with a 3-token caption, beside an AR row and another parallel row
+    a = m(f, t, mk, torch.tensor([True, False, True]))[0]
+    t2 = torch.randint(0, 50000, (1, lp))
+    mk2 = torch.ones(1, lp, dtype=torch.bool)
+    mk2[0, 8:] = False  # the same image alone, with an 8-token caption of other ids
+    b = m(f[:1], t2, mk2, torch.tensor([True]))[0]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    f4, t4, mk4 = batch(b=4, l=lp, seed=7)  # ... and inside a batch of other images, all parallel
+    f4[2] = f[0]
+    c = m(f4, t4, mk4, torch.ones(4, dtype=torch.bool))[2]
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    assert (a[0] - a[1]).abs().max() > 1e-3  # positions differ (position embeddings): not one repeated row
+
+
+@torch.no_grad()
+def test_parallel_rows_attend_over_all_lp_positions():
+    m = tiny()
+    for b in m.blocks:  # a stronger self-attention pathway, so one key's change shows
+        b.attn.out.weight.mul_(20)
+    lp = m.parallel_len
+    f, t, mk = batch(b=2, l=4)
+    par, ar = torch.tensor([True, True]), torch.tensor([False, False])
+    base_par, base_ar = m(f, t, mk, par), m(f, t, mk, ar)
+    kick = torch.randn(m.cfg.width, generator=torch.Generator().manual_seed(0))  # not constant: LayerNorm
+    m.pos_emb[lp - 1] += kick  # the last parallel position, beyond every caption here
+    assert (m(f, t, mk, par)[:, 0] - base_par[:, 0]).abs().max() > 1e-3  # bidirectional over all Lp
+    torch.testing.assert_close(m(f, t, mk, ar), base_ar)  # AR rows of length 4 never see position Lp-1
+    m.pos_emb[lp - 1] -= kick
+    m.pos_emb[lp] += kick  # past Lp: nothing changes
+    torch.testing.assert_close(m(f, t, mk, par), base_par)
+
+
+@pytest.mark.parametrize("cross", ["kv", "absorbed"])
+def test_shared_first_block_is_the_plain_all_mask_pass(cross):
+    """The parallel path's shortcut (block 0's self-attention and queries once per batch) has the plain
+    all-[MASK] pass's loss and gradients (float64: only rounding differs)."""
+    torch.manual_seed(0)
+    m = CaptionDecoder(DecoderConfig(**TINY)).double()
+    torch.nn.init.normal_(m.head.weight, std=0.3)
+    m.cross_mode = cross
+    f, t, mk = batch(b=3, l=6)
+    f = f.double()
+    mk[1, 2:] = False
+    par = torch.ones(3, dtype=torch.bool)
+    m.zero_grad()
+    out = m.loss(f, t, mk, par)
+    out["loss"].backward()
+    fast = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    tt, mm = m._fit(t, mk)
+    h = m._hidden(torch.full_like(tt, m.cfg.mask_id), m._train_memory(f, m.parallel_len))  # full attention
+    ref = F.cross_entropy(m.head(h[mm]), tt[mm])
+    ref.backward()
+    torch.testing.assert_close(out["loss"], ref)
+    assert out["tokens_par"].item() == int(mk.sum())
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fast[n], p.grad, msg=n)
+
+
+def test_parallel_len_default_and_bounds():
+    old = {k: v for k, v in TINY.items() if k != "parallel_len"}  # a config.json from before parallel_len
+    assert CaptionDecoder(DecoderConfig(**old)).parallel_len == 77  # = max_len
+    with pytest.raises(ValueError, match="parallel_len"):
+        CaptionDecoder(DecoderConfig(**{**TINY, "parallel_len": 78}))
 
 
 @torch.no_grad()
@@ -161,28 +221,129 @@ def test_kv_cache_greedy_equals_no_cache_and_forward():
     assert len({tuple(r) for r in cached.tolist()}) > 1  # different images, different captions
 
 
-def test_beam_search_cache_equals_no_cache():
-    m = tiny()
-    f = batch(b=2)[0]
-    a = m.generate(f, max_new_tokens=8, beam_size=3, use_cache=True)
-    b = m.generate(f, max_new_tokens=8, beam_size=3, use_cache=False)
-    assert a.shape == (2, 8) and torch.equal(a, b)
+# --- beam search on a 5-id vocabulary (3 words, EOS = BOS, [MASK]): every caption can be enumerated ------------
+SMALL = dict(layers=2, width=32, heads=2, mlp_dim=64, vocab_size=5, max_len=8, encoder_width=16, mask_id=4,
+             bos_id=3, eos_id=3, parallel_len=6)
 
 
-def test_beam_finds_likelier_caption_than_greedy():
-    m = tiny(head_std=0.05)
-    f = batch(b=4)[0]
-    eos = m.cfg.eos_id
-    greedy = m.generate(f, max_new_tokens=6)
-    beam = m.generate(f, max_new_tokens=6, beam_size=4)
+def small(seed=0, head_std=1.5):
+    torch.manual_seed(seed)
+    m = CaptionDecoder(DecoderConfig(**SMALL)).eval()
+    torch.nn.init.normal_(m.head.weight, std=head_std)  # peaked, image-dependent next-token distributions
+    with torch.no_grad():
+        for b in m.blocks:
+            b.cross.out.weight.mul_(20)
+    return m, torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(seed))
 
-    def ll(seq):
-        t = seq.clone()
-        return m.score(f, t, torch.ones_like(t, dtype=torch.bool)) / t.shape[1]
 
-    # With no EOS in either (fixed length), the beam's length-normalised score is at least greedy's.
-    if not ((greedy == eos).any() or (beam == eos).any()):
-        assert (ll(beam) >= ll(greedy) - 1e-4).all()
+def every_caption(words: int, eos: int, max_new: int):
+    """Every caption of at most max_new ids: EOS-terminated ones, and those that run to max_new without EOS."""
+    import itertools
+
+    out = []
+    for n in range(max_new + 1):
+        for body in itertools.product(range(words), repeat=n):
+            if n < max_new:
+                out.append([*body, eos])
+            elif n == max_new:
+                out.append(list(body))
+    return out
+
+
+@torch.no_grad()
+def brute_force(m, f, max_new, alpha):
+    """(scores [B, S] = summed log-prob / length**alpha under generation's distribution, captions)."""
+    caps = every_caption(3, m.cfg.eos_id, max_new)
+    n, L = len(caps), max_new
+    t = torch.full((n, L), m.cfg.eos_id)
+    mk = torch.zeros(n, L, dtype=torch.bool)
+    for i, c in enumerate(caps):
+        t[i, : len(c)] = torch.tensor(c)
+        mk[i, : len(c)] = True
+    out = []
+    for img in range(f.shape[0]):
+        logits = m(f[img : img + 1].expand(n, -1, -1), t, mk, torch.zeros(n, dtype=torch.bool))
+        logits[..., m.cfg.mask_id] = -math.inf  # as generation: [MASK] is never generated
+        lp = (logits.log_softmax(-1).gather(-1, t[..., None])[..., 0] * mk).sum(1)
+        out.append(lp / mk.sum(1).double() ** alpha)
+    return torch.stack(out).float(), caps
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0])
+def test_beam_search_with_room_for_everything_is_the_brute_force_optimum(alpha):
+    m, f = small()
+    max_new = 4
+    want, caps = brute_force(m, f, max_new, alpha)  # 121 captions per image
+    # 2K >= every continuation of every prefix: nothing is pruned, so the pool is the exact top K.
+    beams = decoding.beam_search(m, f, max_new_tokens=max_new, beam_size=64, length_penalty=alpha)
+    top = want.topk(64, dim=1).values
+    torch.testing.assert_close(beams.scores, top, atol=1e-5, rtol=1e-5)
+    best = m.generate(f, max_new_tokens=max_new, beam_size=64, length_penalty=alpha)
+    for i in range(f.shape[0]):
+        c = caps[int(want[i].argmax())]
+        assert best[i, : len(c)].tolist() == c and (best[i, len(c):] == m.cfg.eos_id).all()
+    # A narrow beam never beats the optimum, and what it reports is the true score of what it returns.
+    narrow = decoding.beam_search(m, f, max_new_tokens=max_new, beam_size=2, length_penalty=alpha)
+    assert (narrow.scores[:, 0] <= want.max(1).values + 1e-5).all()
+    for i in range(f.shape[0]):
+        seq = narrow.sequences[i, 0, : int(narrow.lengths[i, 0])].tolist()
+        torch.testing.assert_close(narrow.scores[i, 0], want[i, caps.index(seq)], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beam_early_stop_never_changes_the_pool(alpha):
+    """The stopping bound is exact: stopping early gives the pool that running to max_new_tokens gives."""
+    for seed in range(3):
+        m, f = small(seed, head_std=0.8)
+        kw = dict(max_new_tokens=7, beam_size=3, length_penalty=alpha)
+        a = decoding.beam_search(m, f, **kw)
+        b = decoding.beam_search(m, f, **kw, early_stop=False)
+        torch.testing.assert_close(a.scores, b.scores)
+        assert torch.equal(a.sequences, b.sequences)
+
+
+def test_beam_one_is_greedy_and_cache_changes_nothing():
+    m, f = small(head_std=0.8)
+    g = m.generate(f, max_new_tokens=7)
+    assert torch.equal(m.generate(f, max_new_tokens=7, beam_size=1, length_penalty=2.0), g)
+    # With no length penalty, a width-1 beam search (its pool and refill included) is greedy exactly.
+    one = decoding.beam_search(m, f, max_new_tokens=7, beam_size=1, length_penalty=0.0).best()
+    assert torch.equal(one, g[:, : one.shape[1]]) and (g[:, one.shape[1]:] == m.cfg.eos_id).all()
+    big = tiny()
+    fb = batch(b=2)[0]
+    for alpha in (0.0, 1.0):
+        a = decoding.beam_search(big, fb, max_new_tokens=8, beam_size=3, length_penalty=alpha, use_cache=True)
+        b = decoding.beam_search(big, fb, max_new_tokens=8, beam_size=3, length_penalty=alpha, use_cache=False)
+        assert torch.equal(a.sequences, b.sequences)
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+
+
+def fixed_steps(m, table):
+    """Make the head emit log(table[step]) whatever the input: next-token probabilities by step alone."""
+    calls = [0]
+
+    def hook(mod, inp, out):
+        p = torch.tensor(table[min(calls[0], len(table) - 1)]).log()
+        calls[0] += 1
+        return p.expand_as(out).clone()
+
+    return m.head.register_forward_hook(hook)
+
+
+def test_short_finished_beam_is_pushed_out_by_longer_better_ones():
+    m, f = small()
+    # ids 0, 1, 2 = words, 3 = EOS, 4 = [MASK] (never generated). Step 0: EOS likeliest; then EOS at 0.98.
+    table = [[0.35, 0.24, 0.01, 0.4, 0.0], [0.01, 0.005, 0.005, 0.98, 0.0]]
+    hook = fixed_steps(m, table)
+    beams = decoding.beam_search(m, f[:1], max_new_tokens=6, beam_size=2, length_penalty=1.0)
+    hook.remove()
+    # "EOS" (log 0.4 / 1 = -0.92) finished first, then "w0 EOS" (-0.54) and "w1 EOS" (-0.72) outranked it.
+    assert beams.sequences[0, :, :2].tolist() == [[0, 3], [1, 3]] and beams.lengths[0].tolist() == [2, 2]
+    want = [(math.log(0.35) + math.log(0.98)) / 2, (math.log(0.24) + math.log(0.98)) / 2]
+    torch.testing.assert_close(beams.scores[0], torch.tensor(want))
+    fixed_steps(m, table)  # step counter from 0 again
+    # Without a length penalty the summed log-prob wins: "EOS" alone (-0.92 vs -1.07).
+    assert m.generate(f[:1], max_new_tokens=6, beam_size=2, length_penalty=0.0).tolist() == [[3]]
 
 
 def test_generate_stops_at_eos():
@@ -197,24 +358,30 @@ def test_generate_stops_at_eos():
     f = batch(b=2)[0]
     out = m.generate(f, max_new_tokens=10)
     assert out.shape == (2, 1) and (out == eos).all()
-    # Beam search ends once every beam has ended; the EOS-first beam wins and the rest is EOS padding.
-    out = m.generate(f, max_new_tokens=10, beam_size=3)
-    assert out.shape[1] < 10 and (out == eos).all()
+    # Beam search: the EOS-first caption wins and nothing longer can beat it, so the search stops early.
+    out = m.generate(f, max_new_tokens=10, beam_size=3, length_penalty=0.0)
+    assert out.shape == (2, 1) and (out == eos).all()
 
 
-def test_parallel_decode_shapes():
+def test_parallel_decode_is_one_pass_cut_at_eos():
     m = tiny()
     f = batch(b=3)[0]
-    eos, mask_id = m.cfg.eos_id, m.cfg.mask_id
-    a = m.parallel_decode(f, length=6)
-    assert a.shape == (3, 6) and a.dtype == torch.long and not (a == mask_id).any()
-    r = m.parallel_decode(f, length=torch.tensor([2, 5, 4]), refine_steps=2)
-    assert r.shape == (3, 5) and not (r == mask_id).any()
-    assert (r[0, 2:] == eos).all() and (r[2, 4:] == eos).all()
-    s = m.parallel_decode(f, max_length=5)
-    assert s.shape == (3, 5)
-    with pytest.raises(ValueError):
-        m.parallel_decode(f, length=m.cfg.max_len + 1)
+    eos, mask_id, lp = m.cfg.eos_id, m.cfg.mask_id, m.parallel_len
+    passes = [0]
+    m.blocks[0].register_forward_hook(lambda *a: passes.__setitem__(0, passes[0] + 1))
+    a = m.parallel_decode(f)
+    assert passes[0] == 1  # one decoder pass for the whole batch: no length search
+    assert a.dtype == torch.long and a.shape[0] == 3 and 1 <= a.shape[1] <= lp and not (a == mask_id).any()
+    # The argmax of the parallel logits, cut at each row's first EOS.
+    logits = m(f, torch.zeros(3, lp, dtype=torch.long), torch.ones(3, lp, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
+    logits[..., mask_id] = -math.inf
+    assert torch.equal(a, decoding.cut_at_eos(logits.argmax(-1), eos))
+    passes[0] = 0
+    r = m.parallel_decode(f, refine_steps=2)
+    assert passes[0] == 3 and r.shape[0] == 3 and r.shape[1] <= lp and not (r == mask_id).any()
+    cut = decoding.cut_at_eos(torch.tensor([[5, eos, 7, eos], [5, 6, 7, 8], [eos, 1, 2, 3]]), eos)
+    assert cut.tolist() == [[5, eos, eos, eos], [5, 6, 7, 8], [eos, eos, eos, eos]]
+    assert decoding.cut_at_eos(torch.tensor([[5, eos, 7], [eos, 1, 2]]), eos).tolist() == [[5, eos], [eos, eos]]
 
 
 def test_score_groups_candidates_per_image():
@@ -255,7 +422,7 @@ def test_overfit_then_generate_and_score():
     g = m.generate(f, max_new_tokens=12)
     assert g.shape[1] == mask.sum(1).max()  # stopped when the longest caption's EOS came out
     assert torch.equal(g, targets)  # shorter rows padded with EOS after their own EOS
-    assert tok.decode_batch(m.parallel_decode(f, length=mask.sum(1))) == caps
+    assert tok.decode_batch(m.parallel_decode(f)) == caps  # one pass at Lp: the model places EOS itself
     # Zero-shot: every image ranks its own caption first among all four.
     cands = targets.repeat(4, 1)
     s = m.score(f, cands, mask.repeat(4, 1)).view(4, 4)
@@ -267,17 +434,19 @@ def test_flops_formula_matches_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     for enc, cross in ((48, "kv"), (64, "kv"), (48, "absorbed"), (64, "absorbed")):  # with/without projection
-        m = CaptionDecoder(DecoderConfig(**{**TINY, "encoder_width": enc}))
+        m = CaptionDecoder(DecoderConfig(**{**TINY, "encoder_width": enc}))  # Lp = 9
         m.cross_mode = cross
-        f, t, mk = torch.randn(2, P, enc), torch.randint(0, 50000, (2, 7)), torch.ones(2, 7, dtype=torch.bool)
-        want = flops_per_sample(m.cfg, 7, P, cross)
+        f, t, mk = torch.randn(3, P, enc), torch.randint(0, 50000, (3, 7)), torch.ones(3, 7, dtype=torch.bool)
+        par = torch.tensor([True, False, True])  # one AR row of 7, two parallel rows of Lp sharing block 0's start
+        want = {k: flops_per_sample(m.cfg, 7, P, cross)[k] + 2 * flops_per_sample(m.cfg, 7, P, cross, parallel=True)[k]
+                + parallel_shared_flops(m.cfg, cross)[k] for k in ("forward", "train")}
         # The math backend runs attention as matmuls the counter sees (the CPU flash kernel is uncounted).
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
-            m(f, t, mk, torch.tensor([True, False]))
-        assert fc.get_total_flops() == 2 * want["forward"]
+            m(f, t, mk, par)
+        assert fc.get_total_flops() == want["forward"], cross
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
-            m.loss(f, t, mk, torch.tensor([True, False]))["loss"].backward()
-        assert fc.get_total_flops() == 2 * want["train"]
+            m.loss(f, t, mk, par)["loss"].backward()
+        assert fc.get_total_flops() == want["train"], cross
 
 
 @pytest.mark.parametrize("enc", [48, 64])

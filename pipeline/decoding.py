@@ -1,0 +1,200 @@
+"""Caption decoding with a CaptionDecoder: greedy, beam search (finished pool, length penalty), CapPa parallel.
+
+Letters as in pipeline/model.py: B images, K beams, N = B*K text rows, T generated tokens, V vocabulary,
+Lp the parallel rows' fixed length. The length of a caption counts its EOS (a caption that runs to
+max_new_tokens without EOS has length max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.model import KVCache
+
+
+class _Steps:
+    """Next-token log-probs of N growing AR rows: with the KV cache (image K/V once, self-attention K/V
+    appended per step) or without it (the whole prefix and the image K/V re-run every step)."""
+
+    def __init__(self, model, features, max_new_tokens: int, use_cache: bool):
+        self.m, self.features, self.use_cache = model, features, use_cache
+        self.kvs = model.memory(features) if use_cache else None
+        self.caches = [KVCache(max_new_tokens) for _ in model.blocks] if use_cache else None
+
+    def __call__(self, seq, t: int):  # seq [N, 1+t] incl. BOS -> [N, V] float32 log-probs
+        m = self.m
+        if self.use_cache:
+            h = m._hidden(seq[:, -1:], self.kvs, start=t, caches=self.caches)[:, -1]  # [N, D]
+        else:
+            h = m._hidden(seq, m.memory(self.features), causal=True)[:, -1]  # [N, D]
+        return m._next_logp(h)
+
+    def reorder(self, src):  # row i continues from row src[i]
+        for c in self.caches or ():
+            c.reorder(src)
+
+
+def _check(model, max_new_tokens: int) -> None:
+    if not 1 <= max_new_tokens <= model.cfg.max_len:
+        raise ValueError(f"max_new_tokens must be in 1..{model.cfg.max_len}")
+
+
+@torch.no_grad()
+def greedy(model, features, *, max_new_tokens: int, use_cache: bool = True):
+    """Argmax at every step -> ids [B, T]: stops when every row has said EOS; EOS padding after a row's EOS."""
+    _check(model, max_new_tokens)
+    eos = model.cfg.eos_id
+    step = _Steps(model, features, max_new_tokens, use_cache)
+    seq = torch.full((features.shape[0], 1), model.cfg.bos_id, dtype=torch.long, device=features.device)
+    done = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+    for t in range(max_new_tokens):
+        tok = step(seq, t).argmax(-1).masked_fill(done, eos)  # [B]
+        seq = torch.cat([seq, tok[:, None]], dim=1)
+        done = done | (tok == eos)
+        if bool(done.all()):
+            break
+    return seq[:, 1:]
+
+
+@dataclass
+class Beams:
+    """The finished pool of a beam search: the best K hypotheses per image, best first."""
+
+    sequences: torch.Tensor  # [B, K, T] ids, EOS-padded after a hypothesis' EOS
+    scores: torch.Tensor  # [B, K] summed log-prob / length**length_penalty (-inf: an empty slot)
+    lengths: torch.Tensor  # [B, K] tokens incl. EOS
+    log_probs: torch.Tensor  # [B, K] summed log-prob
+
+    def best(self):  # -> [B, T'] the top hypothesis of each image, cut to the longest of them
+        top = self.sequences[:, 0]
+        return top[:, : max(int(self.lengths[:, 0].max()), 1)]
+
+
+def final_score(log_prob, length, length_penalty: float):
+    return log_prob / length.to(log_prob.dtype) ** length_penalty
+
+
+@torch.no_grad()
+def beam_search(model, features, *, max_new_tokens: int, beam_size: int, length_penalty: float = 1.0,
+                use_cache: bool = True, early_stop: bool = True) -> Beams:
+    """Beam search as in HF transformers / fairseq -> the finished pool (`Beams`).
+
+    Each step takes the top 2K continuations of an image's K alive hypotheses. One that ends in EOS and
+    ranks within the top K moves to the image's finished pool, which keeps the best K by summed log-prob
+    / length**length_penalty; the alive set is refilled with the best K continuations that do not end, so
+    the search keeps its width while beams finish. At max_new_tokens the alive hypotheses are pooled too.
+
+    An image stops early once its pool holds K hypotheses and no alive one can still beat the worst of
+    them. That test is exact, not HF's heuristic (which divides by the current length): an alive hypothesis
+    with summed log-prob s <= 0 after t tokens (none of them EOS) ends with log-prob s' <= s at some length
+    l in [t+1, max_new_tokens], so its final score is at
+    most max(s / (t+1)**a, s / max_new_tokens**a) (s / l**a is monotone in l; a = length_penalty, any
+    sign). With a > 0 that bound assumes every further token is free, so a search often runs to
+    max_new_tokens; with a = 0 it stops as soon as the pool's worst beats the best alive sum.
+    early_stop=False always runs to max_new_tokens (the same pool, for tests and comparisons).
+    """
+    _check(model, max_new_tokens)
+    if beam_size < 1:
+        raise ValueError("beam_size must be >= 1")
+    b, k, eos, dev = features.shape[0], beam_size, model.cfg.eos_id, features.device
+    n, steps_max, a = b * k, max_new_tokens, float(length_penalty)
+    step = _Steps(model, features, max_new_tokens, use_cache)
+    seq = torch.full((n, 1), model.cfg.bos_id, dtype=torch.long, device=dev)  # [N, 1+t] incl. BOS
+    alive = torch.zeros(b, k, device=dev)  # [B, K] summed log-probs
+    alive[:, 1:] = -math.inf  # all beams start identical: only the first one expands at step 0
+    pool_seq = torch.full((b, k, steps_max), eos, dtype=torch.long, device=dev)
+    pool_score = torch.full((b, k), -math.inf, device=dev)
+    pool_len = torch.ones(b, k, dtype=torch.long, device=dev)
+    pool_lp = torch.full((b, k), -math.inf, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    rank = torch.arange(2 * k, device=dev)
+    base = torch.arange(b, device=dev)[:, None] * k  # [B, 1] first row of each image
+
+    def pool_add(cand_seq, cand_lp, length, ok):
+        """Merge candidates [B, C, t] (log-prob [B, C], eligible [B, C]) of one length into the pool."""
+        nonlocal pool_seq, pool_score, pool_len, pool_lp
+        c = cand_seq.shape[1]
+        lens = torch.full((b, c), length, dtype=torch.long, device=dev)
+        score = torch.where(ok, final_score(cand_lp, lens, a), torch.full_like(cand_lp, -math.inf))
+        padded = torch.full((b, c, steps_max), eos, dtype=torch.long, device=dev)
+        padded[:, :, : cand_seq.shape[2]] = cand_seq
+        all_score = torch.cat([pool_score, score], 1)  # [B, K+C]
+        pool_score, top = all_score.topk(k, dim=1)  # best first
+        pool_seq = torch.cat([pool_seq, padded], 1).gather(1, top[..., None].expand(-1, -1, steps_max))
+        pool_len = torch.cat([pool_len, lens], 1).gather(1, top)
+        pool_lp = torch.cat([pool_lp, cand_lp], 1).gather(1, top)
+
+    for t in range(steps_max):
+        logp = step(seq, t)  # [N, V]
+        v = logp.shape[1]
+        cand, idx = (alive.view(n, 1) + logp).view(b, k * v).topk(2 * k, dim=1)  # [B, 2K], best first
+        src = base + idx // v  # [B, 2K] row each candidate extends
+        tok = idx % v  # [B, 2K]
+        ends = tok == eos
+        # Candidate sequences without BOS: [B, 2K, t+1]
+        cand_seq = torch.cat([seq[src.view(-1), 1:].view(b, 2 * k, t), tok[..., None]], 2)
+        fin = ends & (rank < k) & torch.isfinite(cand) & ~done[:, None]
+        if bool(fin.any()):
+            pool_add(cand_seq, cand, t + 1, fin)
+        keep = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :k]  # first K non-EOS, in order
+        alive = cand.gather(1, keep)  # [B, K]
+        rows = src.gather(1, keep).view(n)
+        seq = torch.cat([seq[rows], tok.gather(1, keep).view(n, 1)], 1)
+        step.reorder(rows)
+        if t + 1 == steps_max:
+            break
+        if not early_stop:
+            continue
+        best_alive = alive.max(1).values  # [B]; alive rows hold t+1 tokens, so they end at length >= t+2
+        bound = torch.maximum(best_alive / float(t + 2) ** a, best_alive / float(steps_max) ** a)
+        bound = torch.where(torch.isfinite(best_alive), bound, best_alive)
+        full = torch.isfinite(pool_score).all(1)
+        done = done | (full & (pool_score[:, -1] >= bound))
+        if bool(done.all()):
+            break
+    if not bool(done.all()):  # hypotheses still alive ran to max_new_tokens (or stopped earlier): pool them
+        pool_add(seq[:, 1:].view(b, k, -1), alive, seq.shape[1] - 1, torch.isfinite(alive) & ~done[:, None])
+    return Beams(pool_seq, pool_score, pool_len, pool_lp)
+
+
+def cut_at_eos(tokens, eos: int):
+    """ids [B, L] -> [B, T]: every position after a row's first EOS set to EOS, then the columns after the
+    longest row's end dropped (T = the longest caption incl. its EOS, or L if a row never ends)."""
+    ended = (tokens == eos).cumsum(1) > 0  # [B, L] first EOS and after
+    tokens = tokens.masked_fill(ended, eos)
+    length = (~ended).sum(1) + ended.any(1).long()  # [B] incl. EOS
+    return tokens[:, : max(int(length.max()), 1)]
+
+
+@torch.no_grad()
+def parallel(model, features, *, refine_steps: int = 0):
+    """CapPa parallel decoding -> ids [B, T], T <= Lp.
+
+    One pass over Lp all-[MASK] positions (the training rows' length) predicts every token at once (argmax);
+    the caption ends at its first EOS. No length is given or searched: the model predicts where EOS goes.
+    Refinement (mask-predict): pass s of S re-masks the n*(S-s)/(S+1) least confident tokens among the
+    caption's n (up to its current first EOS) and re-predicts them with the rest visible. Training only
+    ever showed fully masked rows (masking ratio 1), so refinement is a comparison mode.
+    """
+    if refine_steps < 0:
+        raise ValueError("refine_steps must be >= 0")
+    cfg, lp = model.cfg, model.parallel_len
+    b = features.shape[0]
+    kvs = model.memory(features)
+    logp = model._next_logp(model._parallel_hidden(kvs).flatten(0, 1)).view(b, lp, -1)  # [B, Lp, V]
+    conf, tokens = logp.max(-1)  # [B, Lp]
+    pos = torch.arange(lp, device=features.device)
+    for s in range(refine_steps):
+        ended = (tokens == cfg.eos_id).cumsum(1) > 0
+        n = (~ended).sum(1) + ended.any(1).long()  # [B] caption length incl. EOS
+        n_mask = n * (refine_steps - s) // (refine_steps + 1)  # [B]
+        inside = pos[None] < n[:, None]  # [B, Lp]
+        order = conf.masked_fill(~inside, math.inf).argsort(1).argsort(1)  # 0 = least confident
+        redo = (order < n_mask[:, None]) & inside
+        h = model._hidden(tokens.masked_fill(redo, cfg.mask_id), kvs)  # full attention over Lp
+        new_conf, new_tok = model._next_logp(h.flatten(0, 1)).view(b, lp, -1).max(-1)
+        tokens, conf = torch.where(redo, new_tok, tokens), torch.where(redo, new_conf, conf)
+    return cut_at_eos(tokens, cfg.eos_id)
