@@ -115,9 +115,12 @@ def train(
     """
     from stages import train as stage
 
-    given = {k: v for k, v in ctx.params.items()
-             if k != "recipe" and ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
-    stage.run(train_config(recipe, **given))
+    stage.run(TrainConfig(store=store, run=run, epochs=epochs, batch_size=batch_size, lr=lr,
+                          parallel_fraction=parallel_fraction, mixing=mixing, length_buckets=length_buckets, max_len=max_len, max_steps=max_steps,
+                          layers=layers, width=width, heads=heads, mlp_dim=mlp_dim, warmup_steps=warmup_steps,
+                          schedule=schedule, seed=seed, precision=precision, device=device, compile=compile,
+                          resume=resume, tokenizer=tokenizer, val_fraction=val_fraction, features=features,
+                          checkpoint_every=checkpoint_every, log_every=log_every))
 
 
 @app.command("eval")
@@ -136,8 +139,7 @@ def evaluate(
     """Caption the validation split, score it (COCO metrics, attributes, blind baseline), write a report."""
     from stages import evaluate as stage
 
-    precision: Annotated[str, Opt("auto (the run's training precision where fast here) | bf16 | fp16 | fp32")] = EvalConfig.precision,
-    stage.run(EvalConfig(run=run, beam_size=beam_size, limit=limit, device=device, precision=precision, store=store,
+    stage.run(EvalConfig(run=run, beam_size=beam_size, limit=limit, device=device, store=store,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, zero_shot_limit=zero_shot_limit,
                          shards=shards, length_penalty=length_penalty))
 
@@ -154,11 +156,10 @@ def caption(
     """Caption new images with a trained run (same encoder and weights as its store)."""
     from stages import caption as stage
 
-    stage.run(CaptionConfig(images=images, run=run, beam_size=beam_size, device=device, precision=precision,
+    stage.run(CaptionConfig(images=images, run=run, beam_size=beam_size, device=device,
                             max_new_tokens=max_new_tokens, length_penalty=length_penalty))
 
 
-    precision: Annotated[str, Opt("auto (the run's training precision where fast here) | bf16 | fp16 | fp32")] = CaptionConfig.precision,
 @app.command()
 def status(
     shards: Annotated[Path, Opt("folder of WebDataset shards")] = StatusConfig.shards,
@@ -175,17 +176,13 @@ def status(
 @app.command()
 def bench(
     device: Annotated[str, Opt("auto | cpu | cuda")] = BenchConfig.device,
-    precision: Annotated[str, Opt("auto | bf16 | fp32")] = BenchConfig.precision,
-    quick: Annotated[bool, Opt("smaller sizes, under 2 minutes; writes nothing under docs/")] = BenchConfig.quick,
-    json: Annotated[Path, Opt("JSON results (this machine kind's rows are merged in)")] = BenchConfig.json,
-    markdown: Annotated[Path, Opt("markdown whose table is regenerated (only beside --json, full runs)")] = BenchConfig.markdown,
-    repeats: Annotated[int, Opt("interleaved repeats per ratio")] = BenchConfig.repeats,
+    quick: Annotated[bool, Opt("smaller sizes, under 2 minutes")] = BenchConfig.quick,
+    json: Annotated[Path, Opt("where to write the JSON results")] = BenchConfig.json,
 ):
     """Measure every stage against the machine's matmul limit and a seed-style baseline."""
     from stages import bench as stage
 
-    stage.run(BenchConfig(device=device, precision=precision, quick=quick, json=json, markdown=markdown,
-                          repeats=repeats))
+    stage.run(BenchConfig(device=device, quick=quick, json=json))
 
 
 def main() -> None:

@@ -140,16 +140,8 @@ class StatusConfig:
 
 
 @dataclass
-    # auto: the run's training precision where this device runs it fast (so the validation loss is training's),
-    # else this device's auto (pipeline.devices.run_precision); or bf16 | fp16 | fp32
-    precision: str = "auto"
 class BenchConfig:
     device: str = "auto"
-    precision: str = "auto"  # the stages' precision (bf16 where the hardware is fast at it)
-    quick: bool = False  # smaller sizes; never touches docs/ unless --json points somewhere
-    # The kind's rows are merged into `json`; `markdown`'s table is regenerated only for a full run whose json
-    # lives beside it (the committed pair), so a quick run or a --json elsewhere leaves the docs alone.
+    quick: bool = False
     json: Path = Path("docs/benchmarks.json")
     markdown: Path = Path("docs/BENCHMARKS.md")
-    precision: str = "auto"  # encoder and decoder; auto as EvalConfig.precision
-    repeats: int = 3  # interleaved rounds per ratio (quick: 2): median and spread over them
