@@ -14,7 +14,7 @@ ENCODE_ARGS ?=
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 
-.PHONY: install test all fetch encode train eval status bench clean
+.PHONY: install test all fetch encode train eval status bench clean gpu-check
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -54,3 +54,8 @@ all: install
 
 clean:
 	rm -rf data/shards data/synthetic cache/features.zarr cache/runs
+
+# On a machine with a CUDA GPU: cuda tests, the rest of the suite, a small `make all` on CUDA in a temporary
+# folder and `make bench --device cuda`, with one summary (scripts/gpu_check.sh; --dry-run prints the plan).
+gpu-check: install
+	scripts/gpu_check.sh $(ARGS)

@@ -129,6 +129,7 @@ def evaluate(
     beam_size: Annotated[int, Opt("beam size for the beam-search captions")] = EvalConfig.beam_size,
     limit: Annotated[Optional[int], Opt("validation samples to caption")] = EvalConfig.limit,
     device: Annotated[str, Opt("auto | cpu | cuda")] = EvalConfig.device,
+    precision: Annotated[str, Opt("auto (the run's training precision where fast here) | bf16 | fp16 | fp32")] = EvalConfig.precision,
     store: Annotated[Optional[Path], Opt("feature store (default: the one recorded in the run)")] = EvalConfig.store,
     max_new_tokens: Annotated[int, Opt("longest generated caption, in tokens")] = EvalConfig.max_new_tokens,
     length_penalty: Annotated[float, Opt("beam search ranks captions by log-prob / length**this")] = EvalConfig.length_penalty,
@@ -139,7 +140,7 @@ def evaluate(
     """Caption the validation split, score it (COCO metrics, attributes, blind baseline), write a report."""
     from stages import evaluate as stage
 
-    stage.run(EvalConfig(run=run, beam_size=beam_size, limit=limit, device=device, store=store,
+    stage.run(EvalConfig(run=run, beam_size=beam_size, limit=limit, device=device, precision=precision, store=store,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, zero_shot_limit=zero_shot_limit,
                          shards=shards, length_penalty=length_penalty))
 
@@ -150,13 +151,14 @@ def caption(
     run: Annotated[Path, Opt("trained run folder")] = CaptionConfig.run,
     beam_size: Annotated[int, Opt("1 = greedy")] = CaptionConfig.beam_size,
     device: Annotated[str, Opt("auto | cpu | cuda")] = CaptionConfig.device,
+    precision: Annotated[str, Opt("auto (the run's training precision where fast here) | bf16 | fp16 | fp32")] = CaptionConfig.precision,
     max_new_tokens: Annotated[int, Opt("longest caption, in tokens")] = CaptionConfig.max_new_tokens,
     length_penalty: Annotated[float, Opt("beam search ranks captions by log-prob / length**this")] = CaptionConfig.length_penalty,
 ):
     """Caption new images with a trained run (same encoder and weights as its store)."""
     from stages import caption as stage
 
-    stage.run(CaptionConfig(images=images, run=run, beam_size=beam_size, device=device,
+    stage.run(CaptionConfig(images=images, run=run, beam_size=beam_size, device=device, precision=precision,
                             max_new_tokens=max_new_tokens, length_penalty=length_penalty))
 
 
@@ -176,13 +178,17 @@ def status(
 @app.command()
 def bench(
     device: Annotated[str, Opt("auto | cpu | cuda")] = BenchConfig.device,
-    quick: Annotated[bool, Opt("smaller sizes, under 2 minutes")] = BenchConfig.quick,
-    json: Annotated[Path, Opt("where to write the JSON results")] = BenchConfig.json,
+    precision: Annotated[str, Opt("auto | bf16 | fp32")] = BenchConfig.precision,
+    quick: Annotated[bool, Opt("smaller sizes, under 2 minutes; writes nothing under docs/")] = BenchConfig.quick,
+    json: Annotated[Path, Opt("JSON results (this machine kind's rows are merged in)")] = BenchConfig.json,
+    markdown: Annotated[Path, Opt("markdown whose table is regenerated (only beside --json, full runs)")] = BenchConfig.markdown,
+    repeats: Annotated[int, Opt("interleaved repeats per ratio")] = BenchConfig.repeats,
 ):
     """Measure every stage against the machine's matmul limit and a seed-style baseline."""
     from stages import bench as stage
 
-    stage.run(BenchConfig(device=device, quick=quick, json=json))
+    stage.run(BenchConfig(device=device, precision=precision, quick=quick, json=json, markdown=markdown,
+                          repeats=repeats))
 
 
 def main() -> None:

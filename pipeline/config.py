@@ -115,6 +115,9 @@ class EvalConfig:
     max_new_tokens: int = 32
     length_penalty: float = 1.0  # beam search ranks finished captions by summed log-prob / length**this
     device: str = "auto"
+    # auto: the run's training precision where this device runs it fast (so the validation loss is training's),
+    # else this device's auto (pipeline.devices.run_precision); or bf16 | fp16 | fp32
+    precision: str = "auto"
     batch_size: int = 32
     zero_shot_limit: int = 64  # captioned samples also ranked zero-shot (9 colour + 6 shape candidates each)
     grid: int = 12  # validation images in the captioned grid figure
@@ -129,6 +132,7 @@ class CaptionConfig:
     max_new_tokens: int = 32
     length_penalty: float = 1.0  # beam search: summed log-prob / length**this (as EvalConfig)
     device: str = "auto"
+    precision: str = "auto"  # encoder and decoder; auto as EvalConfig.precision
 
 
 @dataclass
@@ -142,6 +146,10 @@ class StatusConfig:
 @dataclass
 class BenchConfig:
     device: str = "auto"
-    quick: bool = False
+    precision: str = "auto"  # the stages' precision (bf16 where the hardware is fast at it)
+    quick: bool = False  # smaller sizes; never touches docs/ unless --json points somewhere
+    # The kind's rows are merged into `json`; `markdown`'s table is regenerated only for a full run whose json
+    # lives beside it (the committed pair), so a quick run or a --json elsewhere leaves the docs alone.
     json: Path = Path("docs/benchmarks.json")
     markdown: Path = Path("docs/BENCHMARKS.md")
+    repeats: int = 3  # interleaved rounds per ratio (quick: 2): median and spread over them

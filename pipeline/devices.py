@@ -55,3 +55,43 @@ def autocast_dtype(precision: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def run_precision(name: str, device, trained: str | None) -> str:
+    """The precision of a stage that reuses a trained run (eval, caption).
+
+    `auto` = the precision the run trained in, when that is fp32 or what this device picks itself for `auto`;
+    otherwise this device's `auto` (a bf16 run evaluated on an AVX2-only CPU runs in fp32 there, where bf16 is
+    hundreds of times slower). So on the machine it trained on, eval's validation loss is training's.
+    """
+    here = resolve_precision(name, device)
+    if name != "auto" or trained not in ("fp32", "bf16", "fp16"):
+        return here
+    return trained if trained in ("fp32", here) else here
+
+
+def machine_kind(device) -> str:
+    """A short name of the kind of machine, for benchmark rows: `cpu-avx512bf16` (native bf16: AVX512-BF16,
+    with or without AMX), `cpu-avx2`, ... (the CPU's bf16 capability decides what `auto` picks and how fast
+    it runs), or `cuda-<the GPU's name>`."""
+    import re
+
+    import torch
+
+    if device.type == "cuda":
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    for flag, kind in (("avx512_bf16", "avx512bf16"), ("amx_bf16", "avx512bf16"), ("avx512f", "avx512"),
+                       ("avx2", "avx2")):
+        if flag in flags:
+            return f"cpu-{kind}"
+    return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
+def precision_rtol(precision: str) -> float:
+    """Relative tolerance of a number computed in `precision` against its fp32 value: one bf16 (fp16) epsilon,
+    2^-7 (2^-10), for a mean over many terms (its per-term rounding errors partly cancel); fp32: 1e-5."""
+    return {"bf16": 2.0 ** -7, "fp16": 2.0 ** -10}.get(precision, 1e-5)

@@ -271,17 +271,27 @@ class Loader:
             lpar, lcounts = gpar[lo - glo:hi - glo], counts[lo - glo:hi - glo]
             feats = self.source.read_positions(pos) if stream is None else stream.take(lo, hi)
             targets, mask = self.tokens.batch(torch.from_numpy(pos))
+            par = torch.from_numpy(modes[lo:hi].copy())
+            if dev.type == "cuda":  # page-locked copies, so the host-to-device copies below run asynchronously
+                feats, targets, mask, par = (_pinned(t) for t in (feats, targets, mask, par))
             yield Batch(
-                features=feats.to(dev, non_blocking=True).float(),
+                features=feats.to(dev, non_blocking=True).float(),  # fp16 over the bus, fp32 on the device
                 targets=targets.to(dev, non_blocking=True),
                 target_mask=mask.to(dev, non_blocking=True),
-                parallel=torch.from_numpy(modes[lo:hi].copy()).to(dev, non_blocking=True),
+                parallel=par.to(dev, non_blocking=True),
                 positions=pos,
                 tokens_ar=int(counts[~gpar].sum()),
                 tokens_par=int(counts[gpar].sum()),
                 local_tokens={"ar": int(lcounts[~lpar].sum()), "par": int(lcounts[lpar].sum())},
                 size=ghi - glo,
             )
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """A host tensor in a fresh page-locked buffer (one already on the device stays). Always a copy: a streamed
+    batch views a group buffer that is refilled later, and an asynchronous copy may still be reading it then;
+    PyTorch's pinned-memory cache keeps a pinned block until the copies that read it are done."""
+    return t if t.device.type != "cpu" else t.pin_memory()
 
 
 class _GroupStream:

@@ -1,11 +1,15 @@
 """`pipeline bench`: every stage measured against the machine's matmul limit and a seed-style baseline.
 
-One process, warm-up then the median of several repeats. Results go to a JSON file and to a generated
+One process. A ratio's two sides are measured interleaved (A B A B ..., after a warm-up round), so a slow
+phase of a noisy machine hits both; each figure is the median over the rounds with its spread (min-max), and
+a target counts as met only when it holds at the unfavourable end of the spread. Results are kept per
+machine kind (`cpu-avx2`, `cpu-avx512bf16`, `cuda-<gpu name>`) in a JSON file; a full run regenerates the
 table inside docs/BENCHMARKS.md (between markers; the hand-written analysis around it is kept).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -17,25 +21,57 @@ from datetime import date
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import BenchConfig
+from pipeline.config import BenchConfig, EncodeConfig, TrainConfig
+from pipeline.errors import UserError
 from pipeline.progress import console
 
-VIT_B16_GFLOP = 35.2  # forward, one 224x224 image (timm's count for vit_base_patch16_224)
+VIT_B16_GFLOP = 35.2  # forward, one 224x224 image (timm's count for vit_base_patch16_224): the fallback count
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def timed(fn: Callable[[], object], *, repeats: int, warmup: int = 1, sync: Callable[[], None] = lambda: None) -> float:
     """Median wall seconds of `fn()` over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(interleaved({"fn": fn}, repeats=repeats, warmup=warmup, sync=sync)["fn"])
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1,
+                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Wall seconds of each fn per round, the fns run in turn (A B A B ...) for `warmup` + `repeats` rounds.
+
+    Round i's A and B ran a few seconds apart, so a ratio taken round by round cancels most of a noisy
+    machine's slow phases instead of comparing A's quiet minute with B's busy one.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for k, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def spread(xs: list[float]) -> dict:
+    """{median, min, max, n} of per-round values."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def ratios(num: list[float], den: list[float]) -> dict:
+    """Spread of num[i] / den[i] round by round (rates, not times: the larger, the faster)."""
+    return spread([a / b for a, b in zip(num, den)])
+
+
+def fmt(s: dict, digits: int = 2, pct: bool = False) -> str:
+    """"median (min-max)" of a spread, as a percentage with pct."""
+    f = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.{digits}f}")
+    return f"{f(s['median'])} ({f(s['min'])}-{f(s['max'])})" if s["n"] > 1 else f(s["median"])
+
+
+def met_at_least(s: dict, target: float) -> bool:
+    """A `>= target` holds across the whole spread: its lowest round meets it."""
+    return s["min"] >= target
 
 
 def machine_name(device) -> str:
@@ -57,69 +93,120 @@ def machine_name(device) -> str:
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 # --- 1. the limit --------------------------------------------------------------------------------------------
-def matmul_rate(device, dtype, *, budget_s: float, sync) -> dict:
-    """GFLOP/s of square matmuls, growing n until one product takes long enough to time well.
+def matmul_size(device, dtype, *, budget_s: float, sync) -> int:
+    """The square matmul size whose product takes long enough to time well (capped at 8192).
 
     The growth stops early on slow paths (bf16 on a CPU without native bf16 runs at ~1 GFLOP/s), so the
     measurement never takes minutes.
     """
     import torch
 
-    n, best = 256, None
+    n = 256
     while True:
         a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        t = timed(lambda: a @ b, repeats=3, sync=sync)
-        best = {"n": n, "gflops": 2 * n**3 / t / 1e9}
+        t = timed(lambda: a @ a, repeats=3, sync=sync)
         if t * 8 > budget_s or n >= 8192:
-            return best
+            return n
         n *= 2
 
 
-def bench_limit(device, quick: bool, sync) -> dict:
+def matmul_fn(device, dtype, n: int) -> tuple[Callable[[], object], float]:
+    """(one n x n matmul, its FLOPs)."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return (lambda: a @ b), 2.0 * n ** 3
+
+
+def matmul_rate(device, dtype, *, budget_s: float, sync, repeats: int = 3) -> dict:
+    """GFLOP/s of square matmuls: {n, gflops (median), spread}."""
+    n = matmul_size(device, dtype, budget_s=budget_s, sync=sync)
+    fn, flop = matmul_fn(device, dtype, n)
+    s = spread([flop / t / 1e9 for t in interleaved({"mm": fn}, repeats=repeats, sync=sync)["mm"]])
+    return {"n": n, "gflops": s["median"], "spread": s}
+
+
+def bench_limit(device, quick: bool, sync, repeats: int) -> dict:
     import torch
 
     budget = 1.0 if quick else 3.0
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        out[name] = matmul_rate(device, dtype, budget_s=budget, sync=sync)
-        console.print(f"  matmul {name}: {out[name]['gflops']:.1f} GFLOP/s (n={out[name]['n']})")
+        out[name] = matmul_rate(device, dtype, budget_s=budget, sync=sync, repeats=max(3, repeats))
+        console.print(f"  matmul {name}: {fmt(out[name]['spread'], 1)} GFLOP/s (n={out[name]['n']})")
     return out
 
 
-# --- 2. encode -------------------------------------------------------------------------------------------------
-def bench_encode(device, precision: str, quick: bool, sync, workdir: Path) -> dict:
-    """ViT-B/16 model-only img/s, then the whole stage (shards -> store) on freshly fetched synthetic shards."""
+def _limit_side(device, precision: str, limit: dict, sync):
+    """The matmul of the precision in use, as one side of an interleaved ratio: (fn, FLOPs)."""
     import torch
 
-    from pipeline.config import EncodeConfig, FetchConfig
+    name = "bf16" if precision == "bf16" else "fp32"
+    return matmul_fn(device, torch.bfloat16 if name == "bf16" else torch.float32, limit[name]["n"])
+
+
+# --- 2. encode -------------------------------------------------------------------------------------------------
+def encoder_gflop(enc) -> float:
+    """Forward GFLOP of one image through the encoder, counted by PyTorch (timm's 35.2 for ViT-B/16)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, h, w = enc.provenance["preprocessing"]["input_size"]
+    try:
+        with FlopCounterMode(display=False) as fc, torch.inference_mode():
+            enc.model.forward_features(torch.zeros(1, c, h, w, device=enc.device))
+        return fc.get_total_flops() / 1e9
+    except Exception:  # noqa: BLE001 - a model the counter cannot trace: the ViT-B/16 figure
+        return VIT_B16_GFLOP
+
+
+def bench_encode(device, precision: str, quick: bool, sync, workdir: Path, limit: dict, repeats: int,
+                 model: str = EncodeConfig.model, workers: int = EncodeConfig.workers) -> dict:
+    """The encoder's model-only img/s interleaved with the matmul limit, then with the whole stage
+    (shards -> store, rewritten each round) on freshly fetched synthetic shards."""
+    import torch
+
+    from pipeline.config import FetchConfig
     from pipeline.encoder import build_random
     from stages import encode as encode_stage
     from stages import fetch as fetch_stage
 
-    model = "vit_base_patch16_224"
     enc = build_random(model, 0, device, precision)
-    bs = 8 if quick else 16
-    x = torch.randn(bs, 3, 224, 224)
-    t = timed(lambda: enc.forward(x), repeats=2 if quick else 3, sync=sync)
-    model_ips = bs / t
-    console.print(f"  encode model-only: {model_ips:.2f} img/s")
+    gflop = encoder_gflop(enc)
+    bs = 8 if quick else EncodeConfig.batch_size
+    c, h, w = enc.provenance["preprocessing"]["input_size"]
+    x = torch.randn(bs, c, h, w, device=device)  # on the device: the model alone
+    mm, mm_flop = _limit_side(device, precision, limit, sync)
+    t = interleaved({"model": lambda: enc.forward(x), "limit": mm}, repeats=repeats, sync=sync)
+    model_ips = [bs / s for s in t["model"]]
+    vs_limit = ratios([r * gflop * 1e9 for r in model_ips], [mm_flop / s for s in t["limit"]])
+    console.print(f"  encode model-only: {fmt(spread(model_ips))} img/s = {fmt(vs_limit, pct=True)} of the limit")
 
     n = 48 if quick else 128
     shards = workdir / "shards"
     fetch_stage.run(FetchConfig(count=n, shards=shards, synthetic_dir=workdir / "synthetic",
                                 samples_per_shard=32, broken_fraction=0.0, processes=1, threads=8))
-    stage = encode_stage.run(EncodeConfig(shards=shards, store=workdir / "features.zarr", model=model,
-                                          weights="random", batch_size=bs, device=device.type, precision=precision))
-    return {"model": model, "batch_size": bs, "model_img_per_s": model_ips,
-            "model_gflops": model_ips * VIT_B16_GFLOP, "stage_img_per_s": stage["img_per_s"],
-            "stage_images": stage["images"], "store": str(workdir / "features.zarr")}
+    stage_ips: list[float] = []
+
+    def stage():
+        s = encode_stage.run(EncodeConfig(shards=shards, store=workdir / "features.zarr", model=model,
+                                          weights="random", batch_size=bs, device=device.type,
+                                          precision=precision, workers=workers, overwrite=True))
+        stage_ips.append(s["img_per_s"])  # images / the stage's loop time (the encoder build excluded)
+
+    t = interleaved({"model": lambda: enc.forward(x), "stage": stage}, repeats=repeats, warmup=0, sync=sync)
+    stage_vs_model = ratios(stage_ips, [bs / s for s in t["model"]])
+    console.print(f"  encode stage: {fmt(spread(stage_ips))} img/s = {fmt(stage_vs_model, pct=True)} of model-only")
+    return {"model": model, "batch_size": bs, "workers": workers, "gflop_per_image": gflop,
+            "model_img_per_s": spread(model_ips), "model_vs_limit": vs_limit,
+            "stage_img_per_s": spread(stage_ips), "stage_vs_model": stage_vs_model, "stage_images": n}
 
 
 # --- 3. train ---------------------------------------------------------------------------------------------------
@@ -129,26 +216,39 @@ def _captions(n: int) -> list[str]:
     return [make_row(0, i)[1] for i in range(n)]
 
 
-def bench_train(device, precision: str, quick: bool, sync) -> dict:
-    """Seed-config decoder steps on cached-feature-shaped inputs, batched as the trainer batches them (a window
-    of 16 batches sorted by caption length), vs a seed-style step (ViT every step, fp32, fixed padding to 77,
-    full logits); per-example vs per-batch mixing."""
+def train_decoder_config(image_width: int):
+    """The trainer's default decoder (TrainConfig) on features `image_width` wide."""
+    from pipeline.model import DecoderConfig
+
+    t = TrainConfig
+    return DecoderConfig(layers=t.layers, width=t.width, heads=t.heads, mlp_dim=t.mlp_dim, max_len=t.max_len,
+                         encoder_width=image_width)
+
+
+def bench_train(device, precision: str, quick: bool, sync, limit: dict, repeats: int, *, dec_cfg=None,
+                vit: str = EncodeConfig.model, batch_size: int | None = None) -> dict:
+    """Default-recipe decoder steps on cached-feature-shaped inputs, batched as the trainer batches them (a
+    window of `length_buckets` batches sorted by caption length), interleaved with the matmul limit, with
+    per-batch mixing and with a seed-style step (the encoder every step, fp32, fixed padding to max_len, full
+    logits)."""
     import torch
 
-    from pipeline.config import TrainConfig
     from pipeline.devices import autocast_dtype
     from pipeline.encoder import build_random
-    from pipeline.model import CaptionDecoder, DecoderConfig, absorb_cross, flops_per_sample
+    from pipeline.model import CaptionDecoder, absorb_cross, flops_per_sample
     from pipeline.tokenizer import load_tokenizer
     from stages.train import make_optimizer
 
-    bs = 8 if quick else 32
-    reps = 2
+    venc = build_random(vit, 0, device, "fp32")  # the baseline's encoder; its shape is the cached features'
+    p, e = venc.tokens, venc.width
+    cfg = dec_cfg or train_decoder_config(e)
+    bs = batch_size or (8 if quick else TrainConfig.batch_size)
+    frac, max_len = TrainConfig.parallel_fraction, cfg.max_len
     tok = load_tokenizer("gpt2")
     # The trainer's batches: one window of `length_buckets` batches sorted by caption extent; time an evenly
     # spaced sample of them (short to long), so the mix of padded lengths is the training run's.
-    window = TrainConfig.length_buckets
-    pool_t, pool_m = tok.encode_batch(_captions(bs * window), 77)
+    window = max(TrainConfig.length_buckets, 4)
+    pool_t, pool_m = tok.encode_batch(_captions(bs * window), max_len)
     extent = (pool_m * torch.arange(1, pool_m.shape[1] + 1)).amax(1)
     srt = torch.argsort(extent, stable=True)
     picks = (window // 4, 3 * window // 4) if quick else tuple(range(window // 8, window, window // 4))
@@ -157,11 +257,10 @@ def bench_train(device, precision: str, quick: bool, sync) -> dict:
         idx = srt[i * bs:(i + 1) * bs]
         w = int(extent[idx].max())
         batches.append((pool_t[idx, :w].to(device), pool_m[idx, :w].to(device)))
-    feats = torch.randn(bs, 197, 768, device=device)
-    cfg = DecoderConfig()
+    feats = torch.randn(bs, p, e, device=device)
     torch.manual_seed(0)
     dec = CaptionDecoder(cfg).to(device)
-    opt = make_optimizer(dec, lr=1e-4, weight_decay=1e-4)
+    opt = make_optimizer(dec, lr=TrainConfig.lr, weight_decay=TrainConfig.weight_decay)
     amp = autocast_dtype(precision)
     gen = torch.Generator().manual_seed(0)
 
@@ -169,64 +268,63 @@ def bench_train(device, precision: str, quick: bool, sync) -> dict:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = loss_fn(parallel)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(dec.parameters(), TrainConfig.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def ours(mixing: str):
         def run():
+            dec.cross_mode = "auto"
             for targets, mask in batches:
                 if mixing == "per-example":
-                    par = (torch.rand(bs, generator=gen) < 0.75).to(device)
+                    par = (torch.rand(bs, generator=gen) < frac).to(device)
                 else:
-                    par = torch.full((bs,), bool(torch.rand(1, generator=gen) < 0.75), device=device)
-                step(par, lambda p: dec.loss(feats, targets, mask, p)["loss"])
+                    par = torch.full((bs,), bool(torch.rand(1, generator=gen) < frac), device=device)
+                step(par, lambda q: dec.loss(feats, targets, mask, q)["loss"])
         return run
 
     n = bs * len(batches)
     real = [float(m.sum(1).float().mean()) for _, m in batches]
-    cross = ["absorbed" if absorb_cross(t.shape[1], 197, cfg) else "kv" for t, _ in batches]
-    out = {"batch_size": bs, "batches_timed": len(batches), "length_buckets": window,
-           "mean_tokens": sum(real) / len(real), "padded_len": sum(t.shape[1] for t, _ in batches) / len(batches),
-           "cross_attention": cross}
-    for mixing in ("per-example", "per-batch"):
-        t = timed(ours(mixing), repeats=reps, sync=sync)
-        out[f"samples_per_s_{mixing}"] = n / t
-        console.print(f"  train ({mixing}): {n / t:.2f} samples/s")
-    # Model FLOPs at each batch's real tokens, in the form its cross-attention ran (and in the plain K/V form).
-    fl = sum(flops_per_sample(cfg, r, 197, c)["train"] for r, c in zip(real, cross)) / len(batches)
-    fl_kv = sum(flops_per_sample(cfg, r, 197, "kv")["train"] for r in real) / len(batches)
-    out["train_gflop_per_sample"] = fl / 1e9
-    out["train_gflop_per_sample_kv_form"] = fl_kv / 1e9
-    out["train_gflops"] = out["samples_per_s_per-example"] * fl / 1e9
+    cross = ["absorbed" if absorb_cross(t.shape[1], p, cfg) else "kv" for t, _ in batches]
+    fl = sum(flops_per_sample(cfg, r, p, c)["train"] for r, c in zip(real, cross)) / len(batches)
+    fl_kv = sum(flops_per_sample(cfg, r, p, "kv")["train"] for r in real) / len(batches)
 
-    # Seed-style baseline: the encoder runs inside every step (fp32), captions padded to 77, all 77 logits.
-    vit = build_random("vit_base_patch16_224", 0, device, "fp32")
-    images = torch.randn(bs, 3, 224, 224)
-    dec.cross_mode = "kv"  # the seed's decoder: image K/V projected in every layer
-    t77, m77 = tok.encode_batch(_captions(bs), 77)
-    t77 = torch.nn.functional.pad(t77, (0, 77 - t77.shape[1]), value=tok.eos_id).to(device)
-    m77 = torch.nn.functional.pad(m77, (0, 77 - m77.shape[1])).to(device)
+    # Seed-style baseline: the encoder runs inside every step (fp32), captions padded to max_len, all logits.
+    images = torch.randn(bs, *venc.provenance["preprocessing"]["input_size"])
+    tfix, mfix = tok.encode_batch(_captions(bs), max_len)
+    tfix = torch.nn.functional.pad(tfix, (0, max_len - tfix.shape[1]), value=tok.eos_id).to(device)
+    mfix = torch.nn.functional.pad(mfix, (0, max_len - mfix.shape[1])).to(device)
 
     def seed_step():
-        f = torch.from_numpy(vit.forward(images)).to(device).float()  # the encoder, every step
-        par = torch.full((bs,), bool(torch.rand(1, generator=gen) < 0.75), device=device)  # the seed mixed per batch
-        logits = dec(f, t77, m77, par)  # [B, 77, V]
-        loss = torch.nn.functional.cross_entropy(logits[m77], t77[m77])
+        dec.cross_mode = "kv"  # the seed's decoder: image K/V projected in every layer
+        f = torch.from_numpy(venc.forward(images)).to(device).float()  # the encoder, every step
+        par = torch.full((bs,), bool(torch.rand(1, generator=gen) < frac), device=device)  # mixed per batch
+        logits = dec(f, tfix, mfix, par)  # [B, L, V]
+        loss = torch.nn.functional.cross_entropy(logits[mfix], tfix[mfix])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(dec.parameters(), TrainConfig.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t = timed(seed_step, repeats=1 if quick else 2, sync=sync)
-    out["baseline_samples_per_s"] = bs / t
-    out["speedup_vs_baseline"] = out["samples_per_s_per-example"] / out["baseline_samples_per_s"]
-    console.print(f"  seed-style baseline: {bs / t:.2f} samples/s -> {out['speedup_vs_baseline']:.1f}x")
+    mm, mm_flop = _limit_side(device, precision, limit, sync)
+    t = interleaved({"per-example": ours("per-example"), "per-batch": ours("per-batch"), "baseline": seed_step,
+                     "limit": mm}, repeats=repeats, sync=sync)
+    dec.cross_mode = "auto"
+    rate = {k: [(bs if k == "baseline" else n) / s for s in t[k]] for k in ("per-example", "per-batch", "baseline")}
+    out = {"batch_size": bs, "batches_timed": len(batches), "length_buckets": window, "image_tokens": p,
+           "decoder": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads, "mlp_dim": cfg.mlp_dim},
+           "mean_tokens": sum(real) / len(real), "padded_len": sum(t_.shape[1] for t_, _ in batches) / len(batches),
+           "cross_attention": cross, "train_gflop_per_sample": fl / 1e9, "train_gflop_per_sample_kv_form": fl_kv / 1e9,
+           **{f"samples_per_s_{k}": spread(v) for k, v in rate.items()}}
+    out["vs_limit"] = ratios([r * fl for r in rate["per-example"]], [mm_flop / s for s in t["limit"]])
+    out["speedup_vs_baseline"] = ratios(rate["per-example"], rate["baseline"])
+    console.print(f"  train (per-example): {fmt(out['samples_per_s_per-example'])} samples/s = "
+                  f"{fmt(out['vs_limit'], pct=True)} of the limit; {fmt(out['speedup_vs_baseline'], 1)}x the seed-style step")
     return out
 
 
 # --- 4. loader --------------------------------------------------------------------------------------------------
-def bench_loader(device, quick: bool, workdir: Path) -> dict:
+def bench_loader(device, quick: bool, workdir: Path, repeats: int) -> dict:
     """Stream a store through the training loader (page cache warm): GB/s and samples/s."""
     import numpy as np
 
@@ -254,42 +352,64 @@ def bench_loader(device, quick: bool, workdir: Path) -> dict:
         for b in loader.epoch(0):
             pass
 
-    one_epoch()  # warm the page cache
-    t = timed(one_epoch, repeats=2 if quick else 3, warmup=0)
+    t = interleaved({"epoch": one_epoch}, repeats=repeats, warmup=1)["epoch"]  # warm-up: the page cache
     nbytes = len(index) * 197 * 768 * 2
-    out = {"samples": len(index), "gb_per_s": nbytes / t / 1e9, "samples_per_s": len(index) / t}
-    console.print(f"  loader: {out['gb_per_s']:.2f} GB/s, {out['samples_per_s']:.0f} samples/s")
+    out = {"samples": len(index), "gb_per_s": spread([nbytes / x / 1e9 for x in t]),
+           "samples_per_s": spread([len(index) / x for x in t])}
+    console.print(f"  loader: {fmt(out['gb_per_s'])} GB/s, {out['samples_per_s']['median']:.0f} samples/s")
     return out
 
 
 # --- 5. generation ----------------------------------------------------------------------------------------------
-def bench_generate(device, precision: str, quick: bool, sync) -> dict:
-    """Greedy decoding of 32 new tokens with and without the KV cache, and beam 3 (seed-config decoder)."""
+def _parallel_decoder(dec, max_len: int) -> Callable:
+    """`parallel_decode(f)` where the decoder predicts the length itself, else the length search to max_len."""
+    params = inspect.signature(dec.parallel_decode).parameters
+    if "max_length" in params:
+        return lambda f: dec.parallel_decode(f, max_length=max_len)
+    return lambda f: dec.parallel_decode(f)
+
+
+def bench_generate(device, precision: str, quick: bool, sync, repeats: int, *, dec_cfg=None,
+                   image_tokens: int = 197) -> dict:
+    """Captions of 32 new tokens: greedy with and without the KV cache, beam 3 and CapPa parallel decoding,
+    interleaved (default-recipe decoder)."""
     import torch
 
     from pipeline.devices import autocast_dtype
-    from pipeline.model import CaptionDecoder, DecoderConfig
+    from pipeline.model import CaptionDecoder
 
     torch.manual_seed(0)
-    dec = CaptionDecoder(DecoderConfig()).to(device).eval()
+    cfg = dec_cfg or train_decoder_config(768)
+    dec = CaptionDecoder(cfg).to(device).eval()
     torch.nn.init.normal_(dec.head.weight, std=0.02)  # a zero head would make every step's argmax trivial
     eos = dec.cfg.eos_id
     with torch.no_grad():
-        dec.head.weight[eos] = -10.0  # never stop early: every row decodes all 32 tokens
-    bs, new = (4 if quick else 8), 32
-    feats = torch.randn(bs, 197, 768, device=device)
+        dec.head.weight[eos] = -10.0  # never stop early: every row decodes all its tokens
+    bs, new = (4 if quick else 8), min(32, cfg.max_len)
+    feats = torch.randn(bs, image_tokens, cfg.encoder_width, device=device)
     amp = autocast_dtype(precision)
-    out = {"batch_size": bs, "new_tokens": new}
-    for name, kw in (("cache", dict(use_cache=True)), ("no_cache", dict(use_cache=False)),
-                     ("beam3", dict(use_cache=True, beam_size=3))):
-        def gen(kw=kw):
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                return dec.generate(feats, max_new_tokens=new, **kw)
+    par = _parallel_decoder(dec, new)
 
-        t = timed(gen, repeats=2 if quick else 3, sync=sync)
-        out[f"{name}_tokens_per_s"] = bs * new / t
-        console.print(f"  generate {name}: {bs * new / t:.0f} tokens/s")
-    out["kv_speedup"] = out["cache_tokens_per_s"] / out["no_cache_tokens_per_s"]
+    def timed_fn(fn):
+        def run():
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                return fn(feats)
+        return run
+
+    fns = {"cache": lambda f: dec.generate(f, max_new_tokens=new),
+           "no_cache": lambda f: dec.generate(f, max_new_tokens=new, use_cache=False),
+           "beam3": lambda f: dec.generate(f, max_new_tokens=new, beam_size=3), "parallel": par}
+    t = interleaved({k: timed_fn(fn) for k, fn in fns.items()}, repeats=repeats, sync=sync)
+    out = {"batch_size": bs, "new_tokens": new,
+           "parallel_call": "parallel_decode(f, max_length)" if "max_length" in
+           inspect.signature(dec.parallel_decode).parameters else "parallel_decode(f)"}
+    for k in fns:
+        out[f"{k}_img_per_s"] = spread([bs / x for x in t[k]])
+    for k in ("cache", "no_cache", "beam3"):
+        out[f"{k}_tokens_per_s"] = spread([bs * new / x for x in t[k]])
+    out["kv_speedup"] = ratios([1 / x for x in t["cache"]], [1 / x for x in t["no_cache"]])
+    console.print(f"  generate img/s: greedy {fmt(out['cache_img_per_s'], 1)}, beam 3 {fmt(out['beam3_img_per_s'], 1)}, "
+                  f"parallel {fmt(out['parallel_img_per_s'], 1)}; KV cache {fmt(out['kv_speedup'], 1)}x")
     return out
 
 
@@ -317,21 +437,23 @@ def end_to_end(shards: Path = Path("data/shards"), store: Path = Path("cache/fea
     return out
 
 
-def write_outputs(cfg: BenchConfig, result: dict) -> None:
-    """Merge this device's results into the JSON (CPU and GPU side by side) and regenerate the table."""
+def write_outputs(cfg: BenchConfig, result: dict, *, markdown: bool = True) -> None:
+    """Merge this machine kind's rows into the JSON (other kinds' rows untouched); regenerate the markdown
+    table from all of them when `markdown`."""
     cfg.json.parent.mkdir(parents=True, exist_ok=True)
     all_results = json.loads(cfg.json.read_text()) if cfg.json.exists() else {}
-    all_results[result["device"]] = result
+    all_results[result["kind"]] = result
     tmp = cfg.json.with_suffix(".tmp")
     tmp.write_text(json.dumps(all_results, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, cfg.json)
-
-    rows = ["| figure | value | target | met | device | machine | date | commit |",
+    if not markdown:
+        return
+    rows = ["| figure | value | target | met | kind | machine | date | commit |",
             "|---|---|---|---|---|---|---|---|"]
-    for dev, res in sorted(all_results.items()):
+    for kind, res in sorted(all_results.items()):
         for f in res["figures"]:
             met = "" if f.get("met") is None else ("yes" if f["met"] else "**no**")
-            rows.append(f"| {f['figure']} | {f['value']} | {f.get('target', '')} | {met} | {dev} | "
+            rows.append(f"| {f['figure']} | {f['value']} | {f.get('target', '')} | {met} | {res.get('kind', kind)} | "
                         f"{res['machine']} | {res['date']} | {res['commit']} |")
     table = "\n".join(rows)
     md = cfg.markdown.read_text() if cfg.markdown.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
@@ -339,78 +461,97 @@ def write_outputs(cfg: BenchConfig, result: dict) -> None:
         md += f"\n{BEGIN}\n{END}\n"
     head, rest = md.split(BEGIN, 1)
     tail = rest.split(END, 1)[1] if END in rest else ""
-    cfg.markdown.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    tmp = cfg.markdown.with_suffix(".tmp")
+    tmp.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    os.replace(tmp, cfg.markdown)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
+def outputs_plan(cfg: BenchConfig) -> tuple[bool, bool]:
+    """(write the JSON, regenerate the markdown). A quick run writes only a --json pointed away from the
+    default; the markdown is regenerated only by a full run whose JSON sits beside it (the committed pair)."""
+    default_json = Path(cfg.json).resolve() == Path(BenchConfig.json).resolve()
+    write_json = not (cfg.quick and default_json)
+    write_md = not cfg.quick and Path(cfg.json).resolve().parent == Path(cfg.markdown).resolve().parent
+    return write_json, write_md
+
+
+def figures_of(r: dict, precision: str) -> list[dict]:
+    """The table's rows: value = median (min-max over interleaved rounds); met = holds across the spread."""
+    lim, enc, tr, ld, gen, e2e = (r[k] for k in ("limit", "encode", "train", "loader", "generate", "end_to_end"))
+    used = f"{'bf16' if precision == 'bf16' else 'fp32'} limit"
+    figs = [
+        {"figure": "matmul fp32", "value": f"{fmt(lim['fp32']['spread'], 1)} GFLOP/s"},
+        {"figure": "matmul bf16", "value": f"{fmt(lim['bf16']['spread'], 1)} GFLOP/s"},
+        {"figure": "encode model-only", "value": f"{fmt(enc['model_img_per_s'])} img/s = "
+         f"{fmt(enc['model_vs_limit'], pct=True)} of {used}", "target": ">= 80% of limit",
+         "met": met_at_least(enc["model_vs_limit"], 0.8)},
+        {"figure": "encode stage (shards -> store)", "value": f"{fmt(enc['stage_img_per_s'])} img/s = "
+         f"{fmt(enc['stage_vs_model'], pct=True)} of model-only", "target": ">= 85% of model-only",
+         "met": met_at_least(enc["stage_vs_model"], 0.85)},
+        {"figure": "train default recipe (per-example)", "value": f"{fmt(tr['samples_per_s_per-example'])} samples/s "
+         f"= {fmt(tr['vs_limit'], pct=True)} of {used}", "target": ">= 40% of limit",
+         "met": met_at_least(tr["vs_limit"], 0.4)},
+        {"figure": "train per-batch mixing", "value": f"{fmt(tr['samples_per_s_per-batch'])} samples/s"},
+        {"figure": "train seed-style baseline", "value": f"{fmt(tr['samples_per_s_baseline'])} samples/s; ours "
+         f"{fmt(tr['speedup_vs_baseline'], 1)}x", "target": ">= 8x", "met": met_at_least(tr["speedup_vs_baseline"], 8)},
+        {"figure": "loader (store streaming)", "value": f"{fmt(ld['gb_per_s'])} GB/s, "
+         f"{ld['samples_per_s']['median']:.0f} samples/s", "target": ">= 1 GB/s", "met": met_at_least(ld["gb_per_s"], 1.0)},
+        {"figure": f"generate, {gen['new_tokens']} tokens", "value": f"img/s greedy {fmt(gen['cache_img_per_s'], 1)}, "
+         f"beam 3 {fmt(gen['beam3_img_per_s'], 1)}, parallel {fmt(gen['parallel_img_per_s'], 1)}; KV cache "
+         f"{fmt(gen['kv_speedup'], 1)}x greedy without", "target": ">= 3x", "met": met_at_least(gen["kv_speedup"], 3)},
+    ]
+    if e2e:
+        parts = ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in e2e.items() if v is not None and k != "total_s")
+        total = e2e.get("total_s")
+        figs.append({"figure": "last make all (stage records)", "value": parts + (
+            f"; total {total / 60:.1f} min" if total else ""), "target": "<= 30 min",
+            "met": None if total is None else total <= 1800})
+    return figs
 
 
 def run(cfg: BenchConfig) -> dict:
     import torch
 
-    from pipeline.devices import resolve_device, resolve_precision
+    from pipeline.devices import machine_kind, resolve_device, resolve_precision
 
-    device = resolve_device(cfg.device)
-    precision = resolve_precision("auto", device)
+    if cfg.repeats < 1:
+        raise UserError(f"--repeats must be >= 1 (got {cfg.repeats})")
+    device = resolve_device(cfg.device)  # every measurement's inputs and models are made on this one device
+    precision = resolve_precision(cfg.precision, device)
+    repeats = min(cfg.repeats, 2) if cfg.quick else cfg.repeats
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    console.print(f"[bold]bench[/] on {machine_name(device)}; precision {precision}; "
-                  f"{'quick' if cfg.quick else 'full'}")
+    kind = machine_kind(device)
+    console.print(f"[bold]bench[/] on {machine_name(device)} ({kind}); precision {precision}; "
+                  f"{'quick' if cfg.quick else 'full'}, {repeats} interleaved rounds")
     t0 = time.perf_counter()
-    limit = bench_limit(device, cfg.quick, sync)
-    # The limit every ratio is taken against: the matmul rate of the precision the stages actually use
-    # (on a CPU without native bf16 that is fp32; bf16 would be hundreds of times slower there).
-    lim = limit["bf16" if precision == "bf16" else "fp32"]["gflops"]
+    limit = bench_limit(device, cfg.quick, sync, repeats)
+    workers = max(EncodeConfig.workers, (os.cpu_count() or 1) - 1) if device.type == "cuda" else EncodeConfig.workers
     with tempfile.TemporaryDirectory(prefix="cappa-bench-") as tmp:
         work = Path(tmp)
-        enc = bench_encode(device, precision, cfg.quick, sync, work)
-        tr = bench_train(device, precision, cfg.quick, sync)
-        ld = bench_loader(device, cfg.quick, work)
-        gen = bench_generate(device, precision, cfg.quick, sync)
-    e2e = end_to_end()
-    used = f"{precision} limit"
-    figures = [
-        {"figure": "matmul fp32", "value": f"{limit['fp32']['gflops']:.1f} GFLOP/s"},
-        {"figure": "matmul bf16", "value": f"{limit['bf16']['gflops']:.1f} GFLOP/s"},
-        {"figure": "encode ViT-B/16 model-only", "value": f"{enc['model_img_per_s']:.2f} img/s = "
-         f"{enc['model_gflops']:.0f} GFLOP/s = {_pct(enc['model_gflops'] / lim)} of {used}",
-         "target": ">= 80% of limit", "met": enc["model_gflops"] / lim >= 0.8},
-        {"figure": "encode stage (shards -> store)", "value": f"{enc['stage_img_per_s']:.2f} img/s = "
-         f"{_pct(enc['stage_img_per_s'] / enc['model_img_per_s'])} of model-only",
-         "target": ">= 85% of model-only", "met": enc["stage_img_per_s"] / enc["model_img_per_s"] >= 0.85},
-        {"figure": "train seed config (per-example)", "value": f"{tr['samples_per_s_per-example']:.2f} samples/s = "
-         f"{tr['train_gflops']:.0f} GFLOP/s = {_pct(tr['train_gflops'] / lim)} of {used}",
-         "target": ">= 40% of limit", "met": tr["train_gflops"] / lim >= 0.4},
-        {"figure": "train per-batch mixing", "value": f"{tr['samples_per_s_per-batch']:.2f} samples/s"},
-        {"figure": "train seed-style baseline", "value": f"{tr['baseline_samples_per_s']:.2f} samples/s; "
-         f"ours {tr['speedup_vs_baseline']:.1f}x", "target": ">= 8x", "met": tr["speedup_vs_baseline"] >= 8},
-        {"figure": "loader (store streaming)", "value": f"{ld['gb_per_s']:.2f} GB/s, {ld['samples_per_s']:.0f} samples/s",
-         "target": ">= 1 GB/s", "met": ld["gb_per_s"] >= 1.0},
-        {"figure": "generate greedy, 32 tokens", "value": f"KV cache {gen['cache_tokens_per_s']:.0f} tok/s, "
-         f"no cache {gen['no_cache_tokens_per_s']:.0f} tok/s = {gen['kv_speedup']:.1f}x; "
-         f"beam 3 {gen['beam3_tokens_per_s']:.0f} tok/s", "target": ">= 3x", "met": gen["kv_speedup"] >= 3},
-    ]
-    if e2e:
-        parts = ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in e2e.items() if v is not None and k != "total_s")
-        total = e2e.get("total_s")
-        figures.append({"figure": "last make all (stage records)", "value": parts + (
-            f"; total {total / 60:.1f} min" if total else ""), "target": "<= 30 min",
-            "met": None if total is None else total <= 1800})
+        enc = bench_encode(device, precision, cfg.quick, sync, work, limit, repeats, workers=workers)
+        tr = bench_train(device, precision, cfg.quick, sync, limit, repeats)
+        ld = bench_loader(device, cfg.quick, work, repeats)
+        gen = bench_generate(device, precision, cfg.quick, sync, repeats)
     result = {
-        "device": device.type, "machine": machine_name(device), "precision": precision,
-        "date": date.today().isoformat(), "commit": git_commit(), "quick": cfg.quick,
-        "limit": limit, "encode": enc, "train": tr, "loader": ld, "generate": gen, "end_to_end": e2e,
-        "figures": figures, "wall_s": round(time.perf_counter() - t0, 1),
+        "kind": kind, "device": device.type, "machine": machine_name(device), "precision": precision,
+        "date": date.today().isoformat(), "commit": git_commit(), "quick": cfg.quick, "repeats": repeats,
+        "limit": limit, "encode": enc, "train": tr, "loader": ld, "generate": gen, "end_to_end": end_to_end(),
     }
-    write_outputs(cfg, result)
+    result["figures"] = figures_of(result, precision)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    write_json, write_md = outputs_plan(cfg)
+    if write_json:
+        write_outputs(cfg, result, markdown=write_md)
     from rich.table import Table
 
-    table = Table(title=f"bench: {result['machine']} ({precision})")
+    table = Table(title=f"bench: {result['machine']} ({kind}, {precision}); median (min-max) of {repeats} rounds")
     for col in ("figure", "value", "target", "met"):
         table.add_column(col)
-    for f in figures:
+    for f in result["figures"]:
         met = "" if f.get("met") is None else ("[green]yes[/]" if f["met"] else "[red]no[/]")
         table.add_row(f["figure"], f["value"], f.get("target", ""), met)
     console.print(table)
-    console.print(f"wrote {cfg.json} and {cfg.markdown} in {result['wall_s']} s")
+    wrote = [str(p) for p, w in ((cfg.json, write_json), (cfg.markdown, write_md)) if w]
+    console.print(f"{'wrote ' + ' and '.join(wrote) if wrote else 'quick run: nothing written (pass --json PATH to keep it)'}"
+                  f" in {result['wall_s']} s", highlight=False)
     return result

@@ -33,13 +33,14 @@ def run(cfg: CaptionConfig) -> list[str]:
 
     import torch
 
-    from pipeline.devices import autocast_dtype, resolve_device, resolve_precision
+    from pipeline.devices import autocast_dtype, resolve_device, run_precision
     from pipeline.encoder import build_encoder_from_provenance
     from pipeline.progress import console
-    from stages.evaluate import load_run
-    device = resolve_device(cfg.device)
-    precision = resolve_precision("auto", device)
+    from stages.evaluate import load_run, trained_precision
+
+    device = resolve_device(cfg.device)  # the one device of this stage: encoder, decoder and features
     run = load_run(cfg.run, device)
+    precision = run_precision(cfg.precision, device, trained_precision(run.path, run.record))
     store_rec = run.record.get("store", {})
     prov = store_rec.get("encoder")
     if not prov:
@@ -55,7 +56,7 @@ def run(cfg: CaptionConfig) -> list[str]:
     if prov["weights"].get("kind") == "random-init":
         console.print("[bold red]warning:[/] [red]the run's encoder is RANDOM-INIT: these captions carry no visual "
                       "knowledge[/]", highlight=False)
-    feats = torch.from_numpy(encoder.encode_images(images))  # [B, P, E] fp16, as in the store
+    feats = torch.from_numpy(encoder.encode_images(images))  # [B, P, E] fp16 (host), as in the store
     dec = run.decoder
     if feats.shape[1:] != (store_rec.get("tokens", feats.shape[1]), dec.cfg.encoder_width):
         raise UserError(f"the encoder gives {tuple(feats.shape[1:])} features, the decoder was trained on "

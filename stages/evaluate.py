@@ -78,6 +78,16 @@ def load_run(run: Path, device) -> LoadedRun:
     return LoadedRun(Path(run), record, decoder.to(device).eval(), tok, ckpt, step)
 
 
+def trained_precision(run: Path, record: dict) -> str | None:
+    """The precision the run trained in: summary.json's resolved one, else config.json's if not `auto`."""
+    try:
+        p = json.loads((Path(run) / "summary.json").read_text()).get("precision")
+    except (OSError, ValueError):
+        p = None
+    asked = record.get("train", {}).get("precision")
+    return p or (asked if asked != "auto" else None)
+
+
 def open_run_store(record: dict, store_path: Path | None):
     """The run's store (or `store_path`), refusing one encoded by another encoder than the run was trained on."""
     from pipeline.encoder import weights_identity
@@ -179,7 +189,7 @@ def run(cfg: EvalConfig) -> dict:
     """Evaluate a run's last checkpoint on its validation split; writes <run>/eval/{eval.json, report.md, *.png}."""
     from stages.train import Dist, validate
 
-    from pipeline.devices import autocast_dtype, resolve_device, resolve_precision
+    from pipeline.devices import autocast_dtype, resolve_device, run_precision
     from pipeline.loader import CaptionTokens, FeatureSource, Loader, split_positions
     from pipeline.progress import make_progress
 
@@ -188,11 +198,11 @@ def run(cfg: EvalConfig) -> dict:
         raise UserError("--beam-size, --batch-size and --max-new-tokens must be >= 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"--limit must be >= 1 (got {cfg.limit})")
-    device = resolve_device(cfg.device)
-    precision = resolve_precision("auto", device)
-    amp = autocast_dtype(precision)
+    device = resolve_device(cfg.device)  # the one device of this stage: the decoder's and every batch's
     loaded = load_run(cfg.run, device)
     rec, dec, tok = loaded.record, loaded.decoder, loaded.tokenizer
+    precision = run_precision(cfg.precision, device, trained_precision(loaded.path, rec))
+    amp = autocast_dtype(precision)
     store = open_run_store(rec, cfg.store)
     index = store.index()
     val_fraction = rec.get("split", {}).get("val_fraction", rec.get("train", {}).get("val_fraction"))
@@ -211,7 +221,7 @@ def run(cfg: EvalConfig) -> dict:
     # -- validation loss of both modes, on the whole validation split -----------------------------------------
     t = time.perf_counter()
     vcap = [index.captions[i] for i in val_pos]
-    source = FeatureSource(store, index.rows[val_pos], device=torch.device("cpu"), mode="auto",
+    source = FeatureSource(store, index.rows[val_pos], device=device, mode="auto",
                            slab_rows=store.shard_capacity)
     tokens = CaptionTokens(tok, vcap, max_len)
     loader = Loader(source, tokens, np.arange(len(val_pos)), cfg.batch_size, shuffle=False, prefetch=1,

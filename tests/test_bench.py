@@ -1,18 +1,22 @@
-"""The benchmark's bookkeeping: results merge per device, the generated table keeps the hand-written text,
-end-to-end times come from the stages' own records, and the small measurements run on the real code."""
+"""The benchmark's bookkeeping: results merge per machine kind, the generated table keeps the hand-written text,
+quick runs leave docs/ alone, ratios are taken round by round, end-to-end times come from the stages' own
+records, and the small measurements run on the real code in both precisions."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
+from conftest import PRECISIONS
 
 from pipeline.config import BenchConfig
 from stages import bench
 
 
-def _result(device: str, value: str) -> dict:
-    return {"device": device, "machine": f"{device}-box", "date": "2026-11-27", "commit": "abc1234",
+def _result(kind: str, value: str) -> dict:
+    return {"kind": kind, "device": kind.split("-")[0], "machine": f"{kind}-box", "date": "2026-11-27", "commit": "abc1234",
             "figures": [{"figure": "matmul fp32", "value": value},
                         {"figure": "train speed-up", "value": "9.0x", "target": ">= 8x", "met": True}]}
 
@@ -21,18 +25,44 @@ def test_outputs_merge_devices_and_keep_the_analysis(tmp_path):
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(f"# Benchmarks\n\nintro stays\n\n{bench.BEGIN}\nold table\n{bench.END}\n\n## Analysis\nkept\n")
     cfg = BenchConfig(json=tmp_path / "b.json", markdown=md)
-    bench.write_outputs(cfg, _result("cpu", "100.0 GFLOP/s"))
-    bench.write_outputs(cfg, _result("cuda", "700000.0 GFLOP/s"))
-    bench.write_outputs(cfg, _result("cpu", "120.0 GFLOP/s"))  # a rerun replaces that device's figures
+    bench.write_outputs(cfg, _result("cpu-avx2", "100.0 GFLOP/s"))
+    bench.write_outputs(cfg, _result("cuda-nvidia-h100", "700000.0 GFLOP/s"))
+    bench.write_outputs(cfg, _result("cpu-avx512bf16", "400.0 GFLOP/s"))
+    bench.write_outputs(cfg, _result("cpu-avx2", "120.0 GFLOP/s"))  # a rerun replaces its own kind's rows only
 
     data = json.loads(cfg.json.read_text())
-    assert set(data) == {"cpu", "cuda"}
-    assert data["cpu"]["figures"][0]["value"] == "120.0 GFLOP/s"
+    assert set(data) == {"cpu-avx2", "cpu-avx512bf16", "cuda-nvidia-h100"}
+    assert data["cpu-avx2"]["figures"][0]["value"] == "120.0 GFLOP/s"
+    assert data["cpu-avx512bf16"]["figures"][0]["value"] == "400.0 GFLOP/s"
     text = md.read_text()
     assert "intro stays" in text and "## Analysis\nkept" in text and "old table" not in text
     assert "| matmul fp32 | 120.0 GFLOP/s |" in text and "| matmul fp32 | 700000.0 GFLOP/s |" in text
     assert "100.0 GFLOP/s" not in text
-    assert text.count("| train speed-up | 9.0x | >= 8x | yes |") == 2
+    assert text.count("| train speed-up | 9.0x | >= 8x | yes |") == 3
+    assert "| cpu-avx512bf16 | cpu-avx512bf16-box |" in text
+    before = text
+    bench.write_outputs(cfg, _result("cpu-avx2", "1.0 GFLOP/s"), markdown=False)  # JSON only
+    assert md.read_text() == before and "1.0 GFLOP/s" in cfg.json.read_text()
+
+
+def test_quick_or_json_elsewhere_leaves_the_committed_docs_alone(tmp_path):
+    docs = BenchConfig()  # the committed pair: docs/benchmarks.json beside docs/BENCHMARKS.md
+    assert bench.outputs_plan(docs) == (True, True)
+    assert bench.outputs_plan(BenchConfig(quick=True)) == (False, False)
+    assert bench.outputs_plan(BenchConfig(json=tmp_path / "b.json")) == (True, False)
+    assert bench.outputs_plan(BenchConfig(quick=True, json=tmp_path / "b.json")) == (True, False)
+    side = BenchConfig(json=tmp_path / "b.json", markdown=tmp_path / "B.md")  # a pair of one's own
+    assert bench.outputs_plan(side) == (True, True)
+
+
+def test_interleaved_rounds_and_ratio_spread():
+    calls = []
+    t = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and [len(v) for v in t.values()] == [3, 3]  # warm-up rounds are not kept
+    r = bench.ratios([10.0, 12.0, 8.0], [5.0, 4.0, 4.0])  # round by round: 2, 3, 2
+    assert r == {"median": 2.0, "min": 2.0, "max": 3.0, "n": 3}
+    assert bench.met_at_least(r, 2.0) and not bench.met_at_least(r, 2.5)  # must hold across the spread
+    assert bench.fmt(r, 1) == "2.0 (2.0-3.0)" and bench.fmt(bench.spread([0.5]), pct=True) == "50%"
 
 
 def test_end_to_end_reads_the_stage_records(tiny_shards, tiny_store, tiny_run):
@@ -47,4 +77,49 @@ def test_end_to_end_reads_the_stage_records(tiny_shards, tiny_store, tiny_run):
 
 def test_matmul_rate_is_positive_and_stops_growing_on_budget():
     r = bench.matmul_rate(torch.device("cpu"), torch.float32, budget_s=0.01, sync=lambda: None)
-    assert r["gflops"] > 0 and r["n"] <= 1024
+    assert r["gflops"] > 0 and r["n"] <= 1024 and r["spread"]["min"] <= r["gflops"] <= r["spread"]["max"]
+
+
+def _tiny_decoder(width: int):
+    from pipeline.model import DecoderConfig
+
+    return DecoderConfig(layers=1, width=32, heads=2, mlp_dim=64, max_len=16, encoder_width=width)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_generate_and_train_measurements_run_in_each_precision(precision):
+    """The real measuring code on a tiny decoder (and the tiny ViT as the baseline's encoder)."""
+    cpu, sync = torch.device("cpu"), (lambda: None)
+    gen = bench.bench_generate(cpu, precision, True, sync, 1, dec_cfg=_tiny_decoder(192))
+    for k in ("cache", "no_cache", "beam3", "parallel"):
+        assert gen[f"{k}_img_per_s"]["median"] > 0, k
+    assert gen["new_tokens"] == 16 and gen["kv_speedup"]["n"] == 1
+    limit = {p: {"n": 128} for p in ("fp32", "bf16")}
+    tr = bench.bench_train(cpu, precision, True, sync, limit, 1, dec_cfg=_tiny_decoder(192),
+                           vit="vit_tiny_patch16_224", batch_size=4)
+    assert tr["image_tokens"] == 197 and tr["batch_size"] == 4 and tr["decoder"]["width"] == 32
+    assert tr["samples_per_s_per-example"]["median"] > 0 and tr["speedup_vs_baseline"]["median"] > 0
+    assert tr["vs_limit"]["median"] > 0
+
+
+def test_train_bench_reads_its_sizes_from_the_configs():
+    from pipeline.config import TrainConfig
+
+    cfg = bench.train_decoder_config(768)
+    assert (cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.max_len) == (
+        TrainConfig.layers, TrainConfig.width, TrainConfig.heads, TrainConfig.mlp_dim, TrainConfig.max_len)
+
+
+def test_gpu_check_script_parses_and_its_plan_stays_out_of_the_users_folders():
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    out = subprocess.run([str(script), "--dry-run"], capture_output=True, text=True, timeout=60, check=True).stdout
+    plan = [x for x in out.splitlines() if x.startswith("[plan]")]
+    assert [x.split()[1] for x in plan[:4]] == ["test-suite", "cuda-tests", "make-all", "bench"]
+    make_all = plan[2]
+    work = make_all.split("(cd ")[1].split(" &&")[0]
+    assert "cappa-gpu-check" in work and not Path(work).exists()  # a temporary folder, removed afterwards
+    assert "--count 500" in make_all and "--epochs 1" in make_all and make_all.count("--device cuda") == 3
+    assert "--device cuda" in plan[3] and "--json" in plan[3]

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PRECISIONS
+
 from pipeline.config import CaptionConfig
 from test_evaluate import cli_error, run_copy
 
@@ -28,8 +30,15 @@ def shard_jpeg(tiny_shards, tiny_store, tmp_path_factory):
     return path, key, int(index.rows[index.keys.index(key)])
 
 
-def test_caption_matches_the_store_features(tiny_run, tiny_store, shard_jpeg, capsys):
-    """Captioning the raw JPEG gives the caption of its cached features: same encoder, weights, preprocessing."""
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_caption_matches_the_store_features(precision, tiny_run, tiny_store, shard_jpeg, capsys):
+    """Captioning the raw JPEG gives the caption of its cached features: same encoder, weights, preprocessing.
+
+    fp32 (the store's and the run's precision): the very features and the very caption. bf16: the features
+    within bf16 rounding of the store's, and the caption the decoder gives those bf16 features."""
+    from conftest import BF16_FEATURES_CPU, feature_error
+
+    from pipeline.devices import autocast_dtype
     from pipeline.encoder import build_encoder_from_provenance
     from pipeline.store import FeatureStore
     from PIL import Image
@@ -37,17 +46,23 @@ def test_caption_matches_the_store_features(tiny_run, tiny_store, shard_jpeg, ca
     from stages.evaluate import load_run
 
     path, key, row = shard_jpeg
-    got = caption.run(CaptionConfig(images=[path], run=tiny_run, device="cpu"))
+    got = caption.run(CaptionConfig(images=[path], run=tiny_run, device="cpu", precision=precision))
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed == [f"{path}: {got[0]}"] and got[0]
 
     store = FeatureStore.open(tiny_store)
     cached = store.read_rows([row])  # [1, P, E] fp16
     prov = json.loads((tiny_run / "config.json").read_text())["store"]["encoder"]
-    fresh = build_encoder_from_provenance(prov, precision="fp32").encode_images([Image.open(path)])
-    np.testing.assert_array_equal(fresh, cached)
+    fresh = build_encoder_from_provenance(prov, precision=precision).encode_images([Image.open(path)])
+    if precision == "fp32":
+        np.testing.assert_array_equal(fresh, cached)
+    else:
+        rel, cos = feature_error(cached, fresh)
+        assert 0 < rel <= BF16_FEATURES_CPU["rel_rms"] and cos >= BF16_FEATURES_CPU["min_cos"], (rel, cos)
     run = load_run(tiny_run, torch.device("cpu"))
-    ids = run.decoder.generate(torch.from_numpy(cached).float(), max_new_tokens=32)
+    amp = autocast_dtype(precision)
+    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        ids = run.decoder.generate(torch.from_numpy(fresh).float(), max_new_tokens=32)
     assert got == run.tokenizer.decode_batch(ids)
 
 

@@ -212,3 +212,25 @@ def test_torchrun_two_ranks_equal_one(tiny_shards, tiny_store, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     _assert_same_store(store, tiny_store)
 
+
+
+def test_bf16_features_match_fp32_within_bf16_tolerance(tiny_shards, tiny_store):
+    """The bf16 encoder (what `auto` picks on an AVX512-BF16 CPU) against the fp32 store, on 4 images: cheap even
+    where bf16 is ~300x slower (AVX2)."""
+    import torch
+    import webdataset as wds
+    from conftest import BF16_FEATURES_CPU, feature_error
+    from PIL import Image
+
+    from pipeline.encoder import build_random
+
+    st = FeatureStore.open(tiny_store)
+    idx = st.index()
+    tar = encode.complete_shards(tiny_shards)[0][1]
+    samples = list(wds.WebDataset(str(tar), shardshuffle=False, empty_check=False))[:4]
+    images = [Image.open(io.BytesIO(s["jpg"])) for s in samples]
+    bf16 = build_random("vit_tiny_patch16_224", 0, torch.device("cpu"), "bf16").encode_images(images)
+    pos = {k: i for i, k in enumerate(idx.keys)}
+    fp32 = st.read_rows(idx.rows[[pos[s["__key__"]] for s in samples]])  # the fp32 store's rows
+    rel, cos = feature_error(fp32, bf16)
+    assert 0 < rel <= BF16_FEATURES_CPU["rel_rms"] and cos >= BF16_FEATURES_CPU["min_cos"], (rel, cos)

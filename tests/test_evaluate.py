@@ -32,8 +32,9 @@ def evaluated(tiny_run, tiny_shards, tmp_path_factory):
 
     run = run_copy(tiny_run, tmp_path_factory.mktemp("eval") / "run")
     # An untrained tiny decoder never says EOS: max_new_tokens bounds every caption (and the parallel length search).
+    # fp32, the tiny run's precision: the numbers below must hold whatever `auto` picks on this machine.
     res = evaluate.run(EvalConfig(run=run, limit=8, beam_size=2, batch_size=8, zero_shot_limit=4, shards=tiny_shards,
-                                  max_new_tokens=16, device="cpu"))
+                                  max_new_tokens=16, device="cpu", precision="fp32"))
     return run, res
 
 
@@ -74,12 +75,37 @@ def test_eval_numbers(evaluated, tiny_run):
     assert all(len(s["references"]) == 5 and s["references"][0] == s["reference"] for s in res["samples"])
     assert res["zero_shot"]["colour"]["samples"] == min(4, k) and res["zero_shot"]["colour"]["chance"] == pytest.approx(1 / 9)
     assert res["grid_images"]["shard"] == k  # the grid's pictures were read back from the shards
-    # Same checkpoint, same split, same loss: the eval's validation loss is training's last validation entry.
+    _assert_val_loss_is_trainings(res, tiny_run)
+
+
+def _assert_val_loss_is_trainings(res: dict, tiny_run) -> None:
+    """Same checkpoint, same split, same loss: the eval's validation loss is training's last validation entry
+    (the tiny run trained in fp32). In fp32 only the batching differs (summation order: rel 1e-5); in bf16
+    the logits are rounded to 8 significant bits, and the mean loss stays within one bf16 epsilon (2^-7)."""
+    from pipeline.devices import precision_rtol
+
     entries = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     last_val = [e for e in entries if e["kind"] == "val"][-1]
     assert last_val["step"] == res["checkpoint"]["step"]
-    assert res["val_loss"]["loss_ar"] == pytest.approx(last_val["loss_ar"], rel=1e-5)
-    assert res["val_loss"]["loss_par"] == pytest.approx(last_val["loss_par"], rel=1e-5)
+    rel = precision_rtol(res["precision"])
+    assert res["val_loss"]["loss_ar"] == pytest.approx(last_val["loss_ar"], rel=rel)
+    assert res["val_loss"]["loss_par"] == pytest.approx(last_val["loss_par"], rel=rel)
+
+
+def test_eval_in_bf16_end_to_end(tiny_run, tiny_shards, tmp_path):
+    """bf16 (what `auto` would pick for a bf16 run on a native-bf16 CPU or a GPU), kept tiny for AVX2 CPUs."""
+    from stages import evaluate
+
+    run = run_copy(tiny_run, tmp_path / "run")
+    res = evaluate.run(EvalConfig(run=run, limit=2, beam_size=2, batch_size=8, zero_shot_limit=1, grid=2,
+                                  shards=tiny_shards, max_new_tokens=6, device="cpu", precision="bf16"))
+    assert res["precision"] == "bf16" and json.loads((run / "eval" / "eval.json").read_text())["precision"] == "bf16"
+    assert res["split"]["captioned"] == 2 and all(isinstance(s["parallel"], str) for s in res["samples"])
+    _assert_val_loss_is_trainings(res, tiny_run)
+    exact = res["val_loss"]["loss_ar"] == pytest.approx(
+        [e for e in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines()) if e["kind"] == "val"][-1]["loss_ar"],
+        rel=1e-7)
+    assert not exact  # it really ran in bf16: the loss is not fp32's to 7 digits
 
 
 def test_tokenizer_mismatch_is_refused(tiny_run, tmp_path):

@@ -16,7 +16,7 @@ from pipeline import checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 from stages import train
-from conftest import TINY_TRAIN
+from conftest import PRECISIONS, TINY_TRAIN
 
 TIMING = {"samples_per_s"}  # the only fields allowed to differ between two identical runs
 
@@ -105,6 +105,40 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_store, tmp_path, c
     again = train.run(_cfg(tiny_store, tmp_path / "b", max_steps=11, resume=True))
     assert again["steps_this_run"] == 0 and _metrics(tmp_path / "b") == b
     assert (tmp_path / "b" / "summary.json").read_bytes() == summary
+
+
+# A few steps of batch 8 on captions cut to 12 tokens: affordable in bf16 even on an AVX2-only CPU (~300x slower
+# than fp32 there), where every step of the 50,258-way head is a bf16 matmul.
+SMALL = dict(batch_size=8, max_len=12, log_every=1, checkpoint_every=100, features="memory", warmup_steps=0,
+             schedule="constant")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_resume_is_exact_in_each_precision(precision, tiny_store, tmp_path):
+    straight = train.run(_cfg(tiny_store, tmp_path / "a", max_steps=4, precision=precision, **SMALL))
+    train.run(_cfg(tiny_store, tmp_path / "b", max_steps=2, precision=precision, **SMALL))
+    resumed = train.run(_cfg(tiny_store, tmp_path / "b", max_steps=4, precision=precision, resume=True, **SMALL))
+    assert straight["precision"] == resumed["precision"] == precision and resumed["steps_this_run"] == 2
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    wa, wb = checkpoint.load_weights(tmp_path / "a"), checkpoint.load_weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bf16_training_tracks_fp32(tiny_store, tmp_path):
+    """bf16 autocast follows the fp32 run step by step: the same zero-head start (ln V, exactly), then losses
+    within a few bf16 epsilons (rounding compounds over the steps: 4 eps = 3%)."""
+    from pipeline.devices import precision_rtol
+
+    runs = {}
+    for p in PRECISIONS:
+        train.run(_cfg(tiny_store, tmp_path / p, max_steps=3, precision=p, **SMALL))
+        runs[p] = _metrics(tmp_path / p)
+    a, b = ([e for e in runs[p] if e["kind"] == "train"] for p in PRECISIONS)
+    assert [e["step"] for e in a] == [e["step"] for e in b] == [1, 2, 3]
+    assert b[0]["loss"] == pytest.approx(math.log(50258), rel=precision_rtol("bf16"))
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=4 * precision_rtol("bf16")), (x, y)
+    assert any(x["loss"] != y["loss"] for x, y in zip(a, b))  # it really ran in another precision
 
 
 def test_refusals_are_one_line_and_touch_nothing(tiny_run, tiny_store, tmp_path):
