@@ -3,6 +3,7 @@
 Layout under `<run>/checkpoints/`:
     step-00000200/model.safetensors   the decoder's weights (what eval and caption load)
     step-00000200/state.pt            optimizer, scheduler, step, epoch, batch within epoch, RNG, extras
+    step-00000200/manifest.json       {"step", "sha256": {file: digest}}: checked whenever it is loaded
     last.json                         {"step", "epoch", "batch", "dir"}: the newest complete checkpoint
 A checkpoint folder is built under a temporary name, every file fsynced, then renamed into place; only
 then does `last.json` (itself replaced atomically) point at it. A crash at any moment leaves the previous
@@ -11,6 +12,7 @@ checkpoint complete and pointed to. The newest `keep` checkpoints are kept.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -27,6 +29,7 @@ from safetensors.torch import save as safetensors_bytes
 from pipeline.errors import UserError
 
 LAST = "last.json"
+MANIFEST = "manifest.json"  # in each checkpoint folder: {"step", "sha256": {file: digest}}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,13 +47,24 @@ def _write_bytes(path: Path, data) -> None:
         os.fsync(f.fileno())
 
 
-def save_file(tensors: dict, path: str | Path, metadata: Optional[dict] = None) -> None:
+def save_file(tensors: dict, path: str | Path, metadata: Optional[dict] = None) -> str:
     """safetensors' save_file, but the bytes are written by Python: a full disk is then an OSError (ENOSPC).
+    Returns the file's sha256.
 
     safetensors' own writer raises SafetensorError and torch.save's raises RuntimeError ("unexpected pos")
     on a full disk, which no `except OSError` catches; the serialised copy costs memory once, briefly.
     """
-    _write_bytes(Path(path), safetensors_bytes(tensors, metadata=metadata))
+    blob = safetensors_bytes(tensors, metadata=metadata)
+    _write_bytes(Path(path), blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -100,7 +114,9 @@ def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: 
         # contiguous() + clone: safetensors refuses shared or strided storage (tied weights, views).
         weights = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
         finite = all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point())
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step), "finite": str(int(finite))})
+        digest = save_file(weights, str(tmp / "model.safetensors"),
+                           metadata={"step": str(step), "finite": str(int(finite))})
+        digests = {"model.safetensors": digest or _sha256(tmp / "model.safetensors")}
         buf = io.BytesIO()  # serialised in memory, written by Python (see save_file)
         torch.save({
             "optimizer": optimizer.state_dict(),
@@ -109,8 +125,10 @@ def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: 
             "rng": rng_state(),
             "extra": extra or {},
         }, buf)
+        digests["state.pt"] = hashlib.sha256(buf.getbuffer()).hexdigest()
         _write_bytes(tmp / "state.pt", buf.getbuffer())
         del buf
+        _write_bytes(tmp / MANIFEST, json.dumps({"step": step, "sha256": digests}).encode())
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again: move the old copy aside (last() falls back meanwhile)
             trash = ckpt_dir / f".{name}.{uuid.uuid4().hex[:8]}.old"
@@ -120,7 +138,8 @@ def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: 
         else:
             os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
-        atomic_write_text(ckpt_dir / LAST, json.dumps({"step": step, "epoch": epoch, "batch": batch, "dir": name}))
+        atomic_write_text(ckpt_dir / LAST, json.dumps({"step": step, "epoch": epoch, "batch": batch, "dir": name,
+                                                       "sha256": digests}))
         _fsync_dir(ckpt_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -173,15 +192,59 @@ def last(ckpt_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
+def check(path: Path) -> str | None:
+    """Why a checkpoint folder's bytes are not the ones saved (sha256 vs its manifest), or None if they are.
+
+    Checkpoints saved before digests were recorded have no manifest: they pass unchecked.
+    """
+    path = Path(path)
+    try:
+        want = json.loads((path / MANIFEST).read_text())["sha256"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST} ({type(e).__name__})"
+    for name, digest in want.items():
+        try:
+            got = _sha256(path / name)
+        except OSError as e:
+            return f"{name}: {e.strerror or e}"
+        if got != digest:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
 def resolve(path: Path) -> Path:
-    """A checkpoint folder from a checkpoint folder, a `checkpoints/` folder or a run folder (its newest)."""
+    """A checkpoint folder from a checkpoint folder, a `checkpoints/` folder or a run folder (its newest good one).
+
+    The bytes are checked against the digests saved with them: a corrupt newest checkpoint falls back to the
+    previous one with a warning; if none is good (or a named checkpoint folder is corrupt) it is one line.
+    """
     path = Path(path)
     if (path / "model.safetensors").is_file():
+        why = check(path)
+        if why:
+            raise UserError(f"checkpoint {path} is corrupt: {why}")
         return path
     for d in (path, path / "checkpoints"):
         found = last(d)
-        if found is not None:
-            return found
+        if found is None:
+            continue
+        candidates = [found] + sorted((p for p in d.glob("step-*") if p != found and p.name < found.name and
+                                       (p / "state.pt").is_file()), reverse=True)
+        bad = []
+        for c in candidates:
+            why = check(c)
+            if why is None:
+                if bad:
+                    from pipeline.progress import console
+
+                    console.print(f"warning: checkpoint {bad[0][0].name} is corrupt ({bad[0][1]}); using "
+                                  f"{c.name} instead", highlight=False, markup=False)
+                return c
+            bad.append((c, why))
+        raise UserError(f"every checkpoint in {d} is corrupt (newest {bad[0][0].name}: {bad[0][1]}); "
+                        "there is nothing good to load")
     raise UserError(f"no complete checkpoint in {path}")
 
 
@@ -193,8 +256,8 @@ def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
 def load(path: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
          device: str | torch.device = "cpu", restore_rng: bool = True) -> dict[str, Any]:
     """Restore a checkpoint folder into model (+ optimizer, scheduler, RNG); returns the state dict."""
-    path = resolve(path)
-    model.load_state_dict(load_weights(path, device))
+    path = resolve(path)  # checked once here
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
     state = torch.load(path / "state.pt", map_location=device, weights_only=True)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

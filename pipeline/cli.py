@@ -163,6 +163,17 @@ def caption(
 
 
 @app.command()
+def verify(
+    store: Annotated[Optional[Path], Opt("zarr feature store to read end to end (checksums, missing chunks)")] = None,
+    run: Annotated[Optional[Path], Opt("run folder: checkpoints against their digests, metrics.jsonl, config.json")] = None,
+):
+    """Check a store and/or a run folder byte for byte; one line per problem, exit 2 if any."""
+    from pipeline import verify as v
+
+    v.run(store, run)
+
+
+@app.command()
 def status(
     shards: Annotated[Path, Opt("folder of WebDataset shards")] = StatusConfig.shards,
     store: Annotated[Path, Opt("zarr feature store")] = StatusConfig.store,

@@ -172,8 +172,11 @@ class FeatureStore:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         # float16 features barely compress (~10%); uncompressed chunks keep the training loader's reads cheap.
+        # Each chunk carries a crc32c: a flipped bit on disk is an error naming its shard, never silent noise.
+        from zarr.codecs import Crc32cCodec
+
         g.create_array("features", shape=(n, tokens, width), chunks=(chunk_rows, tokens, width),
-                       dtype="float16", fill_value=0, compressors=None)
+                       dtype="float16", fill_value=0, compressors=[Crc32cCodec()])
         g.create_array("valid", shape=(n,), chunks=(shard_capacity,), dtype=bool, fill_value=False)
         for name in STRING_ARRAYS:
             g.create_array(name, shape=(n,), chunks=(shard_capacity,), dtype=str)
@@ -231,16 +234,60 @@ class FeatureStore:
         self.group.attrs.update(kv)
         self.attrs.update(kv)
 
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the features chunks carry crc32c (stores made before it was added do not)."""
+        return any(type(c).__name__ == "Crc32cCodec" for c in self._features.metadata.codecs)
+
+    def shard_of_row(self, row: int) -> str:
+        return self.shards[min(int(row) // self.shard_capacity, len(self.shards) - 1)]
+
+    def _corrupt(self, a: int, b: int, e: Exception) -> UserError:
+        """One line naming the shard(s) whose chunks in rows [a, b) fail their checksum (re-read chunk by chunk)."""
+        cr, names = self.chunk_rows, []
+        for lo in range(a - a % cr, b, cr):
+            try:
+                self._features[lo:lo + cr]
+            except ValueError:
+                if self.shard_of_row(lo) not in names:
+                    names.append(self.shard_of_row(lo))
+        names = names or [self.shard_of_row(a)]
+        return UserError(f"feature store {self.path}: shard {', '.join(names)} is corrupt on disk "
+                         f"({str(e).split('.')[0]}); `pipeline verify --store {self.path}` lists every bad shard; "
+                         "re-encode into a new --store (or rebuild this one with --overwrite)")
+
+    def missing_chunks(self) -> dict[str, int]:
+        """Done shards whose features chunks holding valid rows are absent from disk: {shard: chunks missing}."""
+        done, c, cr = self.shard_done(), self.shard_capacity, self.chunk_rows
+        valid = self._valid()
+        enc = self._features.metadata.chunk_key_encoding
+        out: dict[str, int] = {}
+        for s in np.flatnonzero(done):
+            for i in range(s * c // cr, (s + 1) * c // cr):
+                if valid[i * cr:(i + 1) * cr].any() and not (self.path / "features" /
+                                                             enc.encode_chunk_key((i, 0, 0))).is_file():
+                    out[self.shards[s]] = out.get(self.shards[s], 0) + 1
+        return out
+
     def region(self, s: int) -> tuple[int, int]:
         c = self.shard_capacity
         return s * c, (s + 1) * c
 
+    # The `shards` attribute is the truth: `extend` grows the arrays first and the attribute last, so a reader
+    # that opens mid-extend sees arrays at least as long as its shard list and reads only its own part.
     def shard_done(self) -> np.ndarray:
-        return np.asarray(self.group["shard_done"][:], dtype=bool)  # [S]
+        n = len(self.shards)
+        done = np.asarray(self.group["shard_done"][:], dtype=bool)[:n]
+        return np.pad(done, (0, n - len(done)))  # [S]
+
+    def _valid(self) -> np.ndarray:
+        n = len(self.shards) * self.shard_capacity
+        valid = np.asarray(self.group["valid"][:], dtype=bool)[:n]
+        return np.pad(valid, (0, n - len(valid)))  # [S * C]
 
     def shard_counts(self) -> dict[str, int]:
         """Samples stored per shard name (0 for shards not done)."""
-        done, valid = self.shard_done(), np.asarray(self.group["valid"][:], dtype=bool)
+        done, valid = self.shard_done(), self._valid()
         per = valid.reshape(len(done), self.shard_capacity).sum(1) if len(done) else np.zeros(0, int)
         return {name: int(per[s]) if done[s] else 0 for s, name in enumerate(self.shards)}
 
@@ -289,14 +336,44 @@ class FeatureStore:
         for name, col in (("keys", keys), ("captions", captions), ("meta", meta)):
             self.group[name][start:stop] = np.array(list(col) + pad, dtype=object)
         self.group["valid"][start:stop] = np.arange(c) < n
+        self._fsync_shard(s)  # the marker promises the rows are on disk, not in the page cache
         self.group["shard_done"][s] = True  # last: the marker says every row above is on disk
+        self._fsync_files([self._chunk_file("shard_done", (s,))])
+
+    def _chunk_file(self, array: str, idx: tuple) -> Path:
+        enc = self.group[array].metadata.chunk_key_encoding
+        return self.path / array / enc.encode_chunk_key(idx)
+
+    def _fsync_shard(self, s: int) -> None:
+        c, cr = self.shard_capacity, self.chunk_rows
+        files = [self._chunk_file("features", (i, 0, 0)) for i in range(s * c // cr, (s + 1) * c // cr)]
+        files += [self._chunk_file(name, (s,)) for name in ("valid", *STRING_ARRAYS)]
+        self._fsync_files(files)
+
+    @staticmethod
+    def _fsync_files(files: list[Path]) -> None:
+        for d in sorted({f.parent for f in files}):
+            for f in files:
+                if f.parent == d and f.is_file():  # an all-padding chunk is not stored at all
+                    fd = os.open(f, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            if d.is_dir():
+                fsync_dir(d)
 
     # --- reading --------------------------------------------------------------------------------------------
     def index(self) -> StoreIndex:
         done = self.shard_done()
         c = self.shard_capacity
-        valid = np.asarray(self.group["valid"][:], dtype=bool) & np.repeat(done, c)
+        valid = self._valid() & np.repeat(done, c)
         rows = np.flatnonzero(valid).astype(np.int64)
+        missing = self.missing_chunks()
+        if missing:
+            names = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
+            raise UserError(f"feature store {self.path}: shard(s) {names} are marked done but miss features chunks "
+                            f"on disk; run `pipeline verify --store {self.path}`, then re-encode them")
         cols = {}
         for name in STRING_ARRAYS:
             vals = np.asarray(self.group[name][:])
@@ -304,8 +381,11 @@ class FeatureStore:
         return StoreIndex(rows=rows, keys=cols["keys"], captions=cols["captions"], meta=cols["meta"])
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """float16 [stop-start, T, E]; chunk-aligned ranges read fastest."""
-        return np.asarray(self._features[start:stop])
+        """float16 [stop-start, T, E]; chunk-aligned ranges read fastest. A bad checksum: one line naming the shard."""
+        try:
+            return np.asarray(self._features[start:stop])
+        except ValueError as e:
+            raise self._corrupt(start, stop, e) from None
 
     def read_rows(self, rows) -> np.ndarray:
         """float16 [len(rows), T, E] for sorted rows, read as contiguous slabs touching each chunk once."""
@@ -319,5 +399,8 @@ class FeatureStore:
         breaks = np.flatnonzero(np.diff(rows) > gap) + 1
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
             a, b = int(rows[lo]), int(rows[hi - 1]) + 1
-            out[lo:hi] = np.asarray(self._features[a:b])[rows[lo:hi] - a]
+            try:
+                out[lo:hi] = np.asarray(self._features[a:b])[rows[lo:hi] - a]
+            except ValueError as e:  # crc32c mismatch (zarr's Crc32cCodec)
+                raise self._corrupt(a, b, e) from None
         return out

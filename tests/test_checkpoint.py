@@ -103,3 +103,30 @@ def test_a_killed_writers_temp_folder_is_cleaned_by_the_next_save(tmp_path):
     assert checkpoint.last(tmp_path).name == "step-00000001"  # never mistaken for a checkpoint
     checkpoint.save(tmp_path, model=model, optimizer=opt, scheduler=sched, step=2, epoch=0, batch=2)
     assert not torn.exists() and checkpoint.last(tmp_path).name == "step-00000002"
+
+
+@pytest.mark.faults
+def test_a_corrupt_newest_checkpoint_falls_back_then_fails_with_one_line(tmp_path, capsys):
+    from pipeline.errors import UserError
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpts = tmp_path / "checkpoints"
+    checkpoint.save(ckpts, model=model, optimizer=opt, scheduler=None, step=1, epoch=0, batch=1)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    checkpoint.save(ckpts, model=model, optimizer=opt, scheduler=None, step=2, epoch=0, batch=2)
+    assert json.loads((ckpts / "last.json").read_text())["sha256"]["model.safetensors"]
+    f = ckpts / "step-00000002" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0x40  # one flipped bit in the weights: safetensors itself would load it silently
+    f.write_bytes(bytes(data))
+    w = checkpoint.load_weights(tmp_path)
+    assert all(torch.equal(w[k], good[k]) for k in good)
+    assert "checkpoint step-00000002 is corrupt" in capsys.readouterr().err
+    s1 = ckpts / "step-00000001" / "state.pt"
+    s1.write_bytes(s1.read_bytes()[:-10])
+    with pytest.raises(UserError, match="every checkpoint in .* is corrupt") as e:
+        checkpoint.load(tmp_path, model=model)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,103 @@
+"""`pipeline verify`: read a feature store and/or a run folder end to end and check every byte that has a digest.
+
+Store: every features chunk of every done shard is read (crc32c checked by zarr where the store has it), chunks
+missing from disk are named, and text columns are checked against the valid rows. Run folder: config.json,
+metrics.jsonl (strict JSON, one object per line), every checkpoint against its manifest's sha256, and that
+last.json points at a good one. One line per problem; problems -> exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.markup import escape
+
+from pipeline.errors import UserError
+from pipeline.progress import console
+
+
+def verify_store(path: Path) -> dict:
+    from pipeline.store import FeatureStore
+
+    st = FeatureStore.open(path, require_done=False)
+    done = st.shard_done()
+    problems: dict[str, str] = {}
+    for name, n in st.missing_chunks().items():
+        problems[name] = f"{n} features chunk(s) missing on disk"
+    for s in [int(i) for i in done.nonzero()[0]]:
+        name = st.shards[s]
+        if name in problems:
+            continue
+        a, b = st.region(s)
+        try:
+            st.read(a, b)
+        except UserError:
+            problems[name] = "features chunk checksum mismatch (crc32c)"
+    return {"path": str(path), "checksums": st.has_checksums, "shards": len(st.shards),
+            "shards_done": int(done.sum()), "problems": problems}
+
+
+def verify_run(run: Path) -> dict:
+    from pipeline import checkpoint
+
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run folder {run} does not exist")
+    problems: dict[str, str] = {}
+    try:
+        json.loads((run / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        problems["config.json"] = f"missing or not JSON ({type(e).__name__})"
+
+    def refuse(c):
+        raise ValueError(c)
+
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        lines = []
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line, parse_constant=refuse)
+        except ValueError:
+            torn = i == len(lines) - 1
+            problems[f"metrics.jsonl:{i + 1}"] = "torn last line (ignored by readers)" if torn else "not strict JSON"
+    ckpts = run / "checkpoints"
+    good = []
+    for p in sorted(ckpts.glob("step-*")) if ckpts.is_dir() else []:
+        why = checkpoint.check(p)
+        if why:
+            problems[p.name] = why
+        elif (p / "manifest.json").is_file():
+            good.append(p.name)
+        else:
+            good.append(p.name + " (no digest)")
+    pointed = checkpoint.last(ckpts) if ckpts.is_dir() else None
+    if pointed is not None and pointed.name in problems:
+        problems["last.json"] = f"points at {pointed.name}, which is corrupt (loading falls back to an older one)"
+    return {"path": str(run), "checkpoints_good": good, "problems": problems}
+
+
+def run(store: Path | None, run_dir: Path | None) -> dict:
+    if store is None and run_dir is None:
+        raise UserError("nothing to verify: pass --store and/or --run")
+    out, n = {}, 0
+    if store is not None:
+        s = out["store"] = verify_store(Path(store))
+        note = "" if s["checksums"] else " (no checksums: made before crc32c; only missing chunks can be found)"
+        console.print(f"store {escape(s['path'])}: {s['shards_done']}/{s['shards']} shards done, "
+                      f"{len(s['problems'])} bad{escape(note)}", highlight=False)
+        for name, why in s["problems"].items():
+            console.print(f"  shard {escape(name)}: {escape(why)}", highlight=False)
+        n += len(s["problems"])
+    if run_dir is not None:
+        r = out["run"] = verify_run(Path(run_dir))
+        console.print(f"run {escape(r['path'])}: {len(r['checkpoints_good'])} good checkpoint(s), "
+                      f"{len(r['problems'])} problem(s)", highlight=False)
+        for name, why in r["problems"].items():
+            console.print(f"  {escape(name)}: {escape(why)}", highlight=False)
+        n += sum(1 for k in r["problems"] if not r["problems"][k].startswith("torn last line"))
+    if n:
+        raise UserError(f"verify found {n} problem(s) (listed above)")
+    return out
