@@ -248,8 +248,11 @@ def encode_shards(encoder, store: FeatureStore, jobs: list, cfg: EncodeConfig, p
                 stats["shards"] += 1
                 args = (pos, feats, buf["keys"], buf["caps"], buf["meta"])
 
-                def write(args=args, nth=stats["shards"]):
+                def write(args=args, nth=stats["shards"], name=name,
+                          skipped=dict(stats["skipped_images"].get(name, {}))):
                     store.write_shard(*args)
+                    if int(os.environ.get("RANK", "0")) == 0:  # recorded as the shard is done: survives a kill
+                        _record_shard_problems(store, name, skipped)
                     _test_kill("shard", nth)
 
                 pending_write = writer.submit(write)
@@ -384,6 +387,17 @@ def run(cfg: EncodeConfig) -> dict:
             dist.barrier()
         if rank == 0:
             lock.release()
+
+
+def _record_shard_problems(store: FeatureStore, name: str, skipped: dict) -> None:
+    """Just after shard `name` is marked done: its skipped images replace its old entries in `problems`."""
+    old = store.attrs.get("problems") or {}
+    out = {"unreadable_shards": {k: v for k, v in (old.get("unreadable_shards") or {}).items() if k != name},
+           "skipped_images": {k: v for k, v in (old.get("skipped_images") or {}).items() if k != name}}
+    if skipped:
+        out["skipped_images"] = dict(sorted({**out["skipped_images"], name: skipped}.items()))
+    if out != old and (old or any(out.values())):
+        store.set_attrs(problems=out)
 
 
 def _record_problems(store: FeatureStore, attempted: list[str], all_stats: list[dict]) -> None:

@@ -114,3 +114,27 @@ def test_torn_tars_and_a_corrupt_image_are_skipped_and_recorded(broken_shards, t
     assert st.shard_done().tolist() == [True, True, True, False]
     assert st.attrs["problems"]["unreadable_shards"] == {"00003.tar": problems["unreadable_shards"]["00003.tar"]}
     np.testing.assert_array_equal(st.read(2 * c, 3 * c), ref.read(2 * c, 3 * c))  # bitwise, as if never torn
+
+
+def test_skipped_images_are_recorded_when_their_shard_is_done(broken_shards, tmp_path):
+    """Killed right after the shard with a corrupt image is marked done: its `problems` entry is already there."""
+    import os
+    import subprocess
+    import sys
+
+    src, bad_key, _ = broken_shards
+    shards = tmp_path / "two"
+    shards.mkdir()
+    for n in ("00000", "00001"):
+        shutil.copy(src / f"{n}.tar", shards / f"{n}.tar")
+        shutil.copy(src / f"{n}_stats.json", shards / f"{n}_stats.json")
+    store = tmp_path / "features.zarr"
+    code = ("import sys; from pathlib import Path; from pipeline.config import EncodeConfig; from stages import encode; "
+            f"encode.run(EncodeConfig(shards=Path(sys.argv[1]), store=Path(sys.argv[2]), **{TINY_ENCODE!r}))")
+    env = {**os.environ, "PIPELINE_TEST_KILL": "shard:2", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-c", code, str(shards), str(store)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-2000:]
+    st = FeatureStore.open(store)
+    assert st.shard_done().tolist() == [True, True]
+    assert list(st.attrs["problems"]["skipped_images"]["00001.tar"]) == [bad_key]
