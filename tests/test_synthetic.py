@@ -117,3 +117,18 @@ def test_generate_reuses_images_and_serves_every_fault(tmp_path):
 
     S.generate(tmp_path, seed=1, count=3, broken_fraction=0.0)  # another seed never mixes with the old drawings
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 3
+
+
+def test_five_references_describe_the_same_image():
+    """COCO-style references: N_REFERENCES phrasings per image, the training caption first, each one true of the
+    image (it parses back to the same primary object), mostly different from one another."""
+    distinct = 0
+    for i in range(200):
+        refs = S.make_references(0, i)
+        attributes, caption = S.make_row(0, i)
+        assert len(refs) == S.N_REFERENCES == 5 and refs[0] == caption
+        truth = S.primary_attributes(attributes)
+        assert all(S.parse_caption(r) == truth for r in refs), refs
+        distinct += len(set(refs))
+    assert distinct > 0.9 * 200 * 5
+    assert S.make_references(0, 7) == S.make_references(0, 7) != S.make_references(1, 7)
