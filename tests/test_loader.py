@@ -214,3 +214,15 @@ def test_length_bucketed_batches_run_in_a_shuffled_order(store, tokens):
             monotone += bool((np.diff(lo) >= 0).all() or (np.diff(hi) <= 0).all())
         assert np.array_equal(order, ld.order(epoch)[0])  # a pure function of (seed, epoch)
     assert windows >= 8 and monotone < windows / 2, (monotone, windows)
+
+
+def test_parallel_rows_count_at_most_parallel_len_tokens(store, tokens):
+    """A parallel row scores only its first parallel_len tokens: the token counts the trainer scales the DDP
+    loss by (global and per rank) count them that way, AR rows all of theirs."""
+    idx = store.index()
+    src = FeatureSource(store, idx.rows, device=torch.device("cpu"), mode="memory", slab_rows=C)
+    ld = Loader(src, tokens, np.arange(len(idx)), 8, seed=3, parallel_len=3)
+    for b in ld.epoch(0):
+        n = tokens.count[torch.from_numpy(b.positions)]
+        assert b.local_tokens["par"] == b.tokens_par == int(n[b.parallel].clamp(max=3).sum())
+        assert b.local_tokens["ar"] == b.tokens_ar == int(n[~b.parallel].sum())
