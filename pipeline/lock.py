@@ -103,7 +103,9 @@ class FolderLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             for _ in range(20):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # The held descriptor is read-only (flock does not need write access): a file open for writing
+                # would keep its filesystem from being remounted read-only (EBUSY) while we hold the lock.
+                fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -123,8 +125,15 @@ class FolderLock:
                     raise self._refuse(other)
                 me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                       "start": pid_start(os.getpid()), "boot_id": boot_id(), "flock": True}
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(me).encode(), 0)
+                try:  # written through a second, short-lived descriptor: closing it keeps fd's flock
+                    w = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
+                    try:
+                        os.write(w, json.dumps(me).encode())
+                    finally:
+                        os.close(w)
+                except OSError:
+                    os.close(fd)
+                    raise
                 self.fd = fd
                 return self
         except OSError as e:
