@@ -78,6 +78,8 @@ def encode(
 
 @app.command()
 def train(
+    ctx: typer.Context,
+    recipe: Annotated[str, Opt("default | seed (the original 3-epoch lr 1e-4 recipe); explicit options win")] = TrainConfig.recipe,
     store: Annotated[Path, Opt("zarr feature store")] = TrainConfig.store,
     # torchrun's own parser rejects `--run` (a prefix of its --run-path) anywhere on the line: --run-dir works.
     run: Annotated[Path, Opt("run folder (config, metrics, checkpoints); under torchrun spell it --run-dir",
@@ -85,6 +87,11 @@ def train(
     epochs: Annotated[int, Opt("epochs over the training split")] = TrainConfig.epochs,
     batch_size: Annotated[int, Opt("samples per step (global, across ranks)")] = TrainConfig.batch_size,
     lr: Annotated[float, Opt("AdamW learning rate")] = TrainConfig.lr,
+    weight_decay: Annotated[float, Opt("AdamW decoupled weight decay (matrices only)")] = TrainConfig.weight_decay,
+    beta1: Annotated[float, Opt("AdamW beta1")] = TrainConfig.beta1,
+    beta2: Annotated[float, Opt("AdamW beta2")] = TrainConfig.beta2,
+    grad_clip: Annotated[float, Opt("clip the gradient's global norm to this")] = TrainConfig.grad_clip,
+    patience: Annotated[Optional[int], Opt("stop after N epoch-end validations without improvement (keeps the best)")] = TrainConfig.patience,
     parallel_fraction: Annotated[float, Opt("share of parallel-prediction (CapPa) examples")] = TrainConfig.parallel_fraction,
     parallel_len: Annotated[Optional[int], Opt("length of every all-[MASK] parallel row (default: the longest training caption)")] = TrainConfig.parallel_len,
     mixing: Annotated[str, Opt("per-example | per-batch")] = TrainConfig.mixing,
@@ -113,14 +120,14 @@ def train(
     Under `torchrun --nproc_per_node N -m pipeline train --run-dir DIR ...` it runs DDP (gloo on CPU, nccl on
     CUDA); the batch size stays global. Only rank 0 writes files and prints.
     """
+    from click.core import ParameterSource
+
+    from pipeline.config import train_config
     from stages import train as stage
 
-    stage.run(TrainConfig(store=store, run=run, epochs=epochs, batch_size=batch_size, lr=lr,
-                          parallel_fraction=parallel_fraction, mixing=mixing, length_buckets=length_buckets, max_len=max_len, max_steps=max_steps,
-                          layers=layers, width=width, heads=heads, mlp_dim=mlp_dim, warmup_steps=warmup_steps,
-                          schedule=schedule, seed=seed, precision=precision, device=device, compile=compile,
-                          resume=resume, tokenizer=tokenizer, val_fraction=val_fraction, features=features,
-                          checkpoint_every=checkpoint_every, log_every=log_every))
+    given = {k: v for k, v in ctx.params.items()
+             if k != "recipe" and ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    stage.run(train_config(recipe, **given))
 
 
 @app.command("eval")

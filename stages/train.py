@@ -121,6 +121,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         (cfg.features not in ("auto", "memory", "stream"), f"--features must be auto, memory or stream (got {cfg.features!r})"),
         (not 0.0 <= cfg.val_fraction < 1.0, f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})"),
         (cfg.warmup_steps < 0, "--warmup-steps must be >= 0"),
+        (cfg.patience is not None and cfg.patience < 1, f"--patience must be >= 1 (got {cfg.patience})"),
         (cfg.checkpoint_every < 1 or cfg.log_every < 1, "--checkpoint-every and --log-every must be >= 1"),
     ]
     for failed, msg in bad:
@@ -157,7 +158,8 @@ def lr_factor(cfg: TrainConfig, total_steps: int):
     return f
 
 
-def make_optimizer(decoder: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(decoder: torch.nn.Module, *, lr: float, weight_decay: float,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW with decay on matrices only (norms and biases do not decay), fused into one kernel.
 
     Fused AdamW: one kernel over all parameters; on a CPU ~3x faster than foreach (1.1 vs 4.0 s per step
@@ -166,7 +168,7 @@ def make_optimizer(decoder: torch.nn.Module, *, lr: float, weight_decay: float) 
     decay = [p for p in decoder.parameters() if p.ndim >= 2]
     rest = [p for p in decoder.parameters() if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=lr, fused=True)
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas, fused=True)
 
 
 class LossModule(torch.nn.Module):
@@ -381,6 +383,8 @@ def _autocast(device, amp):
 
 def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     from pipeline.devices import autocast_dtype, resolve_precision
+    from pipeline.early_stop import BEST_WEIGHTS, EarlyStop, save_best
+    from pipeline.ngram import fit_baseline
     from pipeline.loader import CaptionTokens, FeatureSource, Loader, split_positions
     from pipeline.model import CaptionDecoder, DecoderConfig
     from pipeline.progress import make_progress
@@ -457,6 +461,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     if not d.all_ok(ok, device):
         raise err or UserError("rank 0 could not write the run folder")
 
+    # The text-only baseline the decoder must beat: a trigram LM counted on the training captions (~1 s).
+    baseline = fit_baseline(tok, [index.captions[i] for i in train_pos], [index.captions[i] for i in val_pos],
+                            cfg.max_len) if d.main and len(val_pos) else None
     t_feat = time.perf_counter()
     with make_progress() if d.main else nullcontext() as bar:
         task = bar.add_task("loading features", total=len(index), unit="rows") if bar is not None else None
@@ -478,7 +485,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     # -- model and optimizer: same seed on every rank, so every rank starts from the same weights ----------
     torch.manual_seed(cfg.seed)
     decoder = CaptionDecoder(dec_cfg).to(device)
-    opt = make_optimizer(decoder, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(decoder, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # since the last log: [sum ar, tok ar, sum par, tok par]
@@ -547,6 +554,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
             metrics.append(e)
         return e
 
+    def keep_best(val: dict) -> None:
+        try:
+            save_best(run_dir, decoder, {"step": step, "epoch": epoch + 1, "loss_ar": val["loss_ar"],
+                                         "loss_par": val["loss_par"], **early.record()})
+        except OSError as e:
+            raise UserError(f"cannot write {run_dir}/{BEST_WEIGHTS}: {e.strerror or e}; the last checkpoint is "
+                            f"intact: {WRITE_HINT}") from None
+
     def plot() -> None:
         if d.main:
             try:
@@ -559,6 +574,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         f"epochs, features {source.mode} ({source.nbytes / 2**30:.2f} GiB), {device.type} {precision}, "
         f"{d.world} process{'es' if d.world > 1 else ''}", highlight=False)
     start_step, gnorm, lr_used, last_train, last_val = step, torch.zeros(()), cfg.lr, None, None
+    # Early stopping and the best epoch's weights: state derived from metrics.jsonl (cut back on resume).
+    early = EarlyStop(cfg.patience, cfg.parallel_fraction, metrics.read() if d.main else [])
+    stopped_early = not d.all_ok(not early.exhausted, device)  # a rerun of a run that stopped early: done
+    if stopped_early:
+        stop_at = step
     t_loop = t_int = time.perf_counter()
     n_int = n_run = 0
     aside = 0.0
@@ -571,7 +591,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         todo = sum(min(bs, n_tr - (s % spe) * bs) for s in range(step, stop_at))  # samples still to train
         task = progress.add_task("train", total=todo, unit="samples", loss="--") \
             if progress is not None else None
-        while step < stop_at and not interrupted:
+        while step < stop_at and not interrupted and not stopped_early:
             it = train_loader.epoch(epoch, batch)
             try:
                 for b in it:
@@ -610,27 +630,32 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                             progress.console.print(
                                 f"epoch {epoch + 1}/{cfg.epochs} (step {step}): val loss ar {_f(last_val['loss_ar'])} "
                                 f"par {_f(last_val['loss_par'])}", highlight=False)
+                        if last_val is not None and early.update(last_val) and d.main:
+                            keep_best(last_val)  # before the checkpoint: a crash between them redoes both
+                        stopped_early = not d.all_ok(not early.exhausted, device)
                         epoch, batch = epoch + 1, 0
-                    interrupted = step < stop_at and stop_request.agreed(d, device)
-                    if end_of_epoch or step % cfg.checkpoint_every == 0 or step >= stop_at or interrupted:
+                    interrupted = step < stop_at and not stopped_early and stop_request.agreed(d, device)
+                    if (end_of_epoch or step % cfg.checkpoint_every == 0 or step >= stop_at or interrupted
+                            or stopped_early):
                         save()
                     if end_of_epoch:
                         plot()
                     aside += time.perf_counter() - t_aside  # validation, checkpoints, plots
-                    if step >= stop_at or interrupted:
+                    if step >= stop_at or interrupted or stopped_early:
                         break
             finally:
                 it.close()
     t_end = time.perf_counter()
     if step > start_step:
         last_train = flush(stop=True) or last_train
-        if batch != 0 and not interrupted:  # stopped mid-epoch (--max-steps): validate what we have
+        if batch != 0 and not interrupted and not stopped_early:  # stopped mid-epoch (--max-steps): validate
             last_val = do_val(stop=True) or last_val
         plot()
 
     train_s = t_end - t_loop
     summary = {
-        "steps": step, "total_steps": total, "complete": step >= total, "steps_this_run": step - start_step,
+        "steps": step, "total_steps": total, "complete": step >= total or stopped_early,
+        "steps_this_run": step - start_step, "early_stopping": early.record(), "ngram_baseline": baseline,
         "samples_this_run": n_run, "train_wall_s": train_s, "stage_wall_s": time.perf_counter() - t0,
         "samples_per_s": n_run / train_s if n_run else None,
         "validation_checkpoint_s": aside,  # inside train_wall_s
@@ -660,10 +685,23 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
             say(f"{run_dir} is already trained to step {step}/{total}: nothing to do", highlight=False)
         if store.is_random_init:
             say("[bold red]warning:[/] [red]trained on features from a RANDOM-INIT encoder[/]", highlight=False)
+        if ngram_warning(summary):
+            say(f"[bold red]warning:[/] [red]{ngram_warning(summary)}[/]", highlight=False)
     if interrupted:
         raise Interrupted(f"training interrupted at step {step}/{total}; checkpoint saved in {ckpt_dir}: rerun with "
                           "--resume to continue from it")
     return summary
+
+
+def ngram_warning(summary: dict) -> str | None:
+    """The loud line for a decoder whose autoregressive val loss does not beat the text-only n-gram's."""
+    ar = (summary.get("last_val") or {}).get("loss_ar")
+    ng = (summary.get("ngram_baseline") or {}).get("val_loss")
+    if ar is None or ng is None or ar < ng:
+        return None
+    return (f"the decoder's autoregressive val loss {ar:.3f} does not beat a text-only "
+            f"{summary['ngram_baseline']['order']}-gram model of the training captions ({ng:.3f}): "
+            "it has learnt less than counting words would (train longer or with a higher learning rate)")
 
 
 def _f(x) -> str:
