@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +32,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if len(parts) != 2 or parts[0] not in ("img", "html", "truncated") or "/" in parts[1] or ".." in parts[1]:
             return self._send(404, b"not found", "text/plain")
         route, name = parts
+        slow = getattr(self.server, "slow", None)
+        if slow is not None and slow.is_set():  # a test holds the fetch mid-download
+            time.sleep(self.server.delay_s)  # type: ignore[attr-defined]
         if route == "html":
             return self._send(200, b"<!doctype html><html><body><h1>Moved</h1></body></html>", "text/html")
         path = root / name
@@ -66,10 +70,14 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def serve(root: Path) -> Iterator[str]:
-    """Serve root's files on 127.0.0.1 (a free port) for the duration; yields the base url."""
+def serve(root: Path, slow: threading.Event | None = None, delay_s: float = 2.0) -> Iterator[str]:
+    """Serve root's files on 127.0.0.1 (a free port) for the duration; yields the base url.
+
+    While `slow` is set every image/html answer waits `delay_s` first (tests interrupt a fetch mid-download).
+    """
     server = _Server(("127.0.0.1", 0), _Handler)
     server.root = Path(root)  # type: ignore[attr-defined]
+    server.slow, server.delay_s = slow, delay_s  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:

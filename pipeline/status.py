@@ -41,6 +41,21 @@ def failure_reason(message: str) -> str:
     return short[:48]
 
 
+def read_stats(path: Path) -> dict | None:
+    """A shard's img2dataset stats, or None when the file is torn or unreadable: that shard is unfinished.
+
+    img2dataset writes `NNNNN_stats.json` in place (not atomically), so a kill can leave it cut short; fetch,
+    encode and status all go through this one test.
+    """
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(s, dict) or not all(isinstance(s.get(k), int) for k in ("count", "successes")):
+        return None
+    return s
+
+
 def _fetch_record(shards: Path) -> dict | None:
     try:
         return json.loads((shards / "_fetch" / "run.json").read_text())
@@ -65,10 +80,8 @@ def fetch_summary(shards: Path) -> dict:
     tars: set[int] = set()
     for p in shards.iterdir():
         if m := re.fullmatch(r"(\d+)_stats\.json", p.name):
-            try:
-                stats[int(m.group(1))] = json.loads(p.read_text())
-            except (OSError, ValueError):
-                pass  # torn or unreadable: the shard counts as unfinished
+            if (one := read_stats(p)) is not None:  # torn or unreadable: the shard counts as unfinished
+                stats[int(m.group(1))] = one
         elif m := re.fullmatch(r"(\d+)\.tar", p.name):
             tars.add(int(m.group(1)))
     record = _fetch_record(shards)
@@ -134,10 +147,8 @@ def _fetched_per_shard(shards: Path) -> dict[str, int]:
     """Samples img2dataset wrote per finished shard (`successes` in `NNNNN_stats.json`), by tar name."""
     out = {}
     for f in sorted(shards.glob("*_stats.json")) if shards.is_dir() else []:
-        try:
-            out[f.name[: -len("_stats.json")] + ".tar"] = int(json.loads(f.read_text()).get("successes", 0))
-        except (OSError, ValueError):
-            continue
+        if (one := read_stats(f)) is not None:
+            out[f.name[: -len("_stats.json")] + ".tar"] = one["successes"]
     return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import queue
 import signal
@@ -18,6 +17,7 @@ from rich.markup import escape
 from pipeline.config import EncodeConfig
 from pipeline.errors import UserError
 from pipeline.progress import console, make_progress
+from pipeline.status import read_stats
 from pipeline.store import FeatureStore, StoreLock, weights_label
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -31,12 +31,9 @@ def complete_shards(folder: Path) -> list[tuple[str, Path, dict]]:
         raise UserError(f"no shards folder {folder}: run `pipeline fetch` first")
     out = []
     for tar in sorted(folder.glob("*.tar")):
-        stats = tar.with_name(tar.stem + "_stats.json")
-        if stats.is_file():
-            try:
-                out.append((tar.name, tar, json.loads(stats.read_text())))
-            except ValueError:
-                continue  # a stats file being written right now: the shard is not finished
+        # a torn stats file (a fetch killed while writing it, or writing it now): the shard is not finished
+        if (stats := read_stats(tar.with_name(tar.stem + "_stats.json"))) is not None:
+            out.append((tar.name, tar, stats))
     if not out:
         raise UserError(f"no finished shards in {folder} (a shard is finished when its _stats.json exists)")
     return out

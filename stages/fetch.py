@@ -10,8 +10,10 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,9 +72,23 @@ def _check_same_list(shards: Path, fingerprint: dict) -> None:
 
 
 def _done_ids(shards: Path) -> set[int]:
+    """Shards img2dataset finished: a stats file that reads whole (a torn one is what a kill mid-write leaves)."""
     if not shards.is_dir():
         return set()
-    return {int(m.group(1)) for p in shards.iterdir() if (m := re.fullmatch(r"(\d+)_stats\.json", p.name))}
+    return {int(m.group(1)) for p in shards.iterdir()
+            if (m := re.fullmatch(r"(\d+)_stats\.json", p.name)) and st.read_stats(p) is not None}
+
+
+def _set_aside_torn_stats(shards: Path) -> list[str]:
+    """Move torn stats files to `_fetch/torn/`: img2dataset skips any shard whose stats file merely exists."""
+    torn = [p for p in sorted(shards.glob("*_stats.json"))
+            if re.fullmatch(r"\d+_stats\.json", p.name) and st.read_stats(p) is None]
+    if torn:
+        dest = shards / RUN_DIR / "torn"
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in torn:  # kept, not deleted: nothing here removes what it did not make
+            os.replace(p, dest / f"{p.stem}.{time.time_ns()}.json")
+    return [p.name[:5] for p in torn]
 
 
 def _tar_samples(path: Path) -> int:
@@ -92,7 +108,7 @@ def _progress_rows(shards: Path, todo: list[int], sizes: dict[int, int]) -> int:
     done = 0
     for i in todo:
         stats = shards / f"{i:05d}_stats.json"
-        if stats.exists():
+        if stats.exists() and st.read_stats(stats) is not None:
             done += sizes[i]
         elif (tar := shards / f"{i:05d}.tar").exists():
             done += min(_tar_samples(tar), sizes[i])
@@ -100,8 +116,16 @@ def _progress_rows(shards: Path, todo: list[int], sizes: dict[int, int]) -> int:
 
 
 def _img2dataset_main(kwargs: dict, log_path: str, allowed_hosts: frozenset = frozenset(),
-                      max_image_area: float = float("inf")) -> None:
-    """Child process: img2dataset with its prints, tqdm bars and worker output sent to a log file."""
+                      max_image_area: float = float("inf"), parent_pid: int | None = None) -> None:
+    """Child process: img2dataset with its prints, tqdm bars and worker output sent to a log file.
+
+    It leads its own process group, which its logger and pool workers inherit, so the parent can stop all of
+    them at once and they all die with a killed parent (pipeline/proc_group.py).
+    """
+    if parent_pid is not None:
+        from pipeline import proc_group
+
+        proc_group.become_group_leader(parent_pid)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)  # its spawned workers inherit these descriptors
@@ -135,7 +159,8 @@ def _img2dataset_kwargs(cfg: FetchConfig, url_list: Path, extra: list[str]) -> d
     )
 
 
-def _download(cfg: FetchConfig, url_list: Path, extra: list[str], n_rows: int, todo: list[int]) -> None:
+def _download(cfg: FetchConfig, url_list: Path, extra: list[str], n_rows: int, todo: list[int],
+              signals: "_Signals") -> None:
     import pyarrow.parquet as pq
 
     from pipeline.progress import make_progress
@@ -150,7 +175,8 @@ def _download(cfg: FetchConfig, url_list: Path, extra: list[str], n_rows: int, t
     proc = mp.get_context("spawn").Process(
         target=_img2dataset_main, daemon=False,
         args=(_img2dataset_kwargs(cfg, url_list, extra), str(log),
-              private_hosts(pq.read_table(url_list, columns=["url"]).column("url").to_pylist()), cfg.max_image_area))
+              private_hosts(pq.read_table(url_list, columns=["url"]).column("url").to_pylist()), cfg.max_image_area,
+              os.getpid()))
     proc.start()
     try:
         with make_progress() as progress:
@@ -159,16 +185,29 @@ def _download(cfg: FetchConfig, url_list: Path, extra: list[str], n_rows: int, t
                 progress.update(task, completed=_progress_rows(shards, todo, sizes))
                 proc.join(0.5)
             progress.update(task, completed=_progress_rows(shards, todo, sizes))
-    except BaseException:
-        proc.join(5)  # on Ctrl-C img2dataset got SIGINT too: let its own handler clean up first
-        if proc.is_alive():
-            proc.terminate()
-        proc.join(10)
-        raise
+    finally:
+        _stop_all(proc, signals)
     if proc.exitcode != 0:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else "no output"
         raise UserError(f"img2dataset failed (exit code {proc.exitcode}): {last[:200]} (log: {log})")
+
+
+def _stop_all(proc, signals: "_Signals") -> None:
+    """img2dataset's group is not ours, so a terminal's Ctrl-C reached only us: stop all of it (SIGINT first,
+    for img2dataset's own clean-up). On a normal exit this finds nobody, or stray workers. A first signal that
+    lands in here is re-raised once everything is stopped."""
+    from pipeline import proc_group
+
+    late = False
+    while True:
+        try:
+            proc_group.stop(proc, hurry=lambda: signals.count > 1)
+            break
+        except KeyboardInterrupt:
+            late = True
+    if late:
+        raise KeyboardInterrupt
 
 
 def _list_digest(df) -> str:
@@ -178,19 +217,47 @@ def _list_digest(df) -> str:
     return h.hexdigest()[:16]
 
 
+class _Signals:
+    """SIGINT and SIGTERM (a scheduler's) both interrupt the fetch once; a second one hurries the clean-up."""
+
+    def __init__(self):
+        self.count, self.previous = 0, {}
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count == 1:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
 def run(cfg: FetchConfig) -> dict:
     """Fetch cfg.source into cfg.shards; returns the fetch summary (same dict as `pipeline status`).
 
     `<shards>.lock` (pipeline/lock.py) makes a second fetch into the same folder refuse with one line.
+    Ctrl-C or SIGTERM stops img2dataset and all its processes, then exits 2 saying to rerun.
     """
     from pipeline.lock import FolderLock
 
     _validate(cfg)
-    with FolderLock(Path(cfg.shards), who="fetch", noun="the shards folder"):
-        return _run(cfg)
+    with _Signals() as signals:
+        try:
+            with FolderLock(Path(cfg.shards), who="fetch", noun="the shards folder"):
+                return _run(cfg, signals)
+        except KeyboardInterrupt:  # before or after the download (during it, _run records it itself)
+            raise UserError(f"fetch interrupted before it finished; run the same command again to resume "
+                            f"({cfg.shards})") from None
 
 
-def _run(cfg: FetchConfig) -> dict:
+def _run(cfg: FetchConfig, signals: _Signals) -> dict:
     from rich.console import Console
     from rich.markup import escape
 
@@ -223,6 +290,10 @@ def _run(cfg: FetchConfig) -> dict:
             fingerprint = {"source": str(Path(cfg.source).resolve()), "count": n_rows, "digest": _list_digest(df)}
         fingerprint.update(samples_per_shard=cfg.samples_per_shard, image_size=cfg.image_size)
         _check_same_list(shards, fingerprint)
+        if torn := _set_aside_torn_stats(shards) if shards.is_dir() else []:
+            console.print(f"[yellow]torn stats file of shard {', '.join(torn)} (a fetch killed while writing it): "
+                          f"fetched again (the torn file is kept in {escape(str(shards / RUN_DIR / 'torn'))})[/]",
+                          highlight=False)
         expected = math.ceil(n_rows / cfg.samples_per_shard)
         todo = sorted(set(range(expected)) - _done_ids(shards))
         console.print(f"[bold]fetch[/] {escape(str(cfg.source))} ({n_rows} rows) -> {escape(str(shards))}: "
@@ -248,7 +319,7 @@ def _run(cfg: FetchConfig) -> dict:
             _write_json(record_path(shards), record)
             t = time.perf_counter()
             try:
-                _download(cfg, url_list, extra, n_rows, todo)
+                _download(cfg, url_list, extra, n_rows, todo, signals)
             except KeyboardInterrupt:
                 interrupted = True
             timings["download_s"] = round(time.perf_counter() - t, 3)
