@@ -152,8 +152,6 @@ class FeatureStore:
                shards: list[str], chunk_rows: int | None = None, attrs: dict | None = None,
                overwrite: bool = False) -> "FeatureStore":
         """A new empty store for `shards` (names in row order). `overwrite` replaces an existing one."""
-        import zarr
-
         path = Path(path)
         if path.exists() or path.is_symlink():
             if not overwrite:
@@ -164,12 +162,33 @@ class FeatureStore:
         chunk_rows = chunk_rows or chunk_rows_for(shard_capacity, tokens, width)
         if shard_capacity % chunk_rows:
             raise ValueError(f"chunk_rows {chunk_rows} must divide shard_capacity {shard_capacity}")
-        n = len(shards) * shard_capacity
         path.parent.mkdir(parents=True, exist_ok=True)
         _clean_leftovers(path)
         # Built under a temp name and renamed into place: a store either exists whole (with its format
         # attribute) or not at all, so a kill mid-create never leaves a folder that `open` refuses.
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            cls._build(tmp, encoder=encoder, tokens=tokens, width=width, shard_capacity=shard_capacity,
+                       shards=shards, chunk_rows=chunk_rows, attrs=attrs)
+        except BaseException:  # a full disk mid-create: leave nothing behind (a kill leaves it to the next create)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if path.exists():  # checked above: an empty folder or a cappa store; moved aside, then deleted
+            trash = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(path, trash)
+            os.replace(tmp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return cls.open_for_write(path)
+
+    @staticmethod
+    def _build(tmp: Path, *, encoder: dict, tokens: int, width: int, shard_capacity: int, shards: list[str],
+               chunk_rows: int, attrs: dict | None) -> None:
+        import zarr
+
+        n = len(shards) * shard_capacity
         g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         # float16 features barely compress (~10%); uncompressed chunks keep the training loader's reads cheap.
         # Each chunk carries a crc32c: a flipped bit on disk is an error naming its shard, never silent noise.
@@ -189,15 +208,6 @@ class FeatureStore:
         meta.update(attrs or {})
         g.attrs.update(meta)
         fsync_tree(tmp)
-        if path.exists():  # checked above: an empty folder or a cappa store; moved aside, then deleted
-            trash = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(path, trash)
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
-        return cls.open_for_write(path)
 
     # --- attributes -----------------------------------------------------------------------------------------
     @property

@@ -153,6 +153,15 @@ def prepare_store(cfg: EncodeConfig, enc: dict, precision: str, shards: list) ->
         return None
     except UserError as e:
         return str(e)
+    except OSError as e:  # a full or read-only disk while creating or extending the store
+        return store_write_error(path, e)
+
+
+def store_write_error(path: Path, e: OSError) -> str:
+    """One line for a failed store write; done shards are on disk and the failed one is not marked done."""
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+    return (f"cannot write the feature store {path}: {e.strerror or e}{where}; make room (or make it writable), "
+            "then rerun the same command: shards already marked done are kept, the rest is encoded again")
 
 
 def _lib_versions() -> dict:
@@ -344,14 +353,19 @@ def run(cfg: EncodeConfig) -> dict:
                           f"weights {weights_label(enc['weights'])}, on {device} {precision}{random_note}")
         jobs = [(p, n, tar, int(st["successes"]) if "successes" in st else None) for p, n, tar, st in mine]
         t_loop = time.perf_counter()
-        if rank == 0 and jobs:
-            with make_progress() as progress:
-                task = progress.add_task("encode", total=total, unit="img")
-                stats = encode_shards(encoder, store, jobs, cfg, progress, task)
-        else:
-            stats = encode_shards(encoder, store, jobs, cfg)
+        try:  # an OSError of the store's writer thread surfaces here too (its future's result)
+            if rank == 0 and jobs:
+                with make_progress() as progress:
+                    task = progress.add_task("encode", total=total, unit="img")
+                    stats = encode_shards(encoder, store, jobs, cfg, progress, task)
+            else:
+                stats = encode_shards(encoder, store, jobs, cfg)
+        except OSError as e:  # every rank still reaches the gather below: none waits for one that left
+            stats = {"error": store_write_error(cfg.store, e)}
         stats["loop_s"] = time.perf_counter() - t_loop
         all_stats = _gather(stats, world)
+        if errors := [s["error"] for s in all_stats if "error" in s]:
+            raise UserError(errors[0])
         wall = time.perf_counter() - t_start
         loop = max(s["loop_s"] for s in all_stats)
         images = sum(s["images"] for s in all_stats)
@@ -365,12 +379,15 @@ def run(cfg: EncodeConfig) -> dict:
             "workers": cfg.workers, "weights": enc["weights"]["kind"],
         }
         bad = {k: v for s in all_stats for k, v in s["bad_shards"].items()}
-        if rank == 0:
-            if images:
-                store.set_attrs(last_run=summary)
-            if todo:
-                _record_problems(store, [n for _, n, _, _ in todo], all_stats)
-            _print_summary(store, summary)
+        if rank == 0:  # the other ranks only wait in the barrier below, whatever happens here
+            try:
+                if images:
+                    store.set_attrs(last_run=summary)
+                if todo:
+                    _record_problems(store, [n for _, n, _, _ in todo], all_stats)
+                _print_summary(store, summary)
+            except OSError as e:
+                raise UserError(store_write_error(cfg.store, e)) from None
         if bad:
             first = "; ".join(f"{n} ({why})" for n, why in sorted(bad.items())[:3]) + ("; ..." if len(bad) > 3 else "")
             raise UserError(f"{len(bad)} shard(s) could not be read and were skipped: {first}. The others are "

@@ -255,6 +255,10 @@ def run(cfg: FetchConfig) -> dict:
         except KeyboardInterrupt:  # before or after the download (during it, _run records it itself)
             raise UserError(f"fetch interrupted before it finished; run the same command again to resume "
                             f"({cfg.shards})") from None
+        except OSError as e:  # a full or read-only disk, a path under a file: mkdir, run.json, the log, images
+            where = f"{e.filename}" if e.filename else str(cfg.shards)
+            raise UserError(f"cannot write {where}: {e.strerror or e}; make room (or make the folder writable), "
+                            "then run the same command again (finished shards are kept)") from None
 
 
 def _run(cfg: FetchConfig, signals: _Signals) -> dict:

@@ -63,6 +63,18 @@ class Dist:
             return ok
         return bool(self.sum(torch.tensor([0.0 if ok else 1.0], device=device)).item() == 0)
 
+    def on_main(self, write, device) -> None:
+        """Run a rank-0-only write (metrics, plot, best weights, summary); every rank learns whether it worked,
+        so no rank waits in a collective for a rank 0 that left: its `error:` line there, a short one here."""
+        err = None
+        if self.main:
+            try:
+                write()
+            except UserError as e:
+                err = e
+        if not self.all_ok(err is None, device):
+            raise err or UserError("rank 0 could not write to the run folder (its own error line says why)")
+
     def close(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
@@ -535,8 +547,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
             e["stop"] = True
         acc.zero_()
         t_int, n_int = now, 0
-        if d.main:
-            metrics.append(e)
+        d.on_main(lambda: metrics.append(e), device)
         return e
 
     def samples_seen() -> int:  # epoch, batch = where training continues
@@ -550,8 +561,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         e = {"kind": "val", "step": step, "epoch": epoch if batch else epoch - 1, **v}
         if stop:
             e["stop"] = True
-        if d.main:
-            metrics.append(e)
+        d.on_main(lambda: metrics.append(e), device)
         return e
 
     def keep_best(val: dict) -> None:
@@ -563,12 +573,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                             f"intact: {WRITE_HINT}") from None
 
     def plot() -> None:
-        if d.main:
+        def write() -> None:
             try:
                 plot_losses(run_dir, metrics.read())
             except OSError as e:
                 raise UserError(f"cannot write {run_dir}/loss.png: {e.strerror or e}; the last checkpoint is intact: "
                                 f"{WRITE_HINT}") from None
+        d.on_main(write, device)
 
     say(f"train: {len(train_pos)} train / {len(val_pos)} val samples, {steps_per_epoch} steps/epoch x {cfg.epochs} "
         f"epochs, features {source.mode} ({source.nbytes / 2**30:.2f} GiB), {device.type} {precision}, "
@@ -630,8 +641,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                             progress.console.print(
                                 f"epoch {epoch + 1}/{cfg.epochs} (step {step}): val loss ar {_f(last_val['loss_ar'])} "
                                 f"par {_f(last_val['loss_par'])}", highlight=False)
-                        if last_val is not None and early.update(last_val) and d.main:
-                            keep_best(last_val)  # before the checkpoint: a crash between them redoes both
+                        improved = last_val is not None and early.update(last_val)
+                        # before the checkpoint: a crash between them redoes both
+                        d.on_main(lambda: keep_best(last_val) if improved else None, device)
                         stopped_early = not d.all_ok(not early.exhausted, device)
                         epoch, batch = epoch + 1, 0
                     interrupted = step < stop_at and not stopped_early and stop_request.agreed(d, device)
@@ -668,13 +680,16 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     }
     # A rerun with nothing to do keeps the summary of the run that trained (as fetch and encode keep their
     # records), so `pipeline bench`'s end-to-end figure still reads the real training time.
-    if d.main:
+    def write_summary() -> None:
         try:
             if n_run or not (run_dir / "summary.json").exists():
                 checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         except OSError as e:
             raise UserError(f"cannot write {run_dir}/summary.json: {e.strerror or e} (training itself finished and "
                             "is checkpointed)") from None
+
+    d.on_main(write_summary, device)
+    if d.main:
         if n_run:
             lt = last_train or {}
             say(f"trained to step {step}/{total} in {train_s:.1f} s ({summary['samples_per_s']:.1f} samples/s); "
