@@ -31,6 +31,10 @@ class DecoderConfig:
     # Length Lp of every parallel row (all [MASK], full attention): the longest training caption in tokens
     # (EOS included) when a run starts. None (configs written before it existed) = max_len.
     parallel_len: int | None = None
+    # The logits layer shares the token embedding matrix (GPT-2 style). Every caption token then trains its
+    # embedding from both ends, which learns several times faster per token on small caption sets
+    # (docs/TRAINING.md). False = separate, zero-initialised logits layer (big_vision; configs from before).
+    tie_embeddings: bool = False
 
 
 class KVCache:
@@ -198,6 +202,8 @@ class CaptionDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(d, bias=False)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight  # [V, D], one matrix
         # Cross-attention form in forward / loss: "auto" (cheaper one per batch length) | "kv" | "absorbed".
         self.cross_mode = "auto"
         self.register_buffer("causal", torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool).tril(), persistent=False)
@@ -218,7 +224,9 @@ class CaptionDecoder(nn.Module):
             for w in (b.attn.out.weight, b.cross.out.weight, b.proj.weight):
                 nn.init.normal_(w, std=0.02 / math.sqrt(2 * self.cfg.layers))
         # big_vision CapPa zero-initialises the logits layer: uniform first prediction, loss = ln V exactly.
-        nn.init.zeros_(self.head.weight)
+        # A tied one is the embedding matrix and keeps its N(0, 0.02) init (near-uniform first prediction).
+        if not self.cfg.tie_embeddings:
+            nn.init.zeros_(self.head.weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

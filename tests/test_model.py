@@ -491,3 +491,27 @@ def test_bf16_autocast_matches_fp32(cross):
         ids = m.generate(f, max_new_tokens=4)
     assert low.dtype == torch.float32 and abs(low.item() - ref.item()) < 0.05 * ref.item()
     assert ids.shape[0] == 2
+
+
+def test_tied_embeddings_share_one_matrix_and_survive_a_checkpoint(tmp_path):
+    from pipeline import checkpoint
+    from stages.train import make_optimizer
+
+    cfg = DecoderConfig(layers=1, width=32, heads=4, mlp_dim=64, vocab_size=50, max_len=8, encoder_width=16,
+                        mask_id=49, bos_id=48, eos_id=48, parallel_len=6, tie_embeddings=True)
+    torch.manual_seed(0)
+    m = CaptionDecoder(cfg)
+    assert m.head.weight is m.tok_emb.weight and m.head.weight.abs().sum() > 0  # not zeroed: it is the embedding
+    untied = CaptionDecoder(DecoderConfig(**{**cfg.__dict__, "tie_embeddings": False}))
+    assert m.num_parameters() == untied.num_parameters() - 50 * 32
+    opt = make_optimizer(m, lr=1e-3, weight_decay=0.1)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == m.num_parameters()
+    f = torch.randn(2, 5, 16)
+    t = torch.randint(0, 48, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    m.loss(f, t, mask, torch.tensor([True, False]))["loss"].backward()
+    opt.step()
+    checkpoint.save(tmp_path / "ck", model=m, optimizer=opt, scheduler=None, step=1, epoch=0, batch=1)
+    back = CaptionDecoder(cfg)
+    back.load_state_dict(checkpoint.load_weights(tmp_path / "ck"))
+    assert back.head.weight is back.tok_emb.weight and torch.equal(back.head.weight, m.head.weight)
