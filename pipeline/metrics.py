@@ -144,6 +144,19 @@ def attribute_accuracy(hyps: Hyps, attributes: Mapping[object, object]) -> dict[
     return {**{a: right[a] / n for a in ATTRIBUTES}, "all": all_right / n}
 
 
+def chance_accuracy(attributes) -> dict[str, float]:
+    """The floor "names it by chance": per attribute, the accuracy of always naming its most frequent value in
+    these samples (the best constant guess; uniform chance 1/|vocabulary| is lower). "all" is left out."""
+    from collections import Counter
+
+    from pipeline import synthetic
+
+    truths = [synthetic.primary_attributes(a) for a in attributes]
+    if not truths:
+        return {}
+    return {a: Counter(t.get(a) for t in truths).most_common(1)[0][1] / len(truths) for a in ATTRIBUTES}
+
+
 def attribute_candidates(caption: str, key: str) -> tuple[list[str], int] | None:
     """The caption with its primary object's colour (or shape) word swapped for every word of that vocabulary.
 

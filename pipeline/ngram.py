@@ -102,6 +102,15 @@ class NGramLM:
         return [self.eos]
 
 
+def warning(ar_loss: float | None, baseline: dict | None) -> str | None:
+    """The loud line for a decoder whose autoregressive val loss does not beat the text-only n-gram's, else None."""
+    ng = (baseline or {}).get("val_loss")
+    if ar_loss is None or ng is None or ar_loss < ng:
+        return None
+    return (f"the decoder's autoregressive val loss {ar_loss:.3f} does not beat a text-only {baseline['order']}-gram "
+            f"model of the training captions ({ng:.3f}): it has learnt less than counting words would")
+
+
 def fit_baseline(tokenizer, train_captions: Sequence[str], val_captions: Sequence[str], max_len: int,
                  order: int = 3) -> dict:
     """The text-only baseline of a run: an `order`-gram fitted on the training captions, scored on validation.

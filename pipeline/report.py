@@ -187,6 +187,21 @@ def _parallel_note(st: dict) -> str:
     return note
 
 
+def _baselines(res: dict) -> list[str]:
+    """The decoder's autoregressive loss beside a text-only n-gram's: what it learnt beyond counting words."""
+    ng = (res.get("baselines") or {}).get("ngram")
+    if not ng:
+        return []
+    return ["## Baselines", "",
+            f"A text-only {ng['order']}-gram language model (interpolated absolute discounting over the same GPT-2 "
+            f"ids) counted on the {ng['train_captions']} training captions, scored like the decoder's "
+            "autoregressive mode. Its most likely caption, written for every image, is scored in the tables below "
+            "as `ngram`; the blind decoder columns are the image-free decoder.", "",
+            *_table(["model", "autoregressive val loss (nats/token)", "caption"],
+                    [["this decoder", _f(res["val_loss"].get("loss_ar")), "(per image)"],
+                     [f"text-only {ng['order']}-gram", _f(ng.get("val_loss")), f"\"{ng.get('caption')}\""]]), ""]
+
+
 def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
     """One page: provenance (a loud warning for a random-init encoder), metrics, attributes, blind, zero-shot."""
     enc = res["encoder"]
@@ -198,13 +213,17 @@ def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
               f"{w.get('seed')}): no pretrained weights were available. Its features carry no visual knowledge, so "
               "these numbers say nothing about what a real CapPa decoder learns. Re-encode with "
               "`--weights hub` or `--weights PATH`.", ""]
+    for line in res.get("warnings", []):
+        L += ["> [!WARNING]", f"> **{line}.**", ""]
     ck = res["checkpoint"]
     sp = res["split"]
     weights = {"random-init": f"random-init (seed {w.get('seed')})", "file": f"file `{w.get('path')}` "
                f"(sha256 `{str(w.get('sha256'))[:12]}`)", "hub": f"hub `{w.get('hub_id')}`"}.get(w.get("kind"),
                                                                                                  str(w.get("kind")))
     L += ["## Provenance", "",
-          f"- checkpoint: `{ck['dir']}` (step {ck['step']}); decoder {res['decoder_summary']}",
+          f"- checkpoint: `{ck['dir']}` (step {ck['step']}, "
+          f"{'the best epoch by validation loss' if ck.get('chosen') == 'best' else 'the newest'}); "
+          f"decoder {res['decoder_summary']}",
           f"- encoder: `{enc.get('model')}`, weights {weights}; store `{res['store']}`",
           f"- tokenizer: `{res['tokenizer']['name']}` ({res['tokenizer']['vocab_size']} ids)",
           f"- validation split: {sp['val']} samples (val_fraction {sp['val_fraction']}), {sp['captioned']} captioned; "
@@ -212,10 +231,11 @@ def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
           "## Validation loss", "",
           *_table(["mode", "loss (nats/token)"], [["autoregressive", _f(res["val_loss"].get("loss_ar"))],
                                                   ["parallel", _f(res["val_loss"].get("loss_par"))]]), "",
-          _parallel_note(res["settings"]), ""]
+          _parallel_note(res["settings"]), "", *_baselines(res)]
     coco = res["metrics"]
     st = res["settings"]
     cols = [c for m in MODES for c in (m, f"blind_{m}") if c in coco]  # each mode beside its blind baseline
+    cols += ["ngram"] if "ngram" in coco else []
     n_refs = st.get("references_per_image", 1)
     refs = "one reference caption" if n_refs == 1 else f"{n_refs:g} reference captions"
     L += ["## COCO caption metrics", "",
@@ -223,13 +243,16 @@ def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
           f"greedy; beam search (beam {st['beam_size']}, finished captions ranked by log-prob / "
           f"length^{st.get('length_penalty', 1.0):g}); parallel (one all-[MASK] pass at length "
           f"{st.get('parallel_len', '?')}, cut at the first EOS). Blind = the same decoder and decoding with the "
-          "image features zeroed: the sighted - blind gap is what the image adds.", "",
+          "image features zeroed: the sighted - blind gap is what the image adds. ngram = the text-only "
+          "baseline's one caption for every image.", "",
           *_table(["metric", *[c.replace("_", " ") for c in cols]],
                   [[m.replace("_", "-"), *[_f(coco[c].get(m)) for c in cols]] for m in METRICS]), ""]
     if res.get("attributes"):
         att = res["attributes"]
         L += ["## Attribute accuracy (synthetic ground truth)", "",
-              "Primary object's attributes parsed from each generated caption vs. the image's metadata.", "",
+              "Primary object's attributes parsed from each generated caption vs. the image's metadata. `chance` is "
+              "the floor \"names it by chance\": always naming the attribute's most frequent value in this split "
+              "(uniform guessing is lower: 1/9 colours, 1/6 shapes, 1/3 sizes, 1/9 positions, 1/3 counts).", "",
               *_table(["mode", *ATTRIBUTES, "all five"],
                       [[k.replace("_", " "), *[_f(att[k].get(a)) for a in (*ATTRIBUTES, "all")]] for k in att]), ""]
     if res.get("zero_shot"):

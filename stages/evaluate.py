@@ -15,6 +15,7 @@ from pipeline import checkpoint, metrics, report
 from pipeline.config import EvalConfig, FetchConfig, TrainConfig
 from pipeline.errors import UserError
 from pipeline.progress import console
+from rich.markup import escape
 
 
 # --- the trained run -----------------------------------------------------------------------------------------
@@ -26,6 +27,7 @@ class LoadedRun:
     tokenizer: object
     ckpt: Path
     step: int
+    chosen: str  # "best" (the best epoch's weights, kept by the trainer) | "last" (the newest checkpoint)
 
 
 def read_record(run: Path) -> dict:
@@ -59,7 +61,11 @@ def check_tokenizer(record: dict):
 
 
 def load_run(run: Path, device) -> LoadedRun:
-    """Run folder -> its newest checkpoint's decoder (eval mode) and the recorded tokenizer."""
+    """Run folder -> its decoder (eval mode) and the recorded tokenizer. The weights are the best epoch's
+    (`best.safetensors`, by validation loss) when the trainer kept them, else the newest checkpoint's."""
+    from safetensors.torch import load_file
+
+    from pipeline.early_stop import best_checkpoint
     from pipeline.model import CaptionDecoder, DecoderConfig
 
     record = read_record(run)
@@ -68,14 +74,20 @@ def load_run(run: Path, device) -> LoadedRun:
     if (dec_cfg.vocab_size, dec_cfg.mask_id, dec_cfg.eos_id) != (tok.vocab_size, tok.mask_id, tok.eos_id):
         raise UserError(f"the run's decoder expects {dec_cfg.vocab_size} ids (mask {dec_cfg.mask_id}), its tokenizer "
                         f"gives {tok.vocab_size} (mask {tok.mask_id})")
-    ckpt = checkpoint.resolve(Path(run) / "checkpoints")  # UserError when there is none
+    best = best_checkpoint(Path(run))
+    if best is not None:
+        ckpt, step, chosen = best[0], int(best[1]["step"]), "best"
+        load = lambda: load_file(str(ckpt), device="cpu")  # noqa: E731
+    else:
+        ckpt = checkpoint.resolve(Path(run) / "checkpoints")  # UserError when there is none
+        step = int(ckpt.name.split("-")[-1]) if ckpt.name.startswith("step-") else -1
+        chosen, load = "last", lambda: checkpoint.load_weights(ckpt, "cpu")
     decoder = CaptionDecoder(dec_cfg)
     try:
-        decoder.load_state_dict(checkpoint.load_weights(ckpt, "cpu"))
+        decoder.load_state_dict(load())
     except RuntimeError as e:
         raise UserError(f"{ckpt} does not fit the run's decoder config: {str(e).splitlines()[0][:160]}") from None
-    step = int(ckpt.name.split("-")[-1]) if ckpt.name.startswith("step-") else -1
-    return LoadedRun(Path(run), record, decoder.to(device).eval(), tok, ckpt, step)
+    return LoadedRun(Path(run), record, decoder.to(device).eval(), tok, ckpt, step, chosen)
 
 
 def trained_precision(run: Path, record: dict) -> str | None:
@@ -191,6 +203,7 @@ def run(cfg: EvalConfig) -> dict:
 
     from pipeline.devices import autocast_dtype, resolve_device, run_precision
     from pipeline.loader import CaptionTokens, FeatureSource, Loader, split_positions
+    from pipeline.ngram import fit_baseline, warning as ngram_warning
     from pipeline.progress import make_progress
 
     t0 = time.perf_counter()
@@ -258,13 +271,17 @@ def run(cfg: EvalConfig) -> dict:
     # -- scores ---------------------------------------------------------------------------------------------------
     t = time.perf_counter()
     ref_map = dict(zip(keys, references))  # every reference of each image, as COCO scores
+    # Text-only baseline: an n-gram LM of the training captions; its caption is the same for every image.
+    ngram = fit_baseline(tok, [index.captions[i] for i in train_pos], vcap, max_len)
+    caps["ngram"] = [ngram["caption"]] * k
     coco = metrics.coco_metrics_many(ref_map, {m: dict(zip(keys, c)) for m, c in caps.items()})
     timing["coco_metrics_s"] = time.perf_counter() - t
     attributes = None
     if synthetic_data:
         truth = {key: a for key, a in zip(keys, attrs) if a is not None}
         attributes = {m: metrics.attribute_accuracy(dict(zip(keys, caps[m])), truth)
-                      for m in (*report.MODES, *(f"blind_{m}" for m in report.MODES))}
+                      for m in (*report.MODES, *(f"blind_{m}" for m in report.MODES), "ngram")}
+        attributes["chance"] = metrics.chance_accuracy(truth.values())
 
     # -- outputs --------------------------------------------------------------------------------------------------
     out_dir = loaded.path / "eval"
@@ -275,7 +292,8 @@ def run(cfg: EvalConfig) -> dict:
     samples = [{"key": key, "reference": r, "references": references[i], **{m: caps[m][i] for m in report.MODES}}
                for i, (key, r) in enumerate(zip(keys, refs))]
     result = {
-        "run": str(loaded.path), "checkpoint": {"dir": str(loaded.ckpt), "step": loaded.step},
+        "run": str(loaded.path), "checkpoint": {"dir": str(loaded.ckpt), "step": loaded.step, "chosen": loaded.chosen},
+        "baselines": {"ngram": ngram}, "warnings": [w for w in [ngram_warning(val_loss.get("loss_ar"), ngram)] if w],
         "store": str(store.path), "encoder": store.encoder, "encoder_random_init": bool(store.is_random_init),
         "tokenizer": rec["tokenizer"],
         "decoder_summary": f"{dec.cfg.layers} layers x {dec.cfg.width} wide, {dec.num_parameters() / 1e6:.1f} M params",
@@ -331,4 +349,6 @@ def _print_summary(res: dict, report_path: Path) -> None:
                   highlight=False)
     if res["encoder_random_init"]:
         out.print("[bold red]eval: RANDOM-INIT encoder: these numbers carry no visual knowledge[/]")
+    for w in res.get("warnings", []):
+        out.print(f"[bold red]warning:[/] [red]{escape(w)}[/]", highlight=False)
     out.print(f"[bold]report:[/] {report_path}", highlight=False, soft_wrap=True)  # one copyable line

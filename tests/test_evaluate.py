@@ -23,6 +23,9 @@ def run_copy(src, dst, edit=None):
     (dst / "config.json").write_text(json.dumps(cfg))
     (dst / "metrics.jsonl").write_text((src / "metrics.jsonl").read_text())
     (dst / "checkpoints").symlink_to(src / "checkpoints", target_is_directory=True)
+    for name in ("best.json", "best.safetensors"):  # the best epoch's weights, which eval prefers
+        if (src / name).exists():
+            (dst / name).symlink_to(src / name)
     return dst
 
 
@@ -49,7 +52,7 @@ def test_eval_writes_every_file(evaluated):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and min(im.size) > 200, name
     md = (out / "report.md").read_text()
-    for part in ("RANDOM-INIT ENCODER", "## COCO caption metrics", "## Attribute accuracy", "## Zero-shot",
+    for part in ("RANDOM-INIT ENCODER", "## COCO caption metrics", "## Attribute accuracy", "## Zero-shot", "## Baselines",
                  "blind greedy", "![loss curves](loss.png)", "![validation samples](samples.png)"):
         assert part in md, part
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
@@ -57,12 +60,21 @@ def test_eval_writes_every_file(evaluated):
 
 def test_eval_numbers(evaluated, tiny_run):
     _, res = evaluated
-    sets = ("greedy", "beam", "parallel", "blind_greedy", "blind_beam", "blind_parallel")
+    sets = ("greedy", "beam", "parallel", "blind_greedy", "blind_beam", "blind_parallel", "ngram")
     assert set(res["metrics"]) == set(sets)
     for s in sets:
         assert set(res["metrics"][s]) == set(METRICS)
         assert all(math.isfinite(v) and v >= 0 for v in res["metrics"][s].values())
         assert set(res["attributes"][s]) == {*ATTRIBUTES, "all"}
+    # baselines: the text-only n-gram (one caption for every image) and the "by chance" floor
+    ng = res["baselines"]["ngram"]
+    assert ng["order"] == 3 and math.isfinite(ng["val_loss"]) and ng["val_tokens"] > 0
+    assert set(res["attributes"]["chance"]) == set(ATTRIBUTES)
+    assert all(1 / 9 - 1e-9 <= v <= 1 for v in res["attributes"]["chance"].values())
+    beaten = res["val_loss"]["loss_ar"] < ng["val_loss"]
+    assert bool(res["warnings"]) == (not beaten)
+    # eval uses the best epoch's weights, which the trainer kept
+    assert res["checkpoint"]["chosen"] == "best" and res["checkpoint"]["dir"].endswith("best.safetensors")
     k = min(8, res["split"]["val"])  # --limit 8 of the split's validation samples
     assert res["split"]["captioned"] == k == len(res["samples"]) > 0
     assert all(s["reference"] and isinstance(s["greedy"], str) for s in res["samples"])
@@ -79,14 +91,14 @@ def test_eval_numbers(evaluated, tiny_run):
 
 
 def _assert_val_loss_is_trainings(res: dict, tiny_run) -> None:
-    """Same checkpoint, same split, same loss: the eval's validation loss is training's last validation entry
+    """Same checkpoint, same split, same loss: the eval's validation loss is training's validation entry
     (the tiny run trained in fp32). In fp32 only the batching differs (summation order: rel 1e-5); in bf16
     the logits are rounded to 8 significant bits, and the mean loss stays within one bf16 epsilon (2^-7)."""
     from pipeline.devices import precision_rtol
 
     entries = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    last_val = [e for e in entries if e["kind"] == "val"][-1]
-    assert last_val["step"] == res["checkpoint"]["step"]
+    # the validation entry of the checkpoint eval chose (the best epoch's; the newest when none was kept)
+    (last_val,) = [e for e in entries if e["kind"] == "val" and e["step"] == res["checkpoint"]["step"]]
     rel = precision_rtol(res["precision"])
     assert res["val_loss"]["loss_ar"] == pytest.approx(last_val["loss_ar"], rel=rel)
     assert res["val_loss"]["loss_par"] == pytest.approx(last_val["loss_par"], rel=rel)
