@@ -27,12 +27,13 @@ def val_objective(entry: dict, parallel_fraction: float) -> Optional[float]:
 
 
 class EarlyStop:
-    """Best validation objective so far and the epoch-end validations since it; `patience` None = never stop."""
+    """Best validation objective so far and the epoch-end validations since it; `patience` 0 (or None) = never."""
 
     def __init__(self, patience: Optional[int], parallel_fraction: float, entries: list[dict] = ()):
         self.patience, self.pf = patience, parallel_fraction
         self.best: Optional[float] = None
         self.best_step: Optional[int] = None
+        self.best_entry: dict = {}
         self.since = 0
         for e in entries:  # epoch-end validations only (an interrupted run's "stop" entries are not epochs)
             if e.get("kind") == "val" and not e.get("stop"):
@@ -44,18 +45,19 @@ class EarlyStop:
         if v is None:
             return False
         if self.best is None or v < self.best:
-            self.best, self.best_step, self.since = v, entry.get("step"), 0
+            self.best, self.best_step, self.best_entry, self.since = v, entry.get("step"), entry, 0
             return True
         self.since += 1
         return False
 
     @property
     def exhausted(self) -> bool:
-        return self.patience is not None and self.since >= self.patience
+        return bool(self.patience) and self.since >= self.patience
 
     def record(self) -> dict:
         return {"criterion": f"val loss, {1 - self.pf:.2f} x autoregressive + {self.pf:.2f} x parallel",
                 "best": self.best, "best_step": self.best_step, "validations_since_best": self.since,
+                "best_loss_ar": self.best_entry.get("loss_ar"), "best_loss_par": self.best_entry.get("loss_par"),
                 "patience": self.patience, "stopped_early": self.exhausted}
 
 

@@ -133,7 +133,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         (cfg.features not in ("auto", "memory", "stream"), f"--features must be auto, memory or stream (got {cfg.features!r})"),
         (not 0.0 <= cfg.val_fraction < 1.0, f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})"),
         (cfg.warmup_steps < 0, "--warmup-steps must be >= 0"),
-        (cfg.patience is not None and cfg.patience < 1, f"--patience must be >= 1 (got {cfg.patience})"),
+        (cfg.patience < 0, f"--patience must be >= 0 (0 = never stop early; got {cfg.patience})"),
         (cfg.checkpoint_every < 1 or cfg.log_every < 1, "--checkpoint-every and --log-every must be >= 1"),
     ]
     for failed, msg in bad:
@@ -396,7 +396,7 @@ def _autocast(device, amp):
 def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     from pipeline.devices import autocast_dtype, resolve_precision
     from pipeline.early_stop import BEST_WEIGHTS, EarlyStop, save_best
-    from pipeline.ngram import fit_baseline
+    from pipeline.ngram import fit_baseline, warning as ngram_warning
     from pipeline.loader import CaptionTokens, FeatureSource, Loader, split_positions
     from pipeline.model import CaptionDecoder, DecoderConfig
     from pipeline.progress import make_progress
@@ -430,7 +430,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         cfg = replace(cfg, parallel_len=int(tokens.count[torch.from_numpy(train_pos)].max()))
     dec_cfg = DecoderConfig(layers=cfg.layers, width=cfg.width, heads=cfg.heads, mlp_dim=cfg.mlp_dim,
                             vocab_size=tok.vocab_size, max_len=cfg.max_len, encoder_width=store.width,
-                            mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id, parallel_len=cfg.parallel_len)
+                            mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id, parallel_len=cfg.parallel_len,
+                            tie_embeddings=cfg.tie_embeddings)
     record = run_record(cfg, dec_cfg, tok, store, index, (train_pos, val_pos))
     mode = FeatureSource.resolve_mode(cfg.features, len(index) * store.tokens * store.width * 2, device)
     # The data order depends on the shuffle group; it is fixed when the run starts (uniform when the features
@@ -700,23 +701,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
             say(f"{run_dir} is already trained to step {step}/{total}: nothing to do", highlight=False)
         if store.is_random_init:
             say("[bold red]warning:[/] [red]trained on features from a RANDOM-INIT encoder[/]", highlight=False)
-        if ngram_warning(summary):
-            say(f"[bold red]warning:[/] [red]{ngram_warning(summary)}[/]", highlight=False)
+        beaten = ngram_warning(early.best_entry.get("loss_ar"), baseline)
+        if beaten:
+            say(f"[bold red]warning:[/] [red]{beaten} (train longer or with a higher learning rate)[/]",
+                highlight=False)
     if interrupted:
         raise Interrupted(f"training interrupted at step {step}/{total}; checkpoint saved in {ckpt_dir}: rerun with "
                           "--resume to continue from it")
     return summary
-
-
-def ngram_warning(summary: dict) -> str | None:
-    """The loud line for a decoder whose autoregressive val loss does not beat the text-only n-gram's."""
-    ar = (summary.get("last_val") or {}).get("loss_ar")
-    ng = (summary.get("ngram_baseline") or {}).get("val_loss")
-    if ar is None or ng is None or ar < ng:
-        return None
-    return (f"the decoder's autoregressive val loss {ar:.3f} does not beat a text-only "
-            f"{summary['ngram_baseline']['order']}-gram model of the training captions ({ng:.3f}): "
-            "it has learnt less than counting words would (train longer or with a higher learning rate)")
 
 
 def _f(x) -> str:

@@ -73,8 +73,20 @@ def tiny_store(tiny_shards, tmp_path_factory):
 
 # --- train: the tiny trained run (owned by the train stage's issue) -------------------------------------------
 # A tiny decoder (2 layers, width 64) on `tiny_store`; tests that train more runs reuse this recipe.
+# The optimizer settings are pinned (not TrainConfig's default recipe), so a change of the default recipe does not
+# move the numbers these tests were written against; tests/test_early_stop.py and the CLI tests run the defaults.
 TINY_TRAIN = dict(layers=2, width=64, heads=4, mlp_dim=128, batch_size=16, lr=3e-3, warmup_steps=5, device="cpu",
-                  precision="fp32", log_every=2, checkpoint_every=1000)
+                  precision="fp32", log_every=2, checkpoint_every=1000, schedule="constant", weight_decay=1e-4,
+                  beta2=0.999, patience=0, tie_embeddings=False)
+
+
+def cli_options(opts: dict) -> list[str]:
+    """Keyword options as `pipeline` command-line flags: --name value, or --name / --no-name for booleans."""
+    out = []
+    for k, v in opts.items():
+        flag = k.replace("_", "-")
+        out += [f"--{flag}" if v else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)]
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,8 @@ def test_resume_mid_run_makes_the_same_decisions(tiny_store, tmp_path, monkeypat
     assert sa["steps"] == sb["steps"] and sb["early_stopping"]["stopped_early"]
 
 
-def test_patience_must_be_positive(tiny_store, tmp_path):
+def test_patience_must_not_be_negative(tiny_store, tmp_path):
     with pytest.raises(UserError, match="--patience"):
-        train.run(_cfg(tiny_store, tmp_path / "x", patience=0))
+        train.run(_cfg(tiny_store, tmp_path / "x", patience=-1))
+    assert not EarlyStop(0, 0.75, [{"kind": "val", "step": s, "loss_ar": 1.0 + s, "loss_par": 1.0 + s}
+                                   for s in range(5)]).exhausted  # 0 = never stop early

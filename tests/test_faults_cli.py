@@ -16,7 +16,7 @@ import sys
 import tarfile
 
 import pytest
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, cli_options
 
 from pipeline import cli
 from pipeline.store import FeatureStore
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.faults
 
 
 def _args(opts: dict) -> list[str]:
-    return [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return cli_options(opts)
 
 
 @pytest.fixture(scope="module")

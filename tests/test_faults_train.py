@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, cli_options
 
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
@@ -143,8 +143,7 @@ cli.main()
 def test_ctrl_c_or_sigterm_checkpoints_the_current_step_and_resumes_exactly(tiny_store, straight, tmp_path, sig):
     run = tmp_path / "run"
     args = ["--store", str(tiny_store), "--run", str(run)]
-    for k, v in RECIPE.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+    args += cli_options(RECIPE)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "200"}
     p = subprocess.run([sys.executable, "-c", INTERRUPTER, sig, "9", *args], capture_output=True, text=True,
                        timeout=300, env=env)

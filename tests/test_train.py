@@ -16,7 +16,7 @@ from pipeline import checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 from stages import train
-from conftest import PRECISIONS, TINY_TRAIN
+from conftest import PRECISIONS, TINY_TRAIN, cli_options
 
 TIMING = {"samples_per_s"}  # the only fields allowed to differ between two identical runs
 
@@ -187,8 +187,7 @@ def test_ddp_two_gloo_processes_match_one_process(tiny_store, tmp_path):
     one = train.run(_cfg(tiny_store, tmp_path / "one", **args))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "pipeline", "train", "--store", str(tiny_store), "--run-dir", str(tmp_path / "two")]
-    for k, v in {**TINY_TRAIN, "epochs": 3, "schedule": "cosine", "warmup_steps": 2, **args}.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    cmd += cli_options({**TINY_TRAIN, "epochs": 3, "schedule": "cosine", "warmup_steps": 2, **args})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
