@@ -222,7 +222,7 @@ def train_decoder_config(image_width: int):
 
     t = TrainConfig
     return DecoderConfig(layers=t.layers, width=t.width, heads=t.heads, mlp_dim=t.mlp_dim, max_len=t.max_len,
-                         encoder_width=image_width)
+                         encoder_width=image_width, tie_embeddings=t.tie_embeddings)
 
 
 def bench_train(device, precision: str, quick: bool, sync, limit: dict, repeats: int, *, dec_cfg=None,

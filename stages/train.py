@@ -242,7 +242,15 @@ def run_record(cfg: TrainConfig, dec_cfg, tok, store, index, split) -> dict:
 
 
 def check_resume(old: dict, new: dict) -> None:
-    """A resumed run must be the same run: same recipe, decoder, tokenizer and the same encoded data."""
+    """A resumed run must be the same run: the same encoded data, recipe, decoder and tokenizer.
+
+    The data is checked first: settings derived from it (parallel_len) differ only because it does."""
+    o, n = old.get("store", {}), new["store"]
+    if o.get("encoder") != n["encoder"]:
+        raise UserError("--resume: the store was encoded with another encoder or weights than this run's; use a new --run")
+    if o.get("data_digest") != n["data_digest"]:
+        raise UserError(f"--resume: the store's samples changed since this run started ({o.get('samples')} -> "
+                        f"{n['samples']}); use a new --run")
     diffs = [k for k in sorted(set(old["train"]) | set(new["train"]))
              if k not in RESUMABLE_CHANGES and old["train"].get(k) != new["train"].get(k)]
     if diffs:
@@ -252,12 +260,6 @@ def check_resume(old: dict, new: dict) -> None:
     for part, what in (("decoder", "decoder config"), ("tokenizer", "tokenizer")):
         if old.get(part) != new[part]:
             raise UserError(f"--resume: the {what} differs from the run's ({old.get(part)} vs {new[part]}); use a new --run")
-    o, n = old.get("store", {}), new["store"]
-    if o.get("encoder") != n["encoder"]:
-        raise UserError("--resume: the store was encoded with another encoder or weights than this run's; use a new --run")
-    if o.get("data_digest") != n["data_digest"]:
-        raise UserError(f"--resume: the store's samples changed since this run started ({o.get('samples')} -> "
-                        f"{n['samples']}); use a new --run")
 
 
 class MetricsLog:
