@@ -54,9 +54,22 @@ def save_file(tensors: dict, path: str | Path, metadata: Optional[dict] = None) 
     safetensors' own writer raises SafetensorError and torch.save's raises RuntimeError ("unexpected pos")
     on a full disk, which no `except OSError` catches; the serialised copy costs memory once, briefly.
     """
-    blob = safetensors_bytes(tensors, metadata=metadata)
+    blob = _canonical_header(safetensors_bytes(tensors, metadata=metadata))
     _write_bytes(Path(path), blob)
     return hashlib.sha256(blob).hexdigest()
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted, so equal tensors give equal bytes.
+
+    safetensors writes `__metadata__` from a hash map, in an order that changes from one process to the next
+    (found by the checkpoint crash sweep). Only the key order changes: the header keeps its length (padding
+    spaces), so every data offset stays valid."""
+    n = int.from_bytes(blob[:8], "little")
+    canon = json.dumps(json.loads(blob[8:8 + n]), separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    if len(canon) > n:  # cannot happen for what safetensors writes; keep its bytes rather than break the file
+        return blob
+    return blob[:8] + canon + b" " * (n - len(canon)) + blob[8 + n:]
 
 
 def _sha256(path: Path) -> str:

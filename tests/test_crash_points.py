@@ -190,3 +190,102 @@ def test_a_real_kill_at_write_n_then_rerun_is_bitwise(tiny_shards, tmp_path, n):
     _reader_check(store, two, ref)
     encode.run(EncodeConfig(shards=two, store=store, **ENC))
     same_store(store, ref)
+
+
+# --- checkpoint save ------------------------------------------------------------------------------------------------
+class _Crash(BaseException):
+    """Stands for the process dying: no `except OSError` (or Exception) handler sees it."""
+
+
+def _ckpt_state(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, opt
+
+
+def _save_two(ckpt_dir: Path, model, opt, disk=None) -> None:
+    """Checkpoint step 1, one optimizer step, then step 2 (the save under test when `disk` is given)."""
+    import torch
+
+    from pipeline import checkpoint
+
+    torch.manual_seed(0)
+    checkpoint.save(ckpt_dir, model=model, optimizer=opt, scheduler=None, step=1, epoch=0, batch=1)
+    model(torch.ones(2, 6)).sum().backward()
+    opt.step()
+    if disk is not None:
+        disk.armed = True
+    checkpoint.save(ckpt_dir, model=model, optimizer=opt, scheduler=None, step=2, epoch=0, batch=2)
+
+
+def _tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+class _CkptDisk:
+    """Counts the mutating file operations of `checkpoint.save` (mkdir, file writes, renames, the pointer write) once
+    armed; op `crash_at` and every later one raise _Crash, or only op `full_at` raises ENOSPC."""
+
+    def __init__(self, monkeypatch, crash_at=None, full_at=None):
+        from pipeline import checkpoint
+
+        self.n, self.armed, self.crash_at, self.full_at = 0, False, crash_at, full_at
+        for owner, name in ((checkpoint, "_write_bytes"), (checkpoint, "atomic_write_text"), (checkpoint.os, "replace"),
+                            (Path, "mkdir")):
+            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name)))
+
+    def _wrap(self, real):
+        def op(*a, **k):
+            if self.armed:
+                self.n += 1
+                if self.crash_at is not None and self.n >= self.crash_at:
+                    raise _Crash(self.n)
+                if self.full_at == self.n:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*a, **k)
+        return op
+
+
+def test_checkpoint_save_crash_at_every_write(tmp_path, monkeypatch):
+    import torch
+
+    from pipeline import checkpoint
+
+    ref_dir = tmp_path / "ref"
+    with monkeypatch.context() as m:  # the uninterrupted save, and how many operations it makes
+        counter = _CkptDisk(m)
+        model, opt = _ckpt_state(0)
+        _save_two(ref_dir, model, opt, counter)
+    total = counter.n
+    assert total >= 8  # mkdir, three files, rename, pointer (temp + rename), ...
+    ref = _tree(ref_dir)
+    weights = {1: None, 2: {k: v.clone() for k, v in model.state_dict().items()}}
+    model1, _ = _ckpt_state(0)
+    weights[1] = {k: v.clone() for k, v in model1.state_dict().items()}
+    points = 0
+    for mode in ("crash", "full"):
+        for n in range(1, total + 1):
+            d = tmp_path / f"{mode}{n}"
+            model, opt = _ckpt_state(0)
+            with monkeypatch.context() as m:
+                disk = _CkptDisk(m, **({"crash_at": n} if mode == "crash" else {"full_at": n}))
+                try:
+                    _save_two(d, model, opt, disk)
+                except _Crash:
+                    assert mode == "crash"
+                except UserError as e:  # a full disk: one line, the previous checkpoint intact
+                    assert mode == "full" and "\n" not in str(e) and "No space left" in str(e)
+            points += 1
+            # a reader: the newest complete checkpoint is step 1 or 2, and its weights are that step's exactly
+            found = checkpoint.last(d)
+            assert found is not None and found.name in ("step-00000001", "step-00000002"), (mode, n)
+            step = int(found.name[-1])
+            got = checkpoint.load_weights(d)
+            assert all(torch.equal(got[k], weights[step][k]) for k in got), (mode, n)
+            # the rerun (the same save again) gives the uninterrupted result bitwise, with no leftovers
+            checkpoint.save(d, model=model, optimizer=opt, scheduler=None, step=2, epoch=0, batch=2)
+            assert _tree(d) == ref, (mode, n)
+    assert points == 2 * total
