@@ -27,17 +27,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from pipeline.errors import UserError
+from pipeline.osutil import fsync_dir
 
 LAST = "last.json"
 MANIFEST = "manifest.json"  # in each checkpoint folder: {"step", "sha256": {file: digest}}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_bytes(path: Path, data) -> None:
@@ -142,7 +137,7 @@ def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: 
         _write_bytes(tmp / "state.pt", buf.getbuffer())
         del buf
         _write_bytes(tmp / MANIFEST, json.dumps({"step": step, "sha256": digests}).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again: move the old copy aside (last() falls back meanwhile)
             trash = ckpt_dir / f".{name}.{uuid.uuid4().hex[:8]}.old"
             os.replace(final, trash)
@@ -150,10 +145,10 @@ def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: 
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         atomic_write_text(ckpt_dir / LAST, json.dumps({"step": step, "epoch": epoch, "batch": batch, "dir": name,
                                                        "sha256": digests}))
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write checkpoint in {ckpt_dir}: {e.strerror or e} "

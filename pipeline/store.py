@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.lock import FolderLock
+from pipeline.osutil import fsync_dir
 
 FORMAT = "cappa-features/1"
 CHUNK_TARGET_BYTES = 2 << 20  # >= ~1 MB per features chunk: big sequential reads, few files
@@ -75,14 +76,6 @@ def _clean_leftovers(path: Path) -> None:
     for p in path.parent.glob(f".{path.name}.*"):
         if p.name.endswith((".tmp", ".old")) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(path: Path) -> None:

@@ -10,16 +10,15 @@ import math
 import multiprocessing as mp
 import os
 import re
-import signal
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
 from pipeline import status as st
 from pipeline.config import FetchConfig, to_jsonable
 from pipeline.errors import UserError
+from pipeline.osutil import SignalScope
 
 # Our own records live in a sub-folder: img2dataset reads EVERY top-level *.json as a shard's stats file.
 RUN_DIR = "_fetch"
@@ -217,26 +216,17 @@ def _list_digest(df) -> str:
     return h.hexdigest()[:16]
 
 
-class _Signals:
+class _Signals(SignalScope):
     """SIGINT and SIGTERM (a scheduler's) both interrupt the fetch once; a second one hurries the clean-up."""
 
     def __init__(self):
-        self.count, self.previous = 0, {}
+        super().__init__()
+        self.count = 0
 
     def _handle(self, signum, frame):
         self.count += 1
         if self.count == 1:
             raise KeyboardInterrupt
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
 
 
 def run(cfg: FetchConfig) -> dict:

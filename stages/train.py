@@ -7,17 +7,16 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline import checkpoint
 from pipeline.config import TrainConfig, to_jsonable
 from pipeline.errors import Interrupted, UserError
+from pipeline.osutil import SignalScope
 from pipeline.progress import console
 
 # Fields that may change between a run and its `--resume`: they do not change what is learned from what
@@ -83,12 +82,13 @@ class Dist:
                 dist.destroy_process_group()
 
 
-class StopRequest:
+class StopRequest(SignalScope):
     """SIGINT / SIGTERM ask training to stop at the next step boundary (after a checkpoint) instead of dying
     mid-step and losing the steps since the last checkpoint. A second Ctrl-C aborts at once."""
 
     def __init__(self, say):
-        self.say, self.requested, self.previous = say, False, {}
+        super().__init__()
+        self.say, self.requested = say, False
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -96,16 +96,6 @@ class StopRequest:
         self.requested = True
         self.say(f"[yellow]{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
                  "(Ctrl-C again to abort without one)[/]", highlight=False)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
 
     def agreed(self, d: "Dist", device) -> bool:
         """Whether to stop now, the same answer on every rank (a DDP rank stopping alone would hang the rest)."""
