@@ -121,13 +121,16 @@ def train(
     Under `torchrun --nproc_per_node N -m pipeline train --run-dir DIR ...` it runs DDP (gloo on CPU, nccl on
     CUDA); the batch size stays global. Only rank 0 writes files and prints.
     """
-    from click.core import ParameterSource
-
     from pipeline.config import train_config
     from stages import train as stage
 
-    given = {k: v for k, v in ctx.params.items()
-             if k != "recipe" and ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    # Only what the command line (or an environment variable) set overrides the recipe. Compared by name:
+    # typer ships its own copy of click, whose ParameterSource is not click.core's.
+    def given_here(k: str) -> bool:
+        source = ctx.get_parameter_source(k)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    given = {k: v for k, v in ctx.params.items() if k != "recipe" and given_here(k)}
     stage.run(train_config(recipe, **given))
 
 

@@ -102,3 +102,22 @@ def test_patience_must_not_be_negative(tiny_store, tmp_path):
         train.run(_cfg(tiny_store, tmp_path / "x", patience=-1))
     assert not EarlyStop(0, 0.75, [{"kind": "val", "step": s, "loss_ar": 1.0 + s, "loss_par": 1.0 + s}
                                    for s in range(5)]).exhausted  # 0 = never stop early
+
+
+def test_cli_recipe_seed_and_explicit_options_win(monkeypatch):
+    """`pipeline train --recipe seed --epochs 5`: the seed's values, except what the command line says."""
+    from typer.testing import CliRunner
+
+    from pipeline import cli
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda cfg: seen.append(cfg))  # the CLI's wiring is under test here
+    r = CliRunner().invoke(cli.app, ["train", "--recipe", "seed", "--epochs", "5", "--no-tie-embeddings"])
+    assert r.exit_code == 0, r.output
+    (cfg,) = seen
+    assert (cfg.recipe, cfg.epochs, cfg.lr, cfg.batch_size, cfg.schedule, cfg.patience) == ("seed", 5, 1e-4, 32,
+                                                                                           "constant", 0)
+    r = CliRunner().invoke(cli.app, ["train"])
+    assert r.exit_code == 0 and seen[-1] == TrainConfig()  # no options: the default recipe, as the dataclass says
+    r = CliRunner().invoke(cli.app, ["train", "--recipe", "nope"])  # cli.main() makes it one line, exit 2
+    assert isinstance(r.exception, UserError) and "unknown --recipe" in str(r.exception)
