@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from pipeline.errors import UserError
-from pipeline.osutil import fsync_dir
+from pipeline.osutil import atomic_write_text, fsync_dir
 
 LAST = "last.json"
 MANIFEST = "manifest.json"  # in each checkpoint folder: {"step", "sha256": {file: digest}}
@@ -73,21 +73,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder + fsync + os.replace (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def rng_state() -> dict:

@@ -57,6 +57,14 @@ def autocast_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+def autocast(device, precision: str):
+    """The mixed-precision context every stage runs its model in: autocast to bf16 / fp16, or nothing (fp32)."""
+    import torch
+
+    dtype = autocast_dtype(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def run_precision(name: str, device, trained: str | None) -> str:
     """The precision of a stage that reuses a trained run (eval, caption).
 

@@ -135,10 +135,9 @@ class Encoder:
         """x float32 [B, 3, H, W] -> float16 [B, T, E]: all tokens after the final norm."""
         import torch
 
-        from pipeline.devices import autocast_dtype
+        from pipeline.devices import autocast
 
-        dtype = autocast_dtype(self.precision)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             out = self.model.forward_features(x.to(self.device, non_blocking=True))  # [B, T, E]
         return out.to(torch.float16).cpu().numpy()
 
@@ -227,11 +226,6 @@ def build_random(model_name: str, seed: int, device=None, precision: str = "fp32
         model = _create(model_name)
     w = {"kind": "random-init", "seed": int(seed)}
     return _finish(model, model_name, w, device or torch.device("cpu"), precision)
-
-
-def weights_identity(weights: dict) -> str:
-    """What makes two encoders' weights the same: the loaded tensors, whatever file, format or source held them."""
-    return weights.get("state_sha256") or repr(sorted(weights.items()))
 
 
 def build_encoder_from_provenance(prov: dict, device=None, precision: str = "fp32",

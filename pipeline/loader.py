@@ -155,6 +155,18 @@ class Batch:
     local_tokens: dict  # {"ar": int, "par": int}: real tokens of this rank's rows, known without a device sync
     size: int  # samples in the global batch
 
+    @classmethod
+    def of(cls, features, targets, target_mask, parallel, parallel_len: Optional[int] = None) -> "Batch":
+        """A one-process batch of given tensors (benchmarks, tests): its token counts are read from the mask
+        (a parallel row counts at most `parallel_len` tokens, as the loss scores them)."""
+        counts = target_mask.sum(1).cpu()
+        par = parallel.cpu()
+        if parallel_len:
+            counts = torch.where(par, counts.clamp(max=parallel_len), counts)
+        local = {"ar": int(counts[~par].sum()), "par": int(counts[par].sum())}
+        return cls(features, targets, target_mask, parallel, np.arange(len(targets)), local["ar"], local["par"],
+                   local, len(targets))
+
 
 class Loader:
     """Epochs of batches over `positions`; rank r of `world` takes its contiguous slice of each global batch."""

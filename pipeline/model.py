@@ -9,6 +9,8 @@ Dimension letters used in shape comments:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +65,39 @@ class SelfAttention(nn.Module):
         return self.out(_merge(y))
 
 
+class ImageKV(NamedTuple):
+    """What a cross-attention layer reads in the standard form: the image tokens' keys and values, computed
+    once per image (generation reuses them at every step)."""
+
+    k: torch.Tensor  # [B, H, P, D/H]
+    v: torch.Tensor  # [B, H, P, D/H]
+
+
+class ImageTokens(NamedTuple):
+    """What a cross-attention layer reads in the absorbed form: the (projected) image tokens themselves."""
+
+    x: torch.Tensor  # [B, P, D]
+
+
+# Memory of one layer's cross-attention: the form is the type.
+ImageMemory = Union[ImageKV, ImageTokens]
+
+# The absorbed form's batched matmuls and layout copies ran at ~60% of the rate of the standard form's large
+# image K/V matmuls (CPU, fp32, 6 x 768 decoder, measured): "auto" takes it only when it wins after this
+# discount. Another device sets its own (`CaptionDecoder.absorbed_discount`).
+ABSORBED_DISCOUNT = 1.7
+
+
 class CrossAttention(nn.Module):
-    """Text queries attend to the image tokens; keys/values are computed once per image (`memory`)."""
+    """Text queries attend to the image tokens, in one of two forms that compute the same function:
+
+    - "kv" (`ImageKV` memory): K/V projections on the P image tokens, once per image.
+    - "absorbed" (`ImageTokens` memory): per head, scores q_h (W_k,h img)^T = (q_h W_k,h) img^T and output
+      A (img W_v,h^T) = (A img) W_v,h^T, so the D x D projections run on the T text tokens instead of the P
+      image tokens, for an extra 2*T*P*D*H multiply-adds in the attention itself. Cheaper when T is short
+      (training: a caption of ~20 tokens against 197 image tokens).
+    `flops` is the cost model of both; `cheaper_form` picks one for a text length.
+    """
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -73,16 +106,37 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.width, 2 * cfg.width, bias=False)
         self.out = nn.Linear(cfg.width, cfg.width, bias=False)
 
-    def memory(self, img):  # [B, P, D] -> 2 x [B, H, P, D/H]
-        k, v = self.kv(img).chunk(2, dim=-1)
-        return _heads(k, self.h), _heads(v, self.h)
+    @staticmethod
+    def flops(cfg: DecoderConfig, text_len: float, image_tokens: int, form: str) -> tuple[float, float]:
+        """Forward FLOPs per layer of the part that differs between the two forms, as (matmuls that read the
+        image tokens directly, the rest). "kv": image K/V 2*P*2D^2, scores and sum 2*2*L*P*D. "absorbed":
+        scores and sum over full-width image tokens per head 2*2*L*P*D*H, K/V weights on the text side
+        2*L*2D^2."""
+        l, p, d, h = text_len, image_tokens, cfg.width, cfg.heads
+        if form == "kv":
+            return 2 * p * 2 * d * d, 4 * l * p * d
+        if form == "absorbed":
+            return 4 * l * p * d * h, 2 * l * 2 * d * d
+        raise ValueError(f"cross-attention form must be kv or absorbed, got {form!r}")
 
-    def forward(self, x, kv):
+    @staticmethod
+    def cheaper_form(cfg: DecoderConfig, text_len: float, image_tokens: int,
+                     absorbed_discount: float = ABSORBED_DISCOUNT) -> str:
+        """"absorbed" when its FLOPs, weighted by `absorbed_discount`, are fewer than the "kv" form's, else
+        "kv". At 6 x 768 with 197 image tokens and the CPU discount, absorbed wins up to T = 29 tokens."""
+        absorbed = absorbed_discount * sum(CrossAttention.flops(cfg, text_len, image_tokens, "absorbed"))
+        return "absorbed" if absorbed < sum(CrossAttention.flops(cfg, text_len, image_tokens, "kv")) else "kv"
+
+    def memory(self, img) -> ImageKV:  # img [B, P, D]
+        k, v = self.kv(img).chunk(2, dim=-1)
+        return ImageKV(_heads(k, self.h), _heads(v, self.h))
+
+    def forward(self, x, memory: ImageMemory):
         """x [N, T, D] (N = G rows per image), or [1, T, D]: one query row shared by all B images (parallel
         rows' first layer: their queries are computed once) -> [max(N, B), T, D]."""
-        if isinstance(kv, torch.Tensor):
-            return self.absorbed(x, kv)
-        k, v = kv  # [B, H, P, D/H]
+        if isinstance(memory, ImageTokens):
+            return self._absorbed(x, memory.x)
+        k, v = memory  # [B, H, P, D/H]
         b, n, t = k.shape[0], x.shape[0], x.shape[1]
         g = n // b  # text rows per image (beams, candidate captions): stacked as extra queries, so
         q = _heads(self.q(x), self.h)  # [N, H, T, D/H]          the image K/V are never copied
@@ -95,14 +149,8 @@ class CrossAttention(nn.Module):
             y = y.view(b, self.h, g, t, -1).transpose(1, 2).reshape(n, self.h, t, -1)  # [N, H, T, D/H]
         return self.out(_merge(y))
 
-    def absorbed(self, x, img):
-        """The same attention with the K/V projections moved off the image tokens. x [B or 1, T, D], img [B, P, D].
-
-        Per head, scores q_h (W_k,h img)^T = (q_h W_k,h) img^T and output A (img W_v,h^T) = (A img) W_v,h^T:
-        the D x D projections then run on T text tokens instead of P image tokens, for an extra 2*T*P*D*H
-        multiply-adds in the attention itself. Cheaper when T is short (training: a caption of ~20 tokens vs
-        197 image tokens); generation keeps `memory` (K/V once per image, reused at every step).
-        """
+    def _absorbed(self, x, img):
+        """The absorbed form. x [B or 1, T, D], img [B, P, D] -> [B, T, D]."""
         n, t, d = x.shape
         b, p = img.shape[:2]
         h, hd = self.h, d // self.h
@@ -120,29 +168,31 @@ class CrossAttention(nn.Module):
         return self.out(y.transpose(0, 1).reshape(b, t, d))
 
 
-# The absorbed path's batched matmuls and layout copies run at ~60% of the rate of the standard path's large
-# image K/V matmuls (CPU, fp32, seed sizes, measured): it is taken only when it wins after that discount.
-ABSORBED_DISCOUNT = 1.7
+@dataclass
+class LossSums:
+    """A batch's summed cross-entropy (nats, float32) and real-token count (int64) per mode: sums, so batches,
+    ranks and log intervals add up exactly; the means are for reading."""
 
+    sum_ar: torch.Tensor  # [] autoregressive rows
+    tokens_ar: torch.Tensor  # []
+    sum_par: torch.Tensor  # [] parallel rows
+    tokens_par: torch.Tensor  # []
 
-def _cross_flops(cfg: DecoderConfig, text_len: float, image_tokens: int, cross: str) -> tuple[float, float]:
-    """Forward FLOPs per layer of the part of cross-attention that differs between the two forms, as
-    (matmuls that read the image tokens directly, the rest). "kv": image K/V 2*P*2D^2, scores and sum
-    2*2*L*P*D. "absorbed": scores and sum over full-width image tokens per head 2*2*L*P*D*H, K/V weights
-    applied on the text side 2*L*2D^2."""
-    l, p, d, h = text_len, image_tokens, cfg.width, cfg.heads
-    if cross == "kv":
-        return 2 * p * 2 * d * d, 4 * l * p * d
-    if cross == "absorbed":
-        return 4 * l * p * d * h, 2 * l * 2 * d * d
-    raise ValueError(f"cross must be kv or absorbed, got {cross!r}")
+    @property
+    def loss(self) -> torch.Tensor:
+        """Mean over ALL real tokens of the batch, whichever mode their row drew."""
+        return (self.sum_ar + self.sum_par) / (self.tokens_ar + self.tokens_par).clamp(min=1)
 
+    @property
+    def loss_ar(self) -> torch.Tensor:  # mean over the AR rows' tokens (0 when there are none)
+        return self.sum_ar / self.tokens_ar.clamp(min=1)
 
-def absorb_cross(text_len: int, image_tokens: int, cfg: DecoderConfig) -> bool:
-    """Whether the absorbed cross-attention (`CrossAttention.absorbed`) is the faster one at this text length:
-    fewer FLOPs (`_cross_flops`) after ABSORBED_DISCOUNT. At the seed's sizes it wins up to T = 29 tokens."""
-    return (ABSORBED_DISCOUNT * sum(_cross_flops(cfg, text_len, image_tokens, "absorbed"))
-            < sum(_cross_flops(cfg, text_len, image_tokens, "kv")))
+    @property
+    def loss_par(self) -> torch.Tensor:
+        return self.sum_par / self.tokens_par.clamp(min=1)
+
+    def detach(self) -> "LossSums":
+        return LossSums(self.sum_ar.detach(), self.tokens_ar, self.sum_par.detach(), self.tokens_par)
 
 
 class Block(nn.Module):
@@ -155,9 +205,9 @@ class Block(nn.Module):
         self.fc = nn.Linear(d, cfg.mlp_dim, bias=False)
         self.proj = nn.Linear(cfg.mlp_dim, d, bias=False)
 
-    def forward(self, x, kv, mask=None, cache=None, causal=False):  # x [N, T, D]
+    def forward(self, x, memory: ImageMemory, mask=None, cache=None, causal=False):  # x [N, T, D]
         x = x + self.attn(self.ln1(x), mask, cache, causal)
-        x = x + self.cross(self.ln2(x), kv)
+        x = x + self.cross(self.ln2(x), memory)
         return x + self.proj(F.gelu(self.fc(self.ln3(x))))
 
 
@@ -184,8 +234,11 @@ class CaptionDecoder(nn.Module):
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight  # [V, D], one matrix
-        # Cross-attention form in forward / loss: "auto" (cheaper one per batch length) | "kv" | "absorbed".
-        self.cross_mode = "auto"
+        # Which cross-attention form training passes (`loss`, `logits`) run: "auto" = the cheaper one for each
+        # sub-pass's text length (`CrossAttention.cheaper_form`, weighted by `absorbed_discount`) | "kv" |
+        # "absorbed". Generation and `score` always use "kv": their image K/V are reused across steps / rows.
+        self.cross_attention = "auto"
+        self.absorbed_discount = ABSORBED_DISCOUNT
         self.register_buffer("causal", torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool).tril(), persistent=False)
         self.reset_parameters()
 
@@ -215,33 +268,35 @@ class CaptionDecoder(nn.Module):
     def _image_tokens(self, features):  # [B, P, E] (fp16 store) -> [B, P, D] in the parameters' dtype
         return self.img_proj(features.to(self.pos_emb.dtype))
 
-    def memory(self, features):
+    def memory(self, features) -> list[ImageKV]:
         """Image tokens -> per-layer cross-attention K/V, computed once per image. features [B, P, E]."""
         img = self._image_tokens(features)
         return [b.cross.memory(img) for b in self.blocks]
 
-    def _train_memory(self, features, text_len: int):
-        """What each layer's cross-attention reads in one pass over [B, T] text: `memory` (K/V tuples), or in
-        the absorbed form the image tokens themselves (`CrossAttention.forward` dispatches on which)."""
-        cross = self.cross_mode
-        if cross == "auto":
-            cross = "absorbed" if absorb_cross(text_len, features.shape[1], self.cfg) else "kv"
-        if cross == "kv":
-            return self.memory(features)
-        if cross == "absorbed":
-            return [self._image_tokens(features)] * len(self.blocks)
-        raise ValueError(f"cross_mode must be auto, kv or absorbed, got {self.cross_mode!r}")
+    def cross_form(self, text_len: int, image_tokens: int) -> str:
+        """The cross-attention form a training pass over text of `text_len` runs ("kv" or "absorbed")."""
+        if self.cross_attention == "auto":
+            return CrossAttention.cheaper_form(self.cfg, text_len, image_tokens, self.absorbed_discount)
+        if self.cross_attention in ("kv", "absorbed"):
+            return self.cross_attention
+        raise ValueError(f"cross_attention must be auto, kv or absorbed, got {self.cross_attention!r}")
 
-    def _hidden(self, tokens, kvs, mask=None, start=0, caches=None, causal=False):
+    def _train_memory(self, features, text_len: int) -> list[ImageMemory]:
+        """Each layer's cross-attention memory for one training pass over [B, text_len] text, in `cross_form`."""
+        if self.cross_form(text_len, features.shape[1]) == "kv":
+            return self.memory(features)
+        return [ImageTokens(self._image_tokens(features))] * len(self.blocks)
+
+    def _hidden(self, tokens, memory, mask=None, start=0, caches=None, causal=False):
         """tokens [N, T] at positions start.. -> final hidden states [N, T, D] (mask None: full attention)."""
         t = tokens.shape[1]
         x = self.tok_emb(tokens) + self.pos_emb[start : start + t]  # [N, T, D]
         for i, b in enumerate(self.blocks):
-            x = b(x, kvs[i], mask, None if caches is None else caches[i], causal)
+            x = b(x, memory[i], mask, None if caches is None else caches[i], causal)
         return self.ln_f(x)
 
-    def _parallel_hidden(self, kvs):
-        """All-[MASK] rows of length Lp against the images of `kvs` -> [B, Lp, D].
+    def _parallel_hidden(self, memory):
+        """All-[MASK] rows of length Lp against the images of `memory` -> [B, Lp, D].
 
         Every parallel row enters the first block as the same [MASK] + position embeddings, so block 0's
         self-attention (and its cross-attention queries) run once on one [1, Lp, D] row; the row fans out
@@ -250,7 +305,7 @@ class CaptionDecoder(nn.Module):
         lp = self.parallel_len
         x = (self.tok_emb.weight[self.cfg.mask_id] + self.pos_emb[:lp])[None]  # [1, Lp, D]
         for i, b in enumerate(self.blocks):
-            x = b(x, kvs[i])  # block 0: [1, Lp, D] -> [B, Lp, D]
+            x = b(x, memory[i])  # block 0: [1, Lp, D] -> [B, Lp, D]
         return self.ln_f(x)
 
     def _ar_inputs(self, targets, target_mask):
@@ -282,8 +337,9 @@ class CaptionDecoder(nn.Module):
         return F.pad(targets, (0, lp - l), value=self.cfg.eos_id), F.pad(target_mask, (0, lp - l))
 
     # ---- training --------------------------------------------------------------------------------
-    def forward(self, features, targets, target_mask, parallel):
-        return self.logits(features, targets, target_mask, parallel)
+    def forward(self, features, targets, target_mask, parallel) -> "LossSums":
+        """The training loss (`loss`): what DDP and torch.compile wrap."""
+        return self.loss(features, targets, target_mask, parallel)
 
     def logits(self, features, targets, target_mask, parallel):
         """features [B, P, E], targets [B, L] int64, target_mask [B, L] bool, parallel [B] bool -> [B, L, V].
@@ -303,20 +359,17 @@ class CaptionDecoder(nn.Module):
             out[i, :w] = self.head(h[:, :w]).to(out.dtype)
         return out
 
-    def loss(self, features, targets, target_mask, parallel) -> dict:
-        """Cross-entropy over real tokens (EOS included, padding excluded by the mask, never by id).
+    def loss(self, features, targets, target_mask, parallel) -> "LossSums":
+        """Summed cross-entropy over real tokens (EOS included, padding excluded by the mask, never by id) and
+        the token counts, per mode.
 
         AR rows and parallel rows run as two sub-passes: the AR rows at the batch's length L, the parallel
         rows at Lp. A parallel row scores its caption's first Lp tokens (all of them when Lp is the longest
         training caption). The vocab head runs only on real positions.
-        Returns tensors: loss = mean over ALL real tokens of the batch (so each token weighs the same,
-        whichever mode its row drew); loss_ar / loss_par = mean over that mode's tokens (0 when a mode has
-        none); tokens_ar / tokens_par = token counts (int64), for exact weighted averages across steps.
         """
         b = targets.shape[0]
-        rows = dict(zip(("ar", "par"), self._split(parallel, b)))
         sums, counts = {}, {}
-        for mode, idx in rows.items():
+        for mode, idx in zip(("ar", "par"), self._split(parallel, b)):
             if len(idx) == 0:
                 sums[mode] = torch.zeros((), dtype=torch.promote_types(self.head.weight.dtype, torch.float32),
                                          device=targets.device)
@@ -333,14 +386,7 @@ class CaptionDecoder(nn.Module):
             logits = self.head(h[m])  # [T_real, V]: the head on real tokens only
             ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), t[m], reduction="sum")
             sums[mode], counts[mode] = ce, m.sum()
-        n = counts["ar"] + counts["par"]
-        return {
-            "loss": (sums["ar"] + sums["par"]) / n.clamp(min=1),
-            "loss_ar": sums["ar"] / counts["ar"].clamp(min=1),
-            "loss_par": sums["par"] / counts["par"].clamp(min=1),
-            "tokens_ar": counts["ar"],
-            "tokens_par": counts["par"],
-        }
+        return LossSums(sums["ar"], counts["ar"], sums["par"], counts["par"])
 
     @torch.no_grad()
     def score(self, features, targets, target_mask):
@@ -396,7 +442,7 @@ def flops_per_sample(cfg: DecoderConfig, text_len: float, image_tokens: int, cro
     Forward, per layer over S positions: self-attn projections 2*S*4D^2; scores and weighted sum 2*2*S^2*D
     (the full S x S, as computed); cross-attn Q/out 2*S*2D^2; MLP 2*S*2*D*F; and the cross-attention to the
     image tokens, as `cross` computes it: "kv" = K/V of the image tokens 2*P*2D^2 plus scores and sum
-    2*2*S*P*D; "absorbed" (`CrossAttention.absorbed`) = the K/V weights applied on the text side 2*2*S*D^2
+    2*2*S*P*D; "absorbed" (`CrossAttention`, absorbed form) = the K/V weights applied on the text side 2*2*S*D^2
     plus scores and sum over full-width image tokens per head 2*2*S*P*D*H. Plus the image projection
     2*P*E*D when E != D, and the vocab head 2*L*D*V on the L = `text_len` real tokens (the loss runs it on
     real tokens only). An AR row has S = L. A parallel row has S = Lp, and its block 0 leaves out what all
@@ -409,7 +455,7 @@ def flops_per_sample(cfg: DecoderConfig, text_len: float, image_tokens: int, cro
     """
     l, p, d, f, e = text_len, image_tokens, cfg.width, cfg.mlp_dim, cfg.encoder_width
     s = (cfg.parallel_len or cfg.max_len) if parallel else l
-    image_side, image_att = _cross_flops(cfg, s, p, cross)
+    image_side, image_att = CrossAttention.flops(cfg, s, p, cross)
     layer = 2 * s * 4 * d * d + 4 * s * s * d + 2 * s * 2 * d * d + image_side + image_att + 4 * s * d * f
     fwd = cfg.layers * layer + 2 * l * d * cfg.vocab_size
     if parallel:

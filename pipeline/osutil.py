@@ -1,11 +1,13 @@
-"""Operating-system plumbing shared by stages and stores: directory fsync, SIGINT/SIGTERM handler scopes."""
+"""Operating-system plumbing shared by stages and stores: atomic writes, directory fsync, SIGINT/SIGTERM scopes."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import uuid
 from pathlib import Path
+from typing import Callable
 
 
 def fsync_dir(path: Path) -> None:
@@ -15,6 +17,31 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temp file in `path`'s folder, which then replaces `path` in one rename: a reader sees
+    the old file or the whole new one, never half of it (a crash leaves no temp file behind either)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (`atomic_write`), fsynced before the rename."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 class SignalScope:

@@ -4,73 +4,24 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import textwrap
-import uuid
 from pathlib import Path
 
 from pipeline.metrics import ATTRIBUTES, METRICS
+from pipeline.osutil import atomic_write_text
+from pipeline.runlog import pyplot, save_figure
 
 MODES = ("greedy", "beam", "parallel")
 MODE_COLOURS = {"greedy": "tab:blue", "beam": "tab:green", "parallel": "tab:orange"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    """PNG via a temp file + rename, so a half-written figure is never left under the real name."""
-    plt = _plt()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-
-
 # --- figures ---------------------------------------------------------------------------------------------------
-def plot_loss(entries: list[dict], path: Path, final: dict | None = None) -> None:
-    """Train and validation loss of both modes against step (from metrics.jsonl); `final` = eval's val loss."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for kind, style in (("train", "-"), ("val", "o--")):
-        for mode, colour, name in (("ar", "tab:blue", "autoregressive"), ("par", "tab:orange", "parallel")):
-            pts = [(e["step"], e[f"loss_{mode}"]) for e in entries
-                   if e.get("kind") == kind and e.get(f"loss_{mode}") is not None]
-            if pts:
-                x, y = zip(*pts)
-                ax.plot(x, y, style, color=colour, label=f"{kind} {name}", markersize=4, alpha=0.85)
-    if final and entries:
-        step = max(e.get("step", 0) for e in entries)
-        for mode, colour in (("ar", "tab:blue"), ("par", "tab:orange")):
-            if final.get(f"loss_{mode}") is not None:
-                ax.plot([step], [final[f"loss_{mode}"]], "*", color=colour, markersize=12)
-    if not ax.lines:
-        ax.text(0.5, 0.5, "metrics.jsonl holds no losses", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title("loss by mode (stars: this evaluation's validation loss)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-
-
 def plot_metric_bars(coco: dict[str, dict[str, float]], path: Path) -> None:
     """COCO metrics per decoding mode, the model beside its blind (zeroed-image) baseline."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     names = [m for m in METRICS if any(m in s for s in coco.values())]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [len(names) - 1, 1.3]})
     modes = [m for m in MODES if m in coco]
@@ -89,7 +40,7 @@ def plot_metric_bars(coco: dict[str, dict[str, float]], path: Path) -> None:
     axes[0].set_title("COCO metrics: model (solid) vs blind baseline (hatched)")
     axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_grid(samples: list[dict], images: list, path: Path, cols: int = 4) -> None:
@@ -97,7 +48,7 @@ def plot_grid(samples: list[dict], images: list, path: Path, cols: int = 4) -> N
 
     Each cell is a square image with a fixed text box below it, so long captions never run into the next row.
     """
-    plt = _plt()
+    plt = pyplot()
     n = len(samples)
     rows = max(1, -(-n // cols))
     cw, img_h, txt_h = 4.2, 3.6, 2.0  # inches: cell width, image height, caption box height
@@ -120,7 +71,7 @@ def plot_grid(samples: list[dict], images: list, path: Path, cols: int = 4) -> N
                 lines.append(textwrap.fill(textwrap.shorten(f"{label}: {s[label]}", room, placeholder=" …"), 52))
         fig.text((c * cw + 0.15) / fw, (top - img_h) / fh, "\n".join(lines), va="top", ha="left", fontsize=7,
                  family="monospace")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def load_images(keys: list[str], rows: list[int], shard_names: list[str], capacity: int, shards_dir: Path | None,
@@ -265,6 +216,4 @@ def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
     L += ["## Figures", ""]
     for title, fname in figures.items():
         L += [f"![{title}]({fname})", ""]
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text("\n".join(L))
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(L))

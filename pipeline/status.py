@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.config import StatusConfig
+from pipeline.runlog import MetricsLog
 
 
 # --- fetch: img2dataset's per-shard stats files ------------------------------------------------------------
@@ -222,27 +223,10 @@ def _json(path: Path) -> dict:
         return {}
 
 
-def _last_entries(metrics: Path) -> tuple[dict, dict]:
-    """The last train and the last validation entry of metrics.jsonl (a torn last line is skipped)."""
-    last = {"train": {}, "val": {}}
-    try:
-        lines = metrics.read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("kind") in last:
-            last[e["kind"]] = e
-    return last["train"], last["val"]
-
-
 def run_summary(run: Path) -> dict:
     """One run folder, from its config.json, metrics.jsonl, checkpoints/last.json and summary.json."""
     cfg, ck, summ = _json(run / "config.json"), _json(run / "checkpoints" / "last.json"), _json(run / "summary.json")
-    tr, val = _last_entries(run / "metrics.jsonl")
+    tr, val = MetricsLog(run / "metrics.jsonl").last()
     train_cfg, dec = cfg.get("train", {}), cfg.get("decoder", {})
     step = ck.get("step", 0)
     return {

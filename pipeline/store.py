@@ -57,6 +57,23 @@ def weights_label(weights: dict) -> str:
     return kind
 
 
+def weights_identity(weights: dict) -> str:
+    """What makes two encoders' weights the same: the loaded tensors, whatever file, format or source held them."""
+    return weights.get("state_sha256") or repr(sorted(weights.items()))
+
+
+def encoder_mismatch(recorded: dict, now: dict) -> str | None:
+    """How encoder provenance `now` differs from `recorded` (model, weights, preprocessing), or None when the
+    two make the same features. The one check behind "this store / run was made by another encoder"."""
+    if recorded.get("model") != now.get("model"):
+        return f"model {recorded.get('model')} vs {now.get('model')}"
+    if weights_identity(recorded.get("weights", {})) != weights_identity(now.get("weights", {})):
+        return f"weights {weights_label(recorded.get('weights', {}))} vs {weights_label(now.get('weights', {}))}"
+    if "preprocessing" in recorded and recorded["preprocessing"] != now.get("preprocessing"):
+        return "preprocessing (timm data config)"
+    return None
+
+
 def is_replaceable(path: Path) -> bool:
     """What `--overwrite` may delete: an empty folder, or a folder whose zarr.json says it is a cappa store."""
     path = Path(path)

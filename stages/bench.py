@@ -15,13 +15,14 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import BenchConfig, EncodeConfig, TrainConfig
+from pipeline.config import BenchConfig, DecoderConfig, EncodeConfig, TrainConfig
 from pipeline.errors import UserError
 from pipeline.progress import console
 
@@ -167,16 +168,33 @@ def encoder_gflop(enc) -> float:
         return VIT_B16_GFLOP
 
 
+def _pipeline(*args) -> None:
+    """Run `pipeline <args>` as a user would, in its own process (quietly; its error line if it fails)."""
+    done = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True)
+    if done.returncode:
+        raise UserError(f"bench: `pipeline {' '.join(map(str, args))}` failed: {done.stderr.strip().splitlines()[-1:]}")
+
+
+class _EncodeStage:
+    """One `pipeline encode` of the bench's shards per call; `img_per_s` = images / the stage's own loop time
+    (encoder build and start-up excluded), read from the store's record of the run."""
+
+    def __init__(self, args: list, store: Path):
+        self.args, self.store, self.img_per_s = args, store, []
+
+    def __call__(self) -> None:
+        _pipeline("encode", *self.args)
+        record = json.loads((self.store / "zarr.json").read_text())["attributes"]["last_run"]
+        self.img_per_s.append(record["img_per_s"])
+
+
 def bench_encode(device, precision: str, quick: bool, sync, workdir: Path, limit: dict, repeats: int,
                  model: str = EncodeConfig.model, workers: int = EncodeConfig.workers) -> dict:
     """The encoder's model-only img/s interleaved with the matmul limit, then with the whole stage
     (shards -> store, rewritten each round) on freshly fetched synthetic shards."""
     import torch
 
-    from pipeline.config import FetchConfig
     from pipeline.encoder import build_random
-    from stages import encode as encode_stage
-    from stages import fetch as fetch_stage
 
     enc = build_random(model, 0, device, precision)
     gflop = encoder_gflop(enc)
@@ -190,21 +208,18 @@ def bench_encode(device, precision: str, quick: bool, sync, workdir: Path, limit
     console.print(f"  encode model-only: {fmt(spread(model_ips))} img/s = {fmt(vs_limit, pct=True)} of the limit")
 
     n = 48 if quick else 128
-    shards = workdir / "shards"
-    fetch_stage.run(FetchConfig(count=n, shards=shards, synthetic_dir=workdir / "synthetic",
-                                samples_per_shard=32, broken_fraction=0.0, processes=1, threads=8))
-    stage_ips: list[float] = []
-
-    def stage():
-        s = encode_stage.run(EncodeConfig(shards=shards, store=workdir / "features.zarr", model=model,
-                                          weights="random", batch_size=bs, device=device.type,
-                                          precision=precision, workers=workers, overwrite=True))
-        stage_ips.append(s["img_per_s"])  # images / the stage's loop time (the encoder build excluded)
-
+    shards, store = workdir / "shards", workdir / "features.zarr"
+    _pipeline("fetch", "--count", n, "--shards", shards, "--samples-per-shard", 32, "--broken-fraction", 0.0,
+              "--processes", 1, "--threads", 8, "--synthetic-dir", workdir / "synthetic")
+    stage = _EncodeStage(["--shards", shards, "--store", store, "--model", model, "--weights", "random",
+                          "--batch-size", bs, "--device", device.type, "--precision", precision,
+                          "--workers", workers, "--overwrite"], store)
+    stage_ips = stage.img_per_s
     t = interleaved({"model": lambda: enc.forward(x), "stage": stage}, repeats=repeats, warmup=0, sync=sync)
     stage_vs_model = ratios(stage_ips, [bs / s for s in t["model"]])
     console.print(f"  encode stage: {fmt(spread(stage_ips))} img/s = {fmt(stage_vs_model, pct=True)} of model-only")
-    return {"model": model, "batch_size": bs, "workers": workers, "gflop_per_image": gflop,
+    return {"model": model, "tokens": enc.tokens, "width": enc.width, "batch_size": bs, "workers": workers,
+            "gflop_per_image": gflop,
             "model_img_per_s": spread(model_ips), "model_vs_limit": vs_limit,
             "stage_img_per_s": spread(stage_ips), "stage_vs_model": stage_vs_model, "stage_images": n}
 
@@ -216,38 +231,58 @@ def _captions(n: int) -> list[str]:
     return [make_row(0, i)[1] for i in range(n)]
 
 
-def train_decoder_config(image_width: int):
+def train_decoder_config(image_width: int, parallel_len: int | None = None):
     """The trainer's default decoder (TrainConfig) on features `image_width` wide."""
     from pipeline.model import DecoderConfig
 
     t = TrainConfig
     return DecoderConfig(layers=t.layers, width=t.width, heads=t.heads, mlp_dim=t.mlp_dim, max_len=t.max_len,
-                         encoder_width=image_width, tie_embeddings=t.tie_embeddings)
+                         encoder_width=image_width, tie_embeddings=t.tie_embeddings, parallel_len=parallel_len)
+
+
+def train_flops_per_sample(dec, batches: list, image_tokens: int, parallel_fraction: float) -> dict:
+    """Expected train FLOPs per sample over `batches` as the trainer runs them: each row AR (at its batch's
+    padded length) or parallel (at Lp) with the given odds, each sub-pass in the cross-attention form the
+    decoder picks for it ("auto"), and the same with every pass in the "kv" form."""
+    from pipeline.model import flops_per_sample, parallel_shared_flops
+
+    cfg, p, frac, lp = dec.cfg, image_tokens, parallel_fraction, dec.parallel_len
+    out = {"auto": 0.0, "kv": 0.0}
+    for targets, mask in batches:
+        real = float(mask.sum(1).float().mean())  # real tokens per row: what the vocab head runs on
+        for key in out:
+            ar_form = dec.cross_form(targets.shape[1], p) if key == "auto" else "kv"
+            par_form = dec.cross_form(lp, p) if key == "auto" else "kv"
+            ar = flops_per_sample(cfg, real, p, ar_form)["train"]
+            par = flops_per_sample(cfg, min(real, lp), p, par_form, parallel=True)["train"]
+            shared = parallel_shared_flops(cfg, par_form)["train"] / len(targets)  # once per batch
+            out[key] += ((1 - frac) * ar + frac * par + (shared if frac > 0 else 0.0)) / len(batches)
+    return out
 
 
 def bench_train(device, precision: str, quick: bool, sync, limit: dict, repeats: int, *, dec_cfg=None,
                 vit: str = EncodeConfig.model, batch_size: int | None = None) -> dict:
-    """Default-recipe decoder steps on cached-feature-shaped inputs, batched as the trainer batches them (a
-    window of `length_buckets` batches sorted by caption length), interleaved with the matmul limit, with
-    per-batch mixing and with a seed-style step (the encoder every step, fp32, fixed padding to max_len, full
-    logits)."""
+    """The trainer's own `train_step` (pipeline/training.py) on cached-feature-shaped inputs, batched as the
+    trainer batches them (a window of `length_buckets` batches sorted by caption length), interleaved with the
+    matmul limit, with per-batch mixing and with a seed-style step (the encoder every step, fp32, fixed
+    padding to max_len, full logits). Sizes come from TrainConfig / DecoderConfig (or `dec_cfg`) and the ViT."""
     import torch
 
-    from pipeline.devices import autocast_dtype
+    from pipeline.dist import Dist
     from pipeline.encoder import build_random
-    from pipeline.model import CaptionDecoder, absorb_cross, flops_per_sample
+    from pipeline.loader import Batch
+    from pipeline.model import CaptionDecoder
     from pipeline.tokenizer import load_tokenizer
-    from stages.train import make_optimizer
+    from pipeline.training import TrainState, train_step
 
     venc = build_random(vit, 0, device, "fp32")  # the baseline's encoder; its shape is the cached features'
     p, e = venc.tokens, venc.width
-    cfg = dec_cfg or train_decoder_config(e)
-    bs = batch_size or (8 if quick else TrainConfig.batch_size)
-    frac, max_len = TrainConfig.parallel_fraction, cfg.max_len
-    tok = load_tokenizer("gpt2")
+    train_cfg = TrainConfig(batch_size=batch_size or (8 if quick else TrainConfig.batch_size), precision=precision)
+    bs, frac, max_len = train_cfg.batch_size, train_cfg.parallel_fraction, (dec_cfg or TrainConfig).max_len
+    tok = load_tokenizer(train_cfg.tokenizer)
     # The trainer's batches: one window of `length_buckets` batches sorted by caption extent; time an evenly
     # spaced sample of them (short to long), so the mix of padded lengths is the training run's.
-    window = max(TrainConfig.length_buckets, 4)
+    window = max(train_cfg.length_buckets, 4)
     pool_t, pool_m = tok.encode_batch(_captions(bs * window), max_len)
     extent = (pool_m * torch.arange(1, pool_m.shape[1] + 1)).amax(1)
     srt = torch.argsort(extent, stable=True)
@@ -259,35 +294,25 @@ def bench_train(device, precision: str, quick: bool, sync, limit: dict, repeats:
         batches.append((pool_t[idx, :w].to(device), pool_m[idx, :w].to(device)))
     feats = torch.randn(bs, p, e, device=device)
     torch.manual_seed(0)
-    dec = CaptionDecoder(cfg).to(device)
-    opt = make_optimizer(dec, lr=TrainConfig.lr, weight_decay=TrainConfig.weight_decay)
-    amp = autocast_dtype(precision)
+    # Parallel rows at the trainer's Lp: the longest caption (of this pool).
+    dec = CaptionDecoder(dec_cfg or train_decoder_config(e, int(pool_m.sum(1).max()))).to(device)
+    cfg = dec.cfg
+    state = TrainState.create(dec, train_cfg, 10**6, precision, Dist(), device)
     gen = torch.Generator().manual_seed(0)
-
-    def step(parallel, loss_fn):
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = loss_fn(parallel)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), TrainConfig.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
     def ours(mixing: str):
         def run():
-            dec.cross_mode = "auto"
             for targets, mask in batches:
                 if mixing == "per-example":
-                    par = (torch.rand(bs, generator=gen) < frac).to(device)
+                    par = torch.rand(bs, generator=gen) < frac
                 else:
-                    par = torch.full((bs,), bool(torch.rand(1, generator=gen) < frac), device=device)
-                step(par, lambda q: dec.loss(feats, targets, mask, q)["loss"])
+                    par = torch.full((bs,), bool(torch.rand(1, generator=gen) < frac))
+                train_step(state, Batch.of(feats, targets, mask, par.to(device), dec.parallel_len))
         return run
 
     n = bs * len(batches)
     real = [float(m.sum(1).float().mean()) for _, m in batches]
-    cross = ["absorbed" if absorb_cross(t.shape[1], p, cfg) else "kv" for t, _ in batches]
-    fl = sum(flops_per_sample(cfg, r, p, c)["train"] for r, c in zip(real, cross)) / len(batches)
-    fl_kv = sum(flops_per_sample(cfg, r, p, "kv")["train"] for r in real) / len(batches)
+    flops = train_flops_per_sample(dec, batches, p, frac)
 
     # Seed-style baseline: the encoder runs inside every step (fp32), captions padded to max_len, all logits.
     images = torch.randn(bs, *venc.provenance["preprocessing"]["input_size"])
@@ -296,27 +321,31 @@ def bench_train(device, precision: str, quick: bool, sync, limit: dict, repeats:
     mfix = torch.nn.functional.pad(mfix, (0, max_len - mfix.shape[1])).to(device)
 
     def seed_step():
-        dec.cross_mode = "kv"  # the seed's decoder: image K/V projected in every layer
+        dec.cross_attention = "kv"  # the seed's decoder: image K/V projected in every layer
         f = torch.from_numpy(venc.forward(images)).to(device).float()  # the encoder, every step
         par = torch.full((bs,), bool(torch.rand(1, generator=gen) < frac), device=device)  # mixed per batch
-        logits = dec(f, tfix, mfix, par)  # [B, L, V]
+        logits = dec.logits(f, tfix, mfix, par)  # [B, L, V]
         loss = torch.nn.functional.cross_entropy(logits[mfix], tfix[mfix])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), TrainConfig.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(dec.parameters(), train_cfg.grad_clip)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        dec.cross_attention = train_cfg.cross_attention
 
     mm, mm_flop = _limit_side(device, precision, limit, sync)
     t = interleaved({"per-example": ours("per-example"), "per-batch": ours("per-batch"), "baseline": seed_step,
                      "limit": mm}, repeats=repeats, sync=sync)
-    dec.cross_mode = "auto"
     rate = {k: [(bs if k == "baseline" else n) / s for s in t[k]] for k in ("per-example", "per-batch", "baseline")}
     out = {"batch_size": bs, "batches_timed": len(batches), "length_buckets": window, "image_tokens": p,
-           "decoder": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads, "mlp_dim": cfg.mlp_dim},
+           "decoder": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads, "mlp_dim": cfg.mlp_dim,
+                       "parallel_len": dec.parallel_len},
+           "step": "pipeline.training.train_step", "parallel_fraction": frac,
            "mean_tokens": sum(real) / len(real), "padded_len": sum(t_.shape[1] for t_, _ in batches) / len(batches),
-           "cross_attention": cross, "train_gflop_per_sample": fl / 1e9, "train_gflop_per_sample_kv_form": fl_kv / 1e9,
+           "cross_attention": {"ar": [dec.cross_form(t_.shape[1], p) for t_, _ in batches],
+                               "parallel": dec.cross_form(dec.parallel_len, p)},
+           "train_gflop_per_sample": flops["auto"] / 1e9, "train_gflop_per_sample_kv_form": flops["kv"] / 1e9,
            **{f"samples_per_s_{k}": spread(v) for k, v in rate.items()}}
-    out["vs_limit"] = ratios([r * fl for r in rate["per-example"]], [mm_flop / s for s in t["limit"]])
+    out["vs_limit"] = ratios([r * flops["auto"] for r in rate["per-example"]], [mm_flop / s for s in t["limit"]])
     out["speedup_vs_baseline"] = ratios(rate["per-example"], rate["baseline"])
     console.print(f"  train (per-example): {fmt(out['samples_per_s_per-example'])} samples/s = "
                   f"{fmt(out['vs_limit'], pct=True)} of the limit; {fmt(out['speedup_vs_baseline'], 1)}x the seed-style step")
@@ -324,8 +353,9 @@ def bench_train(device, precision: str, quick: bool, sync, limit: dict, repeats:
 
 
 # --- 4. loader --------------------------------------------------------------------------------------------------
-def bench_loader(device, quick: bool, workdir: Path, repeats: int) -> dict:
-    """Stream a store through the training loader (page cache warm): GB/s and samples/s."""
+def bench_loader(device, quick: bool, workdir: Path, repeats: int, *, image_tokens: int, image_width: int) -> dict:
+    """Stream a store of `image_tokens` x `image_width` features through the training loader (page cache
+    warm) at the trainer's batch size: GB/s and samples/s."""
     import numpy as np
 
     from pipeline.loader import CaptionTokens, FeatureSource, Loader
@@ -335,25 +365,26 @@ def bench_loader(device, quick: bool, workdir: Path, repeats: int) -> dict:
     n_shards, cap = (2, 256) if quick else (6, 256)
     path = workdir / "loader.zarr"
     enc = {"model": "bench", "weights": {"kind": "random-init", "seed": 0}}
-    st = FeatureStore.create(path, encoder=enc, tokens=197, width=768, shard_capacity=cap,
+    p, e = image_tokens, image_width
+    st = FeatureStore.create(path, encoder=enc, tokens=p, width=e, shard_capacity=cap,
                              shards=[f"{i:05d}" for i in range(n_shards)])
     rng = np.random.default_rng(0)
     caps = _captions(cap)
     for s in range(n_shards):
-        feats = rng.standard_normal((cap, 197, 768), dtype=np.float32).astype(np.float16)
+        feats = rng.standard_normal((cap, p, e), dtype=np.float32).astype(np.float16)
         st.write_shard(s, feats, [f"{s:05d}{i:04d}" for i in range(cap)], caps, [""] * cap)
     st = FeatureStore.open(path)
     index = st.index()
-    tokens = CaptionTokens(load_tokenizer("gpt2"), index.captions, 77)
+    tokens = CaptionTokens(load_tokenizer(TrainConfig.tokenizer), index.captions, TrainConfig.max_len)
 
     def one_epoch():
         src = FeatureSource(st, index.rows, device=device, mode="stream", slab_rows=cap)
-        loader = Loader(src, tokens, np.arange(len(index)), 32, seed=0)
+        loader = Loader(src, tokens, np.arange(len(index)), TrainConfig.batch_size, seed=0)
         for b in loader.epoch(0):
             pass
 
     t = interleaved({"epoch": one_epoch}, repeats=repeats, warmup=1)["epoch"]  # warm-up: the page cache
-    nbytes = len(index) * 197 * 768 * 2
+    nbytes = len(index) * p * e * 2
     out = {"samples": len(index), "gb_per_s": spread([nbytes / x / 1e9 for x in t]),
            "samples_per_s": spread([len(index) / x for x in t])}
     console.print(f"  loader: {fmt(out['gb_per_s'])} GB/s, {out['samples_per_s']['median']:.0f} samples/s")
@@ -369,17 +400,17 @@ def _parallel_decoder(dec, max_len: int) -> Callable:
     return lambda f: dec.parallel_decode(f)
 
 
-def bench_generate(device, precision: str, quick: bool, sync, repeats: int, *, dec_cfg=None,
-                   image_tokens: int = 197) -> dict:
+def bench_generate(device, precision: str, quick: bool, sync, repeats: int, *, image_tokens: int,
+                   dec_cfg=None) -> dict:
     """Captions of 32 new tokens: greedy with and without the KV cache, beam 3 and CapPa parallel decoding,
     interleaved (default-recipe decoder)."""
     import torch
 
-    from pipeline.devices import autocast_dtype
+    from pipeline.devices import autocast
     from pipeline.model import CaptionDecoder
 
     torch.manual_seed(0)
-    cfg = dec_cfg or train_decoder_config(768)
+    cfg = dec_cfg or train_decoder_config(DecoderConfig.encoder_width)
     dec = CaptionDecoder(cfg).to(device).eval()
     torch.nn.init.normal_(dec.head.weight, std=0.02)  # a zero head would make every step's argmax trivial
     eos = dec.cfg.eos_id
@@ -387,12 +418,11 @@ def bench_generate(device, precision: str, quick: bool, sync, repeats: int, *, d
         dec.head.weight[eos] = -10.0  # never stop early: every row decodes all its tokens
     bs, new = (4 if quick else 8), min(32, cfg.max_len)
     feats = torch.randn(bs, image_tokens, cfg.encoder_width, device=device)
-    amp = autocast_dtype(precision)
     par = _parallel_decoder(dec, new)
 
     def timed_fn(fn):
         def run():
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with torch.no_grad(), autocast(device, precision):
                 return fn(feats)
         return run
 
@@ -530,8 +560,8 @@ def run(cfg: BenchConfig) -> dict:
         work = Path(tmp)
         enc = bench_encode(device, precision, cfg.quick, sync, work, limit, repeats, workers=workers)
         tr = bench_train(device, precision, cfg.quick, sync, limit, repeats)
-        ld = bench_loader(device, cfg.quick, work, repeats)
-        gen = bench_generate(device, precision, cfg.quick, sync, repeats)
+        ld = bench_loader(device, cfg.quick, work, repeats, image_tokens=enc["tokens"], image_width=enc["width"])
+        gen = bench_generate(device, precision, cfg.quick, sync, repeats, image_tokens=enc["tokens"])
     result = {
         "kind": kind, "device": device.type, "machine": machine_name(device), "precision": precision,
         "date": date.today().isoformat(), "commit": git_commit(), "quick": cfg.quick, "repeats": repeats,

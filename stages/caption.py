@@ -33,10 +33,11 @@ def run(cfg: CaptionConfig) -> list[str]:
 
     import torch
 
-    from pipeline.devices import autocast_dtype, resolve_device, run_precision
+    from pipeline.devices import autocast, resolve_device, run_precision
     from pipeline.encoder import build_encoder_from_provenance
     from pipeline.progress import console
-    from stages.evaluate import load_run, trained_precision
+    from pipeline.run import load_run, trained_precision
+    from pipeline.store import encoder_mismatch
 
     device = resolve_device(cfg.device)  # the one device of this stage: encoder, decoder and features
     run = load_run(cfg.run, device)
@@ -50,9 +51,10 @@ def run(cfg: CaptionConfig) -> list[str]:
         encoder = build_encoder_from_provenance(prov, device=device, precision=precision)
     except UserError as e:
         raise UserError(f"cannot rebuild the run's encoder {prov.get('model')}: {e}") from None
-    if encoder.provenance["preprocessing"] != prov.get("preprocessing", encoder.provenance["preprocessing"]):
-        raise UserError(f"the rebuilt {prov.get('model')} preprocesses images differently from the run's store "
-                        "(timm data config changed, e.g. another timm version)")
+    why = encoder_mismatch(prov, encoder.provenance)
+    if why:
+        raise UserError(f"the rebuilt {prov.get('model')} differs from the run's store encoder in {why} (e.g. "
+                        "another timm version)")
     if prov["weights"].get("kind") == "random-init":
         console.print("[bold red]warning:[/] [red]the run's encoder is RANDOM-INIT: these captions carry no visual "
                       "knowledge[/]", highlight=False)
@@ -61,9 +63,8 @@ def run(cfg: CaptionConfig) -> list[str]:
     if feats.shape[1:] != (store_rec.get("tokens", feats.shape[1]), dec.cfg.encoder_width):
         raise UserError(f"the encoder gives {tuple(feats.shape[1:])} features, the decoder was trained on "
                         f"({store_rec.get('tokens')}, {dec.cfg.encoder_width})")
-    amp = autocast_dtype(precision)
     max_new = min(cfg.max_new_tokens, dec.cfg.max_len)
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+    with torch.no_grad(), autocast(device, precision):
         ids = dec.generate(feats.to(device).float(), max_new_tokens=max_new, beam_size=cfg.beam_size,
                            length_penalty=cfg.length_penalty)
     captions = run.tokenizer.decode_batch(ids.cpu())

@@ -18,7 +18,7 @@ from pipeline.config import EncodeConfig
 from pipeline.errors import UserError
 from pipeline.progress import console, make_progress
 from pipeline.status import read_stats
-from pipeline.store import FeatureStore, StoreLock, weights_label
+from pipeline.store import FeatureStore, StoreLock, encoder_mismatch, weights_label
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _END = object()
@@ -61,44 +61,6 @@ def shard_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg.split(' @ ')[0]}"
 
 
-# --- distributed (torchrun) ---------------------------------------------------------------------------------
-def _dist_setup(device_name: str):
-    """(rank, world, local_rank); starts a process group under torchrun (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    import torch
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device_name != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), local
-
-
-def _broadcast(obj, world: int):
-    if world <= 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj, world: int) -> list:
-    if world <= 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 # --- store preparation (rank 0 only) ------------------------------------------------------------------------
 def _describe(enc, precision: str) -> dict:
     return {"model": enc["model"], "weights": enc["weights"], "preprocessing": enc["preprocessing"],
@@ -106,18 +68,10 @@ def _describe(enc, precision: str) -> dict:
 
 
 def _mismatch(st: FeatureStore, enc: dict, precision: str) -> str | None:
-    from pipeline.encoder import weights_identity
-
-    old = st.encoder
-    if old.get("model") != enc["model"]:
-        return f"model {old.get('model')} vs {enc['model']}"
-    if weights_identity(old.get("weights", {})) != weights_identity(enc["weights"]):
-        return f"weights {weights_label(old.get('weights', {}))} vs {weights_label(enc['weights'])}"
-    if old.get("preprocessing") != enc["preprocessing"]:
-        return "preprocessing (timm data config)"
-    if st.attrs.get("precision") != precision:
-        return f"precision {st.attrs.get('precision')} vs {precision}"
-    return None
+    why = encoder_mismatch(st.encoder, enc)
+    if why is None and st.attrs.get("precision") != precision:
+        why = f"precision {st.attrs.get('precision')} vs {precision}"
+    return why
 
 
 def prepare_store(cfg: EncodeConfig, enc: dict, precision: str, shards: list) -> str | None:
@@ -311,15 +265,14 @@ def run(cfg: EncodeConfig) -> dict:
     t_start = time.perf_counter()
     shards = complete_shards(Path(cfg.shards))  # before the slow imports: a missing folder fails at once
 
-    import torch
 
     from pipeline.devices import cpu_has_fast_bf16, resolve_device, resolve_precision
+    from pipeline.dist import Dist
     from pipeline.encoder import build_encoder
 
-    rank, world, local = _dist_setup(cfg.device)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local)
+    dist = Dist()
+    device = dist.init(resolve_device(cfg.device))  # under torchrun: this rank's GPU, in the process group
+    rank, world = dist.rank, dist.world
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cpu" and precision == "bf16" and not cpu_has_fast_bf16() and rank == 0:
         console.print("[yellow]warning: this CPU has no native bf16 (AMX / AVX512-BF16): bf16 runs hundreds of "
@@ -335,7 +288,7 @@ def run(cfg: EncodeConfig) -> dict:
             err = prepare_store(cfg, enc, precision, shards)
         except UserError as e:
             err = str(e)
-    err = _broadcast(err, world)
+    err = dist.broadcast(err)
     if err:
         if rank == 0:
             lock.release()
@@ -363,7 +316,7 @@ def run(cfg: EncodeConfig) -> dict:
         except OSError as e:  # every rank still reaches the gather below: none waits for one that left
             stats = {"error": store_write_error(cfg.store, e)}
         stats["loop_s"] = time.perf_counter() - t_loop
-        all_stats = _gather(stats, world)
+        all_stats = dist.gather(stats)
         if errors := [s["error"] for s in all_stats if "error" in s]:
             raise UserError(errors[0])
         wall = time.perf_counter() - t_start
@@ -395,12 +348,10 @@ def run(cfg: EncodeConfig) -> dict:
                             "`pipeline fetch`), then rerun `pipeline encode`")
         return summary
     finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        dist.barrier()
         if rank == 0:
             lock.release()
+        dist.close()
 
 
 def _record_shard_problems(store: FeatureStore, name: str, skipped: dict) -> None:

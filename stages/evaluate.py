@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,111 +11,16 @@ import torch
 
 from pipeline import checkpoint, metrics, report
 from pipeline.config import EvalConfig, FetchConfig, TrainConfig
+from pipeline.devices import autocast
 from pipeline.errors import UserError
 from pipeline.progress import console
+from pipeline.run import load_run, open_run_store, trained_precision
+from pipeline.runlog import MetricsLog, plot_loss
+from pipeline.training import validate
 from rich.markup import escape
 
 
-# --- the trained run -----------------------------------------------------------------------------------------
-@dataclass
-class LoadedRun:
-    path: Path
-    record: dict  # config.json
-    decoder: object  # CaptionDecoder, eval mode, on the device
-    tokenizer: object
-    ckpt: Path
-    step: int
-    chosen: str  # "best" (the best epoch's weights, kept by the trainer) | "last" (the newest checkpoint)
-
-
-def read_record(run: Path) -> dict:
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"no run folder {run}: train one first (`pipeline train --run {run}`)")
-    try:
-        return json.loads((run / "config.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run} has no config.json: not a training run (or it never started)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {run}/config.json: {e}") from None
-
-
-def check_tokenizer(record: dict):
-    """The tokenizer recorded in the run, refusing one that now maps text to other ids."""
-    from pipeline.tokenizer import load_tokenizer
-
-    rec = record.get("tokenizer") or {}
-    if "name" not in rec:
-        raise UserError("the run's config.json records no tokenizer")
-    tok = load_tokenizer(rec["name"])
-    now = {"name": tok.name, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id, "bos_id": tok.bos_id,
-           "eos_id": tok.eos_id}
-    diff = [k for k in now if k in rec and rec[k] != now[k]]
-    if diff:
-        k = diff[0]
-        raise UserError(f"tokenizer {rec['name']!r} now loads with {k}={now[k]}, but the run was trained with "
-                        f"{k}={rec[k]}: its ids would not match the decoder")
-    return tok
-
-
-def load_run(run: Path, device) -> LoadedRun:
-    """Run folder -> its decoder (eval mode) and the recorded tokenizer. The weights are the best epoch's
-    (`best.safetensors`, by validation loss) when the trainer kept them, else the newest checkpoint's."""
-    from safetensors.torch import load_file
-
-    from pipeline.early_stop import best_checkpoint
-    from pipeline.model import CaptionDecoder, DecoderConfig
-
-    record = read_record(run)
-    tok = check_tokenizer(record)
-    dec_cfg = DecoderConfig(**record["decoder"])
-    if (dec_cfg.vocab_size, dec_cfg.mask_id, dec_cfg.eos_id) != (tok.vocab_size, tok.mask_id, tok.eos_id):
-        raise UserError(f"the run's decoder expects {dec_cfg.vocab_size} ids (mask {dec_cfg.mask_id}), its tokenizer "
-                        f"gives {tok.vocab_size} (mask {tok.mask_id})")
-    best = best_checkpoint(Path(run))
-    if best is not None:
-        ckpt, step, chosen = best[0], int(best[1]["step"]), "best"
-        load = lambda: load_file(str(ckpt), device="cpu")  # noqa: E731
-    else:
-        ckpt = checkpoint.resolve(Path(run) / "checkpoints")  # UserError when there is none
-        step = int(ckpt.name.split("-")[-1]) if ckpt.name.startswith("step-") else -1
-        chosen, load = "last", lambda: checkpoint.load_weights(ckpt, "cpu")
-    decoder = CaptionDecoder(dec_cfg)
-    try:
-        decoder.load_state_dict(load())
-    except RuntimeError as e:
-        raise UserError(f"{ckpt} does not fit the run's decoder config: {str(e).splitlines()[0][:160]}") from None
-    return LoadedRun(Path(run), record, decoder.to(device).eval(), tok, ckpt, step, chosen)
-
-
-def trained_precision(run: Path, record: dict) -> str | None:
-    """The precision the run trained in: summary.json's resolved one, else config.json's if not `auto`."""
-    try:
-        p = json.loads((Path(run) / "summary.json").read_text()).get("precision")
-    except (OSError, ValueError):
-        p = None
-    asked = record.get("train", {}).get("precision")
-    return p or (asked if asked != "auto" else None)
-
-
-def open_run_store(record: dict, store_path: Path | None):
-    """The run's store (or `store_path`), refusing one encoded by another encoder than the run was trained on."""
-    from pipeline.encoder import weights_identity
-    from pipeline.store import FeatureStore
-
-    path = Path(store_path or record.get("store", {}).get("path", ""))
-    if not str(path) or str(path) == ".":
-        raise UserError("the run records no feature store: pass --store")
-    store = FeatureStore.open(path)  # one line if missing / not a store / empty
-    rec = record.get("store", {}).get("encoder") or {}
-    now = store.encoder
-    if rec and (rec.get("model") != now.get("model")
-                or weights_identity(rec.get("weights", {})) != weights_identity(now.get("weights", {}))):
-        raise UserError(f"{path} was encoded with {now.get('model')} ({now.get('weights', {}).get('kind')}), "
-                        f"but the run was trained on features of {rec.get('model')} ({rec.get('weights', {}).get('kind')})")
-    return store
-
-
+# --- the validation samples' ground truth ------------------------------------------------------------------
 def _meta_attributes(meta: str):
     """The synthetic ground truth in a sample's json metadata, or None for real data."""
     try:
@@ -143,18 +46,14 @@ def _meta_references(meta: str, caption: str) -> list[str]:
 
 
 # --- generation ------------------------------------------------------------------------------------------------
-def _autocast(device, amp):
-    return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-
-
-def caption_all(decoder, tok, feats: torch.Tensor, mode: str, cfg: EvalConfig, max_new: int, amp,
+def caption_all(decoder, tok, feats: torch.Tensor, mode: str, cfg: EvalConfig, max_new: int, precision: str,
                 progress=None, task=None) -> list[str]:
     """Captions of fp16 features [K, P, E] (host) in batches; mode greedy | beam | parallel."""
     dev = next(decoder.parameters()).device
     out: list[str] = []
     for i in range(0, len(feats), cfg.batch_size):
         f = feats[i:i + cfg.batch_size].to(dev).float()  # [b, P, E]
-        with torch.no_grad(), _autocast(dev, amp):
+        with torch.no_grad(), autocast(dev, precision):
             if mode == "parallel":
                 ids = decoder.parallel_decode(f)  # one all-[MASK] pass at the run's parallel_len
             else:
@@ -166,7 +65,7 @@ def caption_all(decoder, tok, feats: torch.Tensor, mode: str, cfg: EvalConfig, m
     return out
 
 
-def zero_shot(decoder, tok, feats: torch.Tensor, refs: list[str], max_len: int, amp, progress=None, task=None,
+def zero_shot(decoder, tok, feats: torch.Tensor, refs: list[str], max_len: int, precision: str, progress=None, task=None,
               group: int = 8) -> dict:
     """Rank each reference with its primary colour (shape) swapped by the decoder's AR likelihood.
 
@@ -186,7 +85,7 @@ def zero_shot(decoder, tok, feats: torch.Tensor, refs: list[str], max_len: int, 
             idx = ok[j:j + group]
             texts = [t for i in idx for t in cands[i][0]]  # [b*C]
             targets, mask = tok.encode_batch(texts, max_len)
-            with torch.no_grad(), _autocast(dev, amp):
+            with torch.no_grad(), autocast(dev, precision):
                 s = decoder.score(feats[idx].to(dev).float(), targets.to(dev), mask.to(dev))  # [b*C]
             picked = s.view(len(idx), c).argmax(1).tolist()
             hits += sum(p == cands[i][1] for p, i in zip(picked, idx))
@@ -199,9 +98,7 @@ def zero_shot(decoder, tok, feats: torch.Tensor, refs: list[str], max_len: int, 
 # --- the stage -------------------------------------------------------------------------------------------------
 def run(cfg: EvalConfig) -> dict:
     """Evaluate a run's last checkpoint on its validation split; writes <run>/eval/{eval.json, report.md, *.png}."""
-    from stages.train import Dist, validate
-
-    from pipeline.devices import autocast_dtype, resolve_device, run_precision
+    from pipeline.devices import resolve_device, run_precision
     from pipeline.loader import CaptionTokens, FeatureSource, Loader, split_positions
     from pipeline.ngram import fit_baseline, warning as ngram_warning
     from pipeline.progress import make_progress
@@ -215,7 +112,6 @@ def run(cfg: EvalConfig) -> dict:
     loaded = load_run(cfg.run, device)
     rec, dec, tok = loaded.record, loaded.decoder, loaded.tokenizer
     precision = run_precision(cfg.precision, device, trained_precision(loaded.path, rec))
-    amp = autocast_dtype(precision)
     store = open_run_store(rec, cfg.store)
     index = store.index()
     val_fraction = rec.get("split", {}).get("val_fraction", rec.get("train", {}).get("val_fraction"))
@@ -239,8 +135,7 @@ def run(cfg: EvalConfig) -> dict:
     tokens = CaptionTokens(tok, vcap, max_len)
     loader = Loader(source, tokens, np.arange(len(val_pos)), cfg.batch_size, shuffle=False, prefetch=1,
                     length_buckets=TrainConfig.length_buckets)  # less padding; the token-weighted loss is order-free
-    val_loss = validate(dec, loader, amp, device, Dist())
-    dec.eval()  # validate() leaves the module in train mode
+    val_loss = validate(dec, loader, precision)
     timing = {"val_loss_s": time.perf_counter() - t}
 
     # -- captions: the first `limit` validation samples in row order --------------------------------------------
@@ -257,15 +152,15 @@ def run(cfg: EvalConfig) -> dict:
         for mode in report.MODES:
             task = progress.add_task(f"caption {mode}", total=k, unit="img")
             t = time.perf_counter()
-            caps[mode] = caption_all(dec, tok, feats, mode, cfg, max_new, amp, progress, task)
+            caps[mode] = caption_all(dec, tok, feats, mode, cfg, max_new, precision, progress, task)
             # The blind decoder sees the same (zero) input for every image, so one caption serves them all.
-            caps[f"blind_{mode}"] = caption_all(dec, tok, blind, mode, cfg, max_new, amp) * k
+            caps[f"blind_{mode}"] = caption_all(dec, tok, blind, mode, cfg, max_new, precision) * k
             timing[f"{mode}_s"] = time.perf_counter() - t
         zs = None
         if zs_n:
             task = progress.add_task("zero-shot", total=2 * zs_n, unit="img")
             t = time.perf_counter()
-            zs = zero_shot(dec, tok, feats[:zs_n], refs[:zs_n], max_len, amp, progress, task)
+            zs = zero_shot(dec, tok, feats[:zs_n], refs[:zs_n], max_len, precision, progress, task)
             timing["zero_shot_s"] = time.perf_counter() - t
 
     # -- scores ---------------------------------------------------------------------------------------------------
@@ -321,9 +216,8 @@ def run(cfg: EvalConfig) -> dict:
 
 def write_figures(result: dict, run: Path, out_dir: Path, store, index, rows_pos, attrs, cfg: EvalConfig) -> dict:
     """loss.png, metrics.png, samples.png in out_dir -> {title: file name}."""
-    from stages.train import MetricsLog
-
-    report.plot_loss(MetricsLog(run / "metrics.jsonl").read(), out_dir / "loss.png", result["val_loss"])
+    plot_loss(MetricsLog(run / "metrics.jsonl").read(), out_dir / "loss.png", final=result["val_loss"],
+              title="loss by mode (stars: this evaluation's validation loss)")
     report.plot_metric_bars(result["metrics"], out_dir / "metrics.png")
     n = min(cfg.grid, len(result["samples"]))
     rows = [int(index.rows[i]) for i in rows_pos[:n]]

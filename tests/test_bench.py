@@ -90,7 +90,7 @@ def _tiny_decoder(width: int):
 def test_generate_and_train_measurements_run_in_each_precision(precision):
     """The real measuring code on a tiny decoder (and the tiny ViT as the baseline's encoder)."""
     cpu, sync = torch.device("cpu"), (lambda: None)
-    gen = bench.bench_generate(cpu, precision, True, sync, 1, dec_cfg=_tiny_decoder(192))
+    gen = bench.bench_generate(cpu, precision, True, sync, 1, image_tokens=197, dec_cfg=_tiny_decoder(192))
     for k in ("cache", "no_cache", "beam3", "parallel"):
         assert gen[f"{k}_img_per_s"]["median"] > 0, k
     assert gen["new_tokens"] == 16 and gen["kv_speedup"]["n"] == 1

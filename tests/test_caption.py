@@ -38,12 +38,12 @@ def test_caption_matches_the_store_features(precision, tiny_run, tiny_store, sha
     within bf16 rounding of the store's, and the caption the decoder gives those bf16 features."""
     from conftest import BF16_FEATURES_CPU, feature_error
 
-    from pipeline.devices import autocast_dtype
+    from pipeline.devices import autocast
     from pipeline.encoder import build_encoder_from_provenance
     from pipeline.store import FeatureStore
     from PIL import Image
     from stages import caption
-    from stages.evaluate import load_run
+    from pipeline.run import load_run
 
     path, key, row = shard_jpeg
     got = caption.run(CaptionConfig(images=[path], run=tiny_run, device="cpu", precision=precision))
@@ -60,8 +60,7 @@ def test_caption_matches_the_store_features(precision, tiny_run, tiny_store, sha
         rel, cos = feature_error(cached, fresh)
         assert 0 < rel <= BF16_FEATURES_CPU["rel_rms"] and cos >= BF16_FEATURES_CPU["min_cos"], (rel, cos)
     run = load_run(tiny_run, torch.device("cpu"))
-    amp = autocast_dtype(precision)
-    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+    with autocast(torch.device("cpu"), precision):
         ids = run.decoder.generate(torch.from_numpy(fresh).float(), max_new_tokens=32)
     assert got == run.tokenizer.decode_batch(ids)
 

@@ -89,7 +89,7 @@ def test_eval_and_caption_on_cuda(tiny_run, tiny_shards, tmp_path):
 
 
 def test_kv_cache_and_parallel_decoding_on_cuda(tiny_run):
-    from stages.evaluate import load_run
+    from pipeline.run import load_run
 
     cpu = load_run(tiny_run, torch.device("cpu"))
     gpu = load_run(tiny_run, torch.device("cuda"))

@@ -167,7 +167,7 @@ def test_precision_rules():
 def test_eval_records_the_precision_it_inherited(tiny_run):
     import json
 
-    from stages import evaluate
+    from pipeline import run
 
     rec = json.loads((tiny_run / "config.json").read_text())
-    assert evaluate.trained_precision(tiny_run, rec) == "fp32"  # the tiny run trains in fp32 (TINY_TRAIN)
+    assert run.trained_precision(tiny_run, rec) == "fp32"  # the tiny run trains in fp32 (TINY_TRAIN)

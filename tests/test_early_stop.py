@@ -13,6 +13,7 @@ from conftest import TINY_TRAIN
 from pipeline.config import TrainConfig
 from pipeline.early_stop import EarlyStop, best_checkpoint, val_objective
 from pipeline.errors import UserError
+from pipeline.runlog import MetricsLog
 from stages import train
 
 # Scripted validation losses by epoch (fault injection: the control flow is under test, not validate()):
@@ -24,7 +25,7 @@ SCRIPT = {1: 3.0, 2: 2.5, 3: 2.6, 4: 2.7, 5: 2.0, 6: 1.0}
 def scripted_val(monkeypatch):
     calls = []
 
-    def fake(decoder, loader, amp, device, d):
+    def fake(decoder, loader, precision, dist=None):
         calls.append(1)
         epoch = len(calls)
         return {"loss_ar": SCRIPT[epoch], "loss_par": SCRIPT[epoch], "samples": len(loader.positions)}
@@ -79,9 +80,9 @@ def test_resume_mid_run_makes_the_same_decisions(tiny_store, tmp_path, monkeypat
     for run, steps in ((whole, [None]), (parts, [7, None])):
         calls = []
 
-        def fake(decoder, loader, amp, device, d, calls=calls):
+        def fake(decoder, loader, precision, dist=None, calls=calls):
             # keyed by how many epoch-end validations the run folder already holds + this one
-            done = [e for e in train.MetricsLog(run / "metrics.jsonl").read() if e["kind"] == "val" and not e.get("stop")]
+            done = [e for e in MetricsLog(run / "metrics.jsonl").read() if e["kind"] == "val" and not e.get("stop")]
             v = SCRIPT[len(done) + 1]
             return {"loss_ar": v, "loss_par": v, "samples": len(loader.positions)}
 

@@ -20,6 +20,7 @@ from pipeline import checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 from pipeline.store import FeatureStore
+from pipeline import training
 from stages import train
 
 pytestmark = pytest.mark.faults
@@ -43,14 +44,14 @@ def _finite_checkpoints(run) -> list[int]:
 
 
 def test_nan_loss_at_step_3_is_not_applied(tiny_store, tmp_path, monkeypatch):
-    real, calls = train.objective, {"n": 0}
+    real, calls = training.objective, {"n": 0}
 
-    def objective(out, b, world):
+    def objective(sums, b, world):
         calls["n"] += 1
-        loss = real(out, b, world)
+        loss = real(sums, b, world)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train, "objective", objective)
+    monkeypatch.setattr(training, "objective", objective)
     run = tmp_path / "run"
     with pytest.raises(UserError) as e:
         train.run(TrainConfig(store=tiny_store, run=run, **RECIPE))
@@ -61,7 +62,7 @@ def test_nan_loss_at_step_3_is_not_applied(tiny_store, tmp_path, monkeypatch):
     entries = _strict_lines(run / "metrics.jsonl")
     assert [e["step"] for e in entries if e["kind"] == "train"] == [1, 2]
     # --resume meets the same bad step again (deterministic), and again refuses it
-    monkeypatch.setattr(train, "objective", real)
+    monkeypatch.setattr(training, "objective", real)
     summary = train.run(TrainConfig(store=tiny_store, run=run, resume=True, **RECIPE))
     assert summary["complete"]  # with the fault gone it continues from the finite checkpoint
 

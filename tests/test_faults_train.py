@@ -36,7 +36,7 @@ RECIPE = dict(TINY_TRAIN, epochs=2, checkpoint_every=4, log_every=1)
 KILLER = r"""
 import json, os, signal, sys
 from pathlib import Path
-from pipeline import checkpoint
+from pipeline import checkpoint, runlog
 from pipeline.config import TrainConfig
 from stages import train
 
@@ -50,12 +50,12 @@ if kill["where"] == "checkpoint":  # checkpoint `step` has its weights file on d
             die()
     checkpoint.save_file = save_file
 else:  # the metrics line of step `step` is on disk: past the last checkpoint, mid-epoch
-    real_append = train.MetricsLog.append
+    real_append = runlog.MetricsLog.append
     def append(self, entry):
         real_append(self, entry)
         if entry.get("kind") == "train" and entry["step"] == kill["step"]:
             die()
-    train.MetricsLog.append = append
+    runlog.MetricsLog.append = append
 train.run(TrainConfig(**{k: Path(v) if k in ("store", "run") else v for k, v in cfg.items()}))
 """
 
@@ -124,16 +124,15 @@ def test_sigkill_mid_checkpoint_then_mid_epoch_resumes_exactly(tiny_store, strai
 # line, as Ctrl-C (SIGINT) or a scheduler's SIGTERM would arrive mid-epoch. argv: signal name, step, CLI args.
 INTERRUPTER = r"""
 import os, signal, sys
-from stages import train
-from pipeline import cli
+from pipeline import cli, runlog
 
 sig, at = getattr(signal, sys.argv[1]), int(sys.argv[2])
-real_append = train.MetricsLog.append
+real_append = runlog.MetricsLog.append
 def append(self, entry):
     real_append(self, entry)
     if entry.get("kind") == "train" and entry["step"] == at:
         os.kill(os.getpid(), sig)
-train.MetricsLog.append = append
+runlog.MetricsLog.append = append
 sys.argv = ["pipeline", "train", *sys.argv[3:]]
 cli.main()
 """

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import decoding
-from pipeline.model import CaptionDecoder, DecoderConfig, absorb_cross, flops_per_sample, parallel_shared_flops
+from pipeline.model import CaptionDecoder, CrossAttention, DecoderConfig, flops_per_sample, parallel_shared_flops
 
 V = 50258
 
@@ -51,8 +51,8 @@ def test_first_loss_is_ln_v():
     m = CaptionDecoder(DecoderConfig(**TINY))
     f, t, mk = batch()
     out = m.loss(f, t, mk, torch.tensor([True, False, True, False]))
-    assert abs(out["loss"].item() - math.log(V)) < 0.5
-    assert abs(out["loss_ar"].item() - math.log(V)) < 0.5 and abs(out["loss_par"].item() - math.log(V)) < 0.5
+    assert abs(out.loss.item() - math.log(V)) < 0.5
+    assert abs(out.loss_ar.item() - math.log(V)) < 0.5 and abs(out.loss_par.item() - math.log(V)) < 0.5
 
 
 @torch.no_grad()
@@ -60,10 +60,10 @@ def test_ar_rows_are_causal():
     m = tiny()
     f, t, mk = batch(b=2)
     ar = torch.zeros(2, dtype=torch.bool)
-    a = m(f, t, mk, ar)
+    a = m.logits(f, t, mk, ar)
     t2 = t.clone()
     t2[:, 4] = (t2[:, 4] + 1) % 50000
-    b = m(f, t2, mk, ar)
+    b = m.logits(f, t2, mk, ar)
     # Position i sees inputs BOS, t0..t(i-1): changing t4 moves only positions 5, 6.
     torch.testing.assert_close(a[:, :5], b[:, :5])
     assert (a[:, 5:] - b[:, 5:]).abs().max() > 1e-3
@@ -77,15 +77,15 @@ def test_parallel_logits_are_a_function_of_the_image_alone():
     lp = m.parallel_len
     f, t, mk = batch(b=3, l=lp)
     mk[0, 3:] = False  # image 0 with a 3-token caption, beside an AR row and another parallel row
-    a = m(f, t, mk, torch.tensor([True, False, True]))[0]
+    a = m.logits(f, t, mk, torch.tensor([True, False, True]))[0]
     t2 = torch.randint(0, 50000, (1, lp))
     mk2 = torch.ones(1, lp, dtype=torch.bool)
     mk2[0, 8:] = False  # the same image alone, with an 8-token caption of other ids
-    b = m(f[:1], t2, mk2, torch.tensor([True]))[0]
+    b = m.logits(f[:1], t2, mk2, torch.tensor([True]))[0]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     f4, t4, mk4 = batch(b=4, l=lp, seed=7)  # ... and inside a batch of other images, all parallel
     f4[2] = f[0]
-    c = m(f4, t4, mk4, torch.ones(4, dtype=torch.bool))[2]
+    c = m.logits(f4, t4, mk4, torch.ones(4, dtype=torch.bool))[2]
     torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
     assert (a[0] - a[1]).abs().max() > 1e-3  # positions differ (position embeddings): not one repeated row
 
@@ -98,14 +98,14 @@ def test_parallel_rows_attend_over_all_lp_positions():
     lp = m.parallel_len
     f, t, mk = batch(b=2, l=4)
     par, ar = torch.tensor([True, True]), torch.tensor([False, False])
-    base_par, base_ar = m(f, t, mk, par), m(f, t, mk, ar)
+    base_par, base_ar = m.logits(f, t, mk, par), m.logits(f, t, mk, ar)
     kick = torch.randn(m.cfg.width, generator=torch.Generator().manual_seed(0))  # not constant: LayerNorm
     m.pos_emb[lp - 1] += kick  # the last parallel position, beyond every caption here
-    assert (m(f, t, mk, par)[:, 0] - base_par[:, 0]).abs().max() > 1e-3  # bidirectional over all Lp
-    torch.testing.assert_close(m(f, t, mk, ar), base_ar)  # AR rows of length 4 never see position Lp-1
+    assert (m.logits(f, t, mk, par)[:, 0] - base_par[:, 0]).abs().max() > 1e-3  # bidirectional over all Lp
+    torch.testing.assert_close(m.logits(f, t, mk, ar), base_ar)  # AR rows of length 4 never see position Lp-1
     m.pos_emb[lp - 1] -= kick
     m.pos_emb[lp] += kick  # past Lp: nothing changes
-    torch.testing.assert_close(m(f, t, mk, par), base_par)
+    torch.testing.assert_close(m.logits(f, t, mk, par), base_par)
 
 
 @pytest.mark.parametrize("cross", ["kv", "absorbed"])
@@ -115,22 +115,22 @@ def test_shared_first_block_is_the_plain_all_mask_pass(cross):
     torch.manual_seed(0)
     m = CaptionDecoder(DecoderConfig(**TINY)).double()
     torch.nn.init.normal_(m.head.weight, std=0.3)
-    m.cross_mode = cross
+    m.cross_attention = cross
     f, t, mk = batch(b=3, l=6)
     f = f.double()
     mk[1, 2:] = False
     par = torch.ones(3, dtype=torch.bool)
     m.zero_grad()
     out = m.loss(f, t, mk, par)
-    out["loss"].backward()
+    out.loss.backward()
     fast = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
     tt, mm = m._fit(t, mk)
     h = m._hidden(torch.full_like(tt, m.cfg.mask_id), m._train_memory(f, m.parallel_len))  # full attention
     ref = F.cross_entropy(m.head(h[mm]), tt[mm])
     ref.backward()
-    torch.testing.assert_close(out["loss"], ref)
-    assert out["tokens_par"].item() == int(mk.sum())
+    torch.testing.assert_close(out.loss, ref)
+    assert out.tokens_par.item() == int(mk.sum())
     for n, p in m.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(fast[n], p.grad, msg=n)
@@ -150,9 +150,9 @@ def test_row_in_mixed_batch_equals_row_alone():
     mk[1, 5:] = False
     mk[2, 3:] = False
     par = torch.tensor([True, False, True, False])
-    mixed = m(f, t, mk, par)
+    mixed = m.logits(f, t, mk, par)
     for i in range(4):
-        alone = m(f[i : i + 1], t[i : i + 1], mk[i : i + 1], par[i : i + 1])
+        alone = m.logits(f[i : i + 1], t[i : i + 1], mk[i : i + 1], par[i : i + 1])
         real = mk[i]
         torch.testing.assert_close(mixed[i, real], alone[0, real], atol=1e-5, rtol=1e-5)
 
@@ -163,11 +163,11 @@ def test_padding_invariance():
     f, t, mk = batch(b=2, l=5)
     for mode in (True, False):
         par = torch.full((2,), mode)
-        short = m(f, t, mk, par)
+        short = m.logits(f, t, mk, par)
         # Same rows padded to 11 with arbitrary ids in the padding (the padding is excluded by mask only).
         t_long = torch.cat([t, torch.randint(0, 50000, (2, 6))], 1)
         mk_long = torch.cat([mk, torch.zeros(2, 6, dtype=torch.bool)], 1)
-        long = m(f, t_long, mk_long, par)
+        long = m.logits(f, t_long, mk_long, par)
         torch.testing.assert_close(long[:, :5], short, atol=1e-5, rtol=1e-5)
 
 
@@ -178,15 +178,15 @@ def test_loss_equals_cross_entropy_of_forward():
     mk[3, 2:] = False
     par = torch.tensor([True, False, False, True])
     out = m.loss(f, t, mk, par)
-    logits = m(f, t, mk, par)
+    logits = m.logits(f, t, mk, par)
     ce = F.cross_entropy(logits.transpose(1, 2), t, reduction="none")  # [B, L]
     rows_par = par[:, None].expand_as(mk)
-    torch.testing.assert_close(out["loss"], ce[mk].mean())
-    torch.testing.assert_close(out["loss_ar"], ce[mk & ~rows_par].mean())
-    torch.testing.assert_close(out["loss_par"], ce[mk & rows_par].mean())
-    assert out["tokens_ar"].item() == int((mk & ~rows_par).sum())
-    assert out["tokens_par"].item() == int((mk & rows_par).sum())
-    out["loss"].backward()
+    torch.testing.assert_close(out.loss, ce[mk].mean())
+    torch.testing.assert_close(out.loss_ar, ce[mk & ~rows_par].mean())
+    torch.testing.assert_close(out.loss_par, ce[mk & rows_par].mean())
+    assert out.tokens_ar.item() == int((mk & ~rows_par).sum())
+    assert out.tokens_par.item() == int((mk & rows_par).sum())
+    out.loss.backward()
     assert m.head.weight.grad.abs().sum() > 0
 
 
@@ -194,8 +194,8 @@ def test_loss_with_one_mode_absent_is_finite():
     m = tiny()
     f, t, mk = batch(b=2)
     out = m.loss(f, t, mk, torch.zeros(2, dtype=torch.bool))
-    assert out["tokens_par"].item() == 0 and out["loss_par"].item() == 0.0
-    assert torch.isfinite(out["loss"])
+    assert out.tokens_par.item() == 0 and out.loss_par.item() == 0.0
+    assert torch.isfinite(out.loss)
 
 
 @torch.no_grad()
@@ -204,7 +204,7 @@ def _reference_greedy(m, f, steps):
     seq = torch.zeros(f.shape[0], 0, dtype=torch.long)
     for _ in range(steps):
         t = torch.cat([seq, torch.zeros(f.shape[0], 1, dtype=torch.long)], 1)  # last target is a dummy
-        logits = m(f, t, torch.ones_like(t, dtype=torch.bool), torch.zeros(f.shape[0], dtype=torch.bool))
+        logits = m.logits(f, t, torch.ones_like(t, dtype=torch.bool), torch.zeros(f.shape[0], dtype=torch.bool))
         logits[..., m.cfg.mask_id] = -math.inf
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
     return seq
@@ -262,7 +262,7 @@ def brute_force(m, f, max_new, alpha):
         mk[i, : len(c)] = True
     out = []
     for img in range(f.shape[0]):
-        logits = m(f[img : img + 1].expand(n, -1, -1), t, mk, torch.zeros(n, dtype=torch.bool))
+        logits = m.logits(f[img : img + 1].expand(n, -1, -1), t, mk, torch.zeros(n, dtype=torch.bool))
         logits[..., m.cfg.mask_id] = -math.inf  # as generation: [MASK] is never generated
         lp = (logits.log_softmax(-1).gather(-1, t[..., None])[..., 0] * mk).sum(1)
         out.append(lp / mk.sum(1).double() ** alpha)
@@ -373,7 +373,7 @@ def test_parallel_decode_is_one_pass_cut_at_eos():
     assert passes[0] == 1  # one decoder pass for the whole batch: no length search
     assert a.dtype == torch.long and a.shape[0] == 3 and 1 <= a.shape[1] <= lp and not (a == mask_id).any()
     # The argmax of the parallel logits, cut at each row's first EOS.
-    logits = m(f, torch.zeros(3, lp, dtype=torch.long), torch.ones(3, lp, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
+    logits = m.logits(f, torch.zeros(3, lp, dtype=torch.long), torch.ones(3, lp, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
     logits[..., mask_id] = -math.inf
     assert torch.equal(a, decoding.cut_at_eos(logits.argmax(-1), eos))
     passes[0] = 0
@@ -393,7 +393,7 @@ def test_score_groups_candidates_per_image():
     grouped = m.score(f, cands, cmask)  # [4], two candidates per image, image K/V shared
     expanded = m.score(f.repeat_interleave(2, 0), cands, cmask)
     torch.testing.assert_close(grouped, expanded, atol=1e-4, rtol=1e-5)
-    logits = m(f, t, mk, torch.zeros(2, dtype=torch.bool))
+    logits = m.logits(f, t, mk, torch.zeros(2, dtype=torch.bool))
     direct = (logits.log_softmax(-1).gather(-1, t[..., None])[..., 0] * mk).sum(1)
     torch.testing.assert_close(grouped[[0, 2]], direct, atol=1e-4, rtol=1e-5)
 
@@ -413,10 +413,10 @@ def test_overfit_then_generate_and_score():
         par = (torch.arange(4) + step) % 2 == 0  # every row trains both modes
         out = m.loss(f, targets, mask, par)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        out.loss.backward()
         opt.step()
     m.eval()
-    assert out["loss"].item() < 0.2
+    assert out.loss.item() < 0.2
     for k in (1, 2):
         assert tok.decode_batch(m.generate(f, max_new_tokens=12, beam_size=k)) == caps
     g = m.generate(f, max_new_tokens=12)
@@ -435,17 +435,17 @@ def test_flops_formula_matches_counter():
 
     for enc, cross in ((48, "kv"), (64, "kv"), (48, "absorbed"), (64, "absorbed")):  # with/without projection
         m = CaptionDecoder(DecoderConfig(**{**TINY, "encoder_width": enc}))  # Lp = 9
-        m.cross_mode = cross
+        m.cross_attention = cross
         f, t, mk = torch.randn(3, P, enc), torch.randint(0, 50000, (3, 7)), torch.ones(3, 7, dtype=torch.bool)
         par = torch.tensor([True, False, True])  # one AR row of 7, two parallel rows of Lp sharing block 0's start
         want = {k: flops_per_sample(m.cfg, 7, P, cross)[k] + 2 * flops_per_sample(m.cfg, 7, P, cross, parallel=True)[k]
                 + parallel_shared_flops(m.cfg, cross)[k] for k in ("forward", "train")}
         # The math backend runs attention as matmuls the counter sees (the CPU flash kernel is uncounted).
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
-            m(f, t, mk, par)
+            m.logits(f, t, mk, par)
         assert fc.get_total_flops() == want["forward"], cross
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
-            m.loss(f, t, mk, par)["loss"].backward()
+            m.loss(f, t, mk, par).loss.backward()
         assert fc.get_total_flops() == want["train"], cross
 
 
@@ -461,11 +461,11 @@ def test_absorbed_cross_attention_equals_kv_path(enc):
     par = torch.tensor([True, False, True])
     out, grads = {}, {}
     for cross in ("kv", "absorbed"):
-        m.cross_mode = cross
+        m.cross_attention = cross
         m.zero_grad()
-        loss = m.loss(f, t, mk, par)["loss"]
+        loss = m.loss(f, t, mk, par).loss
         loss.backward()
-        out[cross] = (m(f, t, mk, par), loss)
+        out[cross] = (m.logits(f, t, mk, par), loss)
         grads[cross] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     torch.testing.assert_close(out["kv"][0], out["absorbed"][0])
     torch.testing.assert_close(out["kv"][1], out["absorbed"][1])
@@ -476,18 +476,19 @@ def test_absorbed_cross_attention_equals_kv_path(enc):
 
 def test_auto_cross_attention_choice():
     cfg = DecoderConfig()  # the seed's sizes: absorbed for short captions only
-    assert absorb_cross(20, 197, cfg) and not absorb_cross(40, 197, cfg) and not absorb_cross(20, 16, cfg)
+    form = CrossAttention.cheaper_form
+    assert form(cfg, 20, 197) == "absorbed" and form(cfg, 40, 197) == "kv" and form(cfg, 20, 16) == "kv"
 
 
 @pytest.mark.parametrize("cross", ["kv", "absorbed"])
 def test_bf16_autocast_matches_fp32(cross):
     m = tiny()
-    m.cross_mode = cross
+    m.cross_attention = cross
     f, t, mk = batch(b=2, l=5)
     par = torch.tensor([True, False])
-    ref = m.loss(f, t, mk, par)["loss"]
+    ref = m.loss(f, t, mk, par).loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = m.loss(f, t, mk, par)["loss"]
+        low = m.loss(f, t, mk, par).loss
         ids = m.generate(f, max_new_tokens=4)
     assert low.dtype == torch.float32 and abs(low.item() - ref.item()) < 0.05 * ref.item()
     assert ids.shape[0] == 2
@@ -495,7 +496,7 @@ def test_bf16_autocast_matches_fp32(cross):
 
 def test_tied_embeddings_share_one_matrix_and_survive_a_checkpoint(tmp_path):
     from pipeline import checkpoint
-    from stages.train import make_optimizer
+    from pipeline.training import make_optimizer
 
     cfg = DecoderConfig(layers=1, width=32, heads=4, mlp_dim=64, vocab_size=50, max_len=8, encoder_width=16,
                         mask_id=49, bos_id=48, eos_id=48, parallel_len=6, tie_embeddings=True)
@@ -509,7 +510,7 @@ def test_tied_embeddings_share_one_matrix_and_survive_a_checkpoint(tmp_path):
     f = torch.randn(2, 5, 16)
     t = torch.randint(0, 48, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.bool)
-    m.loss(f, t, mask, torch.tensor([True, False]))["loss"].backward()
+    m.loss(f, t, mask, torch.tensor([True, False])).loss.backward()
     opt.step()
     checkpoint.save(tmp_path / "ck", model=m, optimizer=opt, scheduler=None, step=1, epoch=0, batch=1)
     back = CaptionDecoder(cfg)

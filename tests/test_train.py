@@ -15,6 +15,8 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
+from pipeline import run as run_record
+from pipeline import training
 from stages import train
 from conftest import PRECISIONS, TINY_TRAIN, cli_options
 
@@ -167,11 +169,11 @@ def test_refusals_are_one_line_and_touch_nothing(tiny_run, tiny_store, tmp_path)
 def test_resume_checks_store_provenance():
     old = {"train": {"lr": 1.0, "store": "a"}, "decoder": {}, "tokenizer": {},
            "store": {"encoder": {"model": "m", "weights": {"kind": "hub"}}, "data_digest": "x", "samples": 5}}
-    train.check_resume(old, {**old, "train": {"lr": 1.0, "store": "moved"}})  # a moved store is the same store
+    run_record.check_resume(old, {**old, "train": {"lr": 1.0, "store": "moved"}})  # a moved store is the same store
     with pytest.raises(UserError, match="another encoder"):
-        train.check_resume(old, {**old, "store": {**old["store"], "encoder": {"model": "m2"}}})
+        run_record.check_resume(old, {**old, "store": {**old["store"], "encoder": {"model": "m2"}}})
     with pytest.raises(UserError, match="samples changed"):
-        train.check_resume(old, {**old, "store": {**old["store"], "data_digest": "y", "samples": 6}})
+        run_record.check_resume(old, {**old, "store": {**old["store"], "data_digest": "y", "samples": 6}})
 
 
 def test_cli_missing_store_is_one_line_exit_2(tmp_path):
@@ -224,8 +226,8 @@ def test_status_reports_runs_without_torch(tiny_run):
 
 
 def test_lr_schedule_warmup_then_constant_or_cosine():
-    const = train.lr_factor(TrainConfig(warmup_steps=4, schedule="constant"), 20)
+    const = training.lr_factor(TrainConfig(warmup_steps=4, schedule="constant"), 20)
     assert [const(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cos = train.lr_factor(TrainConfig(warmup_steps=4, schedule="cosine"), 20)
+    cos = training.lr_factor(TrainConfig(warmup_steps=4, schedule="cosine"), 20)
     assert cos(3) == 1.0 and cos(4) == 1.0 and cos(12) == pytest.approx(0.5) and cos(20) == pytest.approx(0.0)
     assert all(cos(s) >= cos(s + 1) for s in range(4, 20))
