@@ -107,6 +107,10 @@ class DecoderConfig:
     # embedding from both ends, which learns several times faster per token on small caption sets
     # (docs/TRAINING.md). False = separate, zero-initialised logits layer (big_vision; configs from before).
     tie_embeddings: bool = False
+    # A learned position embedding [P, D] added to the P image tokens (None: none; configs from before). The
+    # decoder's cross-attention sees only what a token holds, not where it sits; a random-init ViT's tokens
+    # barely keep their position, so without this the decoder cannot learn "top left" (docs/TRAINING.md).
+    image_positions: int | None = None
 
 
 @dataclass
@@ -130,6 +134,7 @@ class TrainConfig:
     # epoch-end validations; the best epoch's weights are kept as best.safetensors for eval. 0 = never stop early.
     patience: int = knob(2, "stop after N epoch-end validations without improvement (keeps the best); 0 = never")
     tie_embeddings: bool = knob(True, "logits layer shares the token embedding matrix")  # see DecoderConfig
+    image_pos_emb: bool = knob(True, "add a learned position embedding to the image tokens")  # see DecoderConfig
     # The RECIPES entry these values came from (recorded; see train_config). On the command line it is applied
     # first and only the options given explicitly override it.
     recipe: str = knob("default", "default | seed (the original 3-epoch lr 1e-4 recipe); explicit options win")
@@ -177,7 +182,7 @@ class TrainConfig:
 RECIPES: dict[str, dict] = {
     "default": {},
     "seed": dict(epochs=3, batch_size=32, lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=1e-4,
-                 beta1=0.9, beta2=0.999, patience=0, tie_embeddings=False),
+                 beta1=0.9, beta2=0.999, patience=0, tie_embeddings=False, image_pos_emb=False),
 }
 
 

@@ -229,6 +229,7 @@ class CaptionDecoder(nn.Module):
         self.img_proj = nn.Linear(cfg.encoder_width, d, bias=False) if cfg.encoder_width != d else nn.Identity()
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.pos_emb = nn.Parameter(torch.zeros(cfg.max_len, d))
+        self.img_pos_emb = nn.Parameter(torch.zeros(cfg.image_positions, d)) if cfg.image_positions else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(d, bias=False)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
@@ -253,6 +254,8 @@ class CaptionDecoder(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
         nn.init.normal_(self.pos_emb, std=0.02)
+        if self.img_pos_emb is not None:
+            nn.init.normal_(self.img_pos_emb, std=0.02)
         for b in self.blocks:  # GPT-2: residual writes scaled so the stream's variance stays O(1) with depth
             for w in (b.attn.out.weight, b.cross.out.weight, b.proj.weight):
                 nn.init.normal_(w, std=0.02 / math.sqrt(2 * self.cfg.layers))
@@ -266,7 +269,12 @@ class CaptionDecoder(nn.Module):
 
     # ---- shared pieces -------------------------------------------------------------------------
     def _image_tokens(self, features):  # [B, P, E] (fp16 store) -> [B, P, D] in the parameters' dtype
-        return self.img_proj(features.to(self.pos_emb.dtype))
+        img = self.img_proj(features.to(self.pos_emb.dtype))
+        if self.img_pos_emb is None:
+            return img
+        if img.shape[1] != self.img_pos_emb.shape[0]:
+            raise ValueError(f"{img.shape[1]} image tokens, but the decoder has positions for {self.img_pos_emb.shape[0]}")
+        return img + self.img_pos_emb  # [B, P, D]
 
     def memory(self, features) -> list[ImageKV]:
         """Image tokens -> per-layer cross-attention K/V, computed once per image. features [B, P, E]."""

@@ -231,13 +231,14 @@ def _captions(n: int) -> list[str]:
     return [make_row(0, i)[1] for i in range(n)]
 
 
-def train_decoder_config(image_width: int, parallel_len: int | None = None):
-    """The trainer's default decoder (TrainConfig) on features `image_width` wide."""
+def train_decoder_config(image_width: int, parallel_len: int | None = None, image_tokens: int | None = None):
+    """The trainer's default decoder (TrainConfig) on `image_tokens` features `image_width` wide."""
     from pipeline.model import DecoderConfig
 
     t = TrainConfig
     return DecoderConfig(layers=t.layers, width=t.width, heads=t.heads, mlp_dim=t.mlp_dim, max_len=t.max_len,
-                         encoder_width=image_width, tie_embeddings=t.tie_embeddings, parallel_len=parallel_len)
+                         encoder_width=image_width, tie_embeddings=t.tie_embeddings, parallel_len=parallel_len,
+                         image_positions=image_tokens if t.image_pos_emb else None)
 
 
 def train_flops_per_sample(dec, batches: list, image_tokens: int, parallel_fraction: float) -> dict:
@@ -295,7 +296,7 @@ def bench_train(device, precision: str, quick: bool, sync, limit: dict, repeats:
     feats = torch.randn(bs, p, e, device=device)
     torch.manual_seed(0)
     # Parallel rows at the trainer's Lp: the longest caption (of this pool).
-    dec = CaptionDecoder(dec_cfg or train_decoder_config(e, int(pool_m.sum(1).max()))).to(device)
+    dec = CaptionDecoder(dec_cfg or train_decoder_config(e, int(pool_m.sum(1).max()), p)).to(device)
     cfg = dec.cfg
     state = TrainState.create(dec, train_cfg, 10**6, precision, Dist(), device)
     gen = torch.Generator().manual_seed(0)
@@ -410,7 +411,7 @@ def bench_generate(device, precision: str, quick: bool, sync, repeats: int, *, i
     from pipeline.model import CaptionDecoder
 
     torch.manual_seed(0)
-    cfg = dec_cfg or train_decoder_config(DecoderConfig.encoder_width)
+    cfg = dec_cfg or train_decoder_config(DecoderConfig.encoder_width, image_tokens=image_tokens)
     dec = CaptionDecoder(cfg).to(device).eval()
     torch.nn.init.normal_(dec.head.weight, std=0.02)  # a zero head would make every step's argmax trivial
     eos = dec.cfg.eos_id

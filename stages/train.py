@@ -78,7 +78,7 @@ def prepare_data(cfg: TrainConfig, dist: Dist) -> Data:
     dec = DecoderConfig(layers=cfg.layers, width=cfg.width, heads=cfg.heads, mlp_dim=cfg.mlp_dim,
                         vocab_size=tok.vocab_size, max_len=cfg.max_len, encoder_width=store.width,
                         mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id, parallel_len=cfg.parallel_len,
-                        tie_embeddings=cfg.tie_embeddings)
+                        tie_embeddings=cfg.tie_embeddings, image_positions=store.tokens if cfg.image_pos_emb else None)
     record = run_record(cfg, dec, tok, store, index, (train_pos, val_pos))
     return Data(cfg, store, index, tok, tokens, train_pos, val_pos, dec, record, t)
 

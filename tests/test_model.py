@@ -516,3 +516,22 @@ def test_tied_embeddings_share_one_matrix_and_survive_a_checkpoint(tmp_path):
     back = CaptionDecoder(cfg)
     back.load_state_dict(checkpoint.load_weights(tmp_path / "ck"))
     assert back.head.weight is back.tok_emb.weight and torch.equal(back.head.weight, m.head.weight)
+
+
+@torch.no_grad()
+def test_image_position_embedding_tells_the_decoder_where_a_token_sits():
+    """Cross-attention alone is blind to the image tokens' order: permuting them changes nothing. With the
+    learned image position embedding it does, and a wrong token count is refused."""
+    f, t, mk = batch(b=2)
+    perm = torch.randperm(P, generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([True, False])
+    for cross in ("kv", "absorbed"):
+        plain = tiny()
+        plain.cross_attention = cross
+        torch.testing.assert_close(plain.logits(f[:, perm], t, mk, rows), plain.logits(f, t, mk, rows))
+        placed = tiny(image_positions=P)
+        placed.cross_attention = cross
+        assert (placed.logits(f[:, perm], t, mk, rows) - placed.logits(f, t, mk, rows)).abs().max() > 1e-3
+        torch.testing.assert_close(placed.generate(f, max_new_tokens=3), placed.generate(f, max_new_tokens=3))
+    with pytest.raises(ValueError, match="image tokens"):
+        tiny(image_positions=P + 1).logits(f, t, mk, rows)
