@@ -337,6 +337,16 @@ def make_rows(seed: int, count: int, broken_fraction: float) -> list[Row]:
 
 
 # --- ground truth and parsing (used by eval) ------------------------------------------------------------------
+def meta_attributes(meta: str) -> dict | None:
+    """The synthetic ground truth in a sample's json metadata (its `attributes`), or None for real data."""
+    try:
+        m = json.loads(meta) if meta else {}
+    except ValueError:
+        return None
+    a = m.get("attributes") if isinstance(m, dict) else None
+    return a or None
+
+
 def primary_attributes(attributes: dict | str) -> dict[str, str]:
     """Ground-truth labels of the primary group: the group every caption names first (and places first).
 

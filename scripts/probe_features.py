@@ -65,19 +65,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 # --- data ------------------------------------------------------------------------------------------------------
-def meta_attributes(meta: str):
-    """The sample's synthetic ground truth (`attributes` of its json metadata), as eval reads it."""
-    try:
-        m = json.loads(meta) if meta else {}
-    except ValueError:
-        return None
-    a = m.get("attributes") if isinstance(m, dict) else None
-    return a or None
-
-
 def labels_of(index) -> tuple[np.ndarray, list]:
     """[N, 5] int class ids (index into synthetic.VOCAB[attr]) and the raw attributes per sample."""
-    raw = [meta_attributes(m) for m in index.meta]
+    raw = [synthetic.meta_attributes(m) for m in index.meta]
     if any(a is None for a in raw):
         raise SystemExit("some samples carry no synthetic attributes: probes need the synthetic source")
     y = np.empty((len(raw), len(ATTRS)), dtype=np.int64)
@@ -310,7 +300,7 @@ def decoder_refinement(run: Path, store_path: Path, steps: list[int], batch: int
     tr, va = split_positions(index.keys, vf)
     feats = FeatureSource(store, index.rows[va], device=device, mode="memory", slab_rows=store.shard_capacity).held
     keys = [index.keys[i] for i in va]
-    truth = {k: meta_attributes(index.meta[i]) for k, i in zip(keys, va)}
+    truth = {k: synthetic.meta_attributes(index.meta[i]) for k, i in zip(keys, va)}
     refs = {k: _meta_references(index.meta[i], index.captions[i]) for k, i in zip(keys, va)}
     seen = {p for i in tr for w in [_WORDS.findall(index.captions[i].lower())] for p in zip(w, w[1:])}
     log(f"decoder {loaded.ckpt} (step {loaded.step}, {loaded.chosen}), {precision}, {len(va)} val samples")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import checkpoint, metrics, report
+from pipeline import checkpoint, metrics, report, synthetic
 from pipeline.config import EvalConfig, FetchConfig, TrainConfig
 from pipeline.devices import autocast
 from pipeline.errors import UserError
@@ -21,16 +21,6 @@ from rich.markup import escape
 
 
 # --- the validation samples' ground truth ------------------------------------------------------------------
-def _meta_attributes(meta: str):
-    """The synthetic ground truth in a sample's json metadata, or None for real data."""
-    try:
-        m = json.loads(meta) if meta else {}
-    except ValueError:
-        return None
-    a = m.get("attributes") if isinstance(m, dict) else None
-    return a or None
-
-
 def _meta_references(meta: str, caption: str) -> list[str]:
     """The sample's reference captions (COCO style): the `references` its json carries (synthetic data: 5
     phrasings, the training caption first), else the single caption (real lists)."""
@@ -72,7 +62,6 @@ def zero_shot(decoder, tok, feats: torch.Tensor, refs: list[str], max_len: int, 
     -> {"colour": {accuracy, chance, samples}, "shape": {...}}; big_vision's CapPa scoring classifier does the same
     with class names in prompts.
     """
-    from pipeline import synthetic
 
     dev = next(decoder.parameters()).device
     res = {}
@@ -142,7 +131,7 @@ def run(cfg: EvalConfig) -> dict:
     k = len(val_pos) if cfg.limit is None else min(cfg.limit, len(val_pos))
     feats = source.read_positions(np.arange(k)).cpu()  # [K, P, E] fp16
     keys, refs = [index.keys[i] for i in val_pos[:k]], vcap[:k]
-    attrs = [_meta_attributes(index.meta[i]) for i in val_pos[:k]]
+    attrs = [synthetic.meta_attributes(index.meta[i]) for i in val_pos[:k]]
     references = [_meta_references(index.meta[i], r) for i, r in zip(val_pos[:k], refs)]
     synthetic_data = any(a is not None for a in attrs)
     blind = torch.zeros(1, store.tokens, store.width, dtype=torch.float16)  # [1, P, E]: no image at all
