@@ -285,7 +285,8 @@ def form_shares(captions: list[str], seen_bigrams: set) -> dict:
 
 
 def decoder_refinement(run: Path, store_path: Path, steps: list[int], batch: int) -> dict:
-    from stages.evaluate import _meta_references, load_run, open_run_store, trained_precision
+    from pipeline.run import load_run, open_run_store, trained_precision
+    from stages.evaluate import _meta_references
 
     from pipeline.devices import autocast_dtype, run_precision
 
