@@ -20,6 +20,10 @@ RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "device", "precision", "co
                      "store", "run"}  # a moved folder is the same run
 
 
+# What a run recorded before a setting existed trained as: a config.json without the key means this value.
+SETTINGS_BEFORE_THEY_EXISTED = {"image_pos_emb": False}
+
+
 def data_digest(keys: list[str]) -> str:
     """Fingerprint of the sample set in row order: a resumed run must see the same data."""
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
@@ -83,11 +87,11 @@ def check_resume(old: dict, new: dict) -> None:
     if o.get("data_digest") != n["data_digest"]:
         raise UserError(f"--resume: the store's samples changed since this run started ({o.get('samples')} -> "
                         f"{n['samples']}); use a new --run")
-    diffs = [k for k in sorted(set(old["train"]) | set(new["train"]))
-             if k not in RESUMABLE_CHANGES and old["train"].get(k) != new["train"].get(k)]
+    was, now = ({**SETTINGS_BEFORE_THEY_EXISTED, **r["train"]} for r in (old, new))
+    diffs = [k for k in sorted(set(was) | set(now)) if k not in RESUMABLE_CHANGES and was.get(k) != now.get(k)]
     if diffs:
         k = diffs[0]
-        raise UserError(f"--resume: this run was started with {k}={old['train'].get(k)!r}, now {new['train'].get(k)!r}; "
+        raise UserError(f"--resume: this run was started with {k}={was.get(k)!r}, now {now.get(k)!r}; "
                         "use the same settings or a new --run")
     for part, what in (("decoder", "decoder config"), ("tokenizer", "tokenizer")):
         if old.get(part) != new[part]:

@@ -174,6 +174,10 @@ def test_resume_checks_store_provenance():
         run_record.check_resume(old, {**old, "store": {**old["store"], "encoder": {"model": "m2"}}})
     with pytest.raises(UserError, match="samples changed"):
         run_record.check_resume(old, {**old, "store": {**old["store"], "data_digest": "y", "samples": 6}})
+    # a run recorded before --image-pos-emb existed trained without image positions: it resumes without them
+    run_record.check_resume(old, {**old, "train": {**old["train"], "image_pos_emb": False}})
+    with pytest.raises(UserError, match="image_pos_emb=False, now True"):
+        run_record.check_resume(old, {**old, "train": {**old["train"], "image_pos_emb": True}})
 
 
 def test_cli_missing_store_is_one_line_exit_2(tmp_path):
