@@ -263,9 +263,10 @@ def render_runs(console: Console, s: dict) -> None:
 
     from rich import box
 
-    t = Table(box=box.SIMPLE_HEAD, title=f"runs: {escape(s['path'])}", title_justify="left")
-    t.add_column("run", overflow="fold")
-    for name in ("step", "epoch", "train AR/par", "val AR/par", "ckpt", "samp/s", "encoder"):
+    t = Table(box=box.SIMPLE_HEAD, title=f"runs: {escape(s['path'])}", title_justify="left", pad_edge=False)
+    t.add_column("run", overflow="fold", min_width=min(16, max(len(r["name"]) for r in s["runs"])))
+    t.caption, t.caption_justify = "train / val: loss autoregressive/parallel (nats per token)", "left"
+    for name in ("step", "epoch", "train", "val", "ckpt", "samp/s", "encoder"):
         t.add_column(name, no_wrap=True)
     for r in s["runs"]:
         total = f"/{r['total_steps']}" if r["total_steps"] else ""

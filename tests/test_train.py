@@ -224,6 +224,10 @@ def test_status_reports_runs_without_torch(tiny_run):
     status.render_runs(console, s)
     text = console.export_text()
     assert tiny_run.name in text and "random" in text
+    narrow = Console(record=True, width=80)  # a default terminal: the run's name and its encoder stay whole
+    status.render_runs(narrow, s)
+    row = [ln for ln in narrow.export_text().splitlines() if ln.strip().startswith(tiny_run.name[:16])]
+    assert row and "random" in row[0], narrow.export_text()
     code = ("import sys; from pathlib import Path; from pipeline import status; "
             f"status.runs_summary(Path({str(tiny_run.parent)!r})); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
