@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -93,7 +94,7 @@ def make_loaders(data: Data, order: dict, dist: Dist, device):
     with make_progress() if dist.main else nullcontext() as bar:
         task = bar.add_task("loading features", total=len(data.index), unit="rows") if bar is not None else None
         source = FeatureSource(data.store, data.index.rows, device=device, mode=order["mode"],
-                               slab_rows=order["slab_rows"], progress=None if bar is None else _Advance(bar, task))
+                               slab_rows=order["slab_rows"], progress=None if bar is None else partial(bar.advance, task))
         if bar is not None and source.held is None:
             bar.update(task, visible=False)  # streamed: nothing was loaded up front
     common = dict(seed=cfg.seed, parallel_fraction=cfg.parallel_fraction, mixing=cfg.mixing, rank=dist.rank,
@@ -105,18 +106,22 @@ def make_loaders(data: Data, order: dict, dist: Dist, device):
     return source, train_loader, val_loader, time.perf_counter() - t
 
 
-@dataclass
-class _Advance:  # a progress callback: n rows more of `task` are done
-    bar: object
-    task: int
-
-    def __call__(self, n: int) -> None:
-        self.bar.advance(self.task, n)
-
-
 # --- the run -------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
+def train_precision(cfg: TrainConfig, device) -> str:
+    """The precision training runs in (`auto`: bf16 where the hardware is fast at it); TF32 matmuls on CUDA."""
     from pipeline.devices import resolve_precision
+
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu" and precision == "fp16":
+        raise UserError("--precision fp16 is for CUDA; use bf16 or fp32 on a CPU")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return precision
+
+
+def train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
+    """The stage on this rank: data, run folder, model and optimizer, the loop, the summary."""
     from pipeline.early_stop import EarlyStop
     from pipeline.loader import FeatureSource
     from pipeline.model import CaptionDecoder
@@ -124,12 +129,7 @@ def train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
 
     t0 = time.perf_counter()
     say = console.print if dist.main else _silent
-    precision = resolve_precision(cfg.precision, device)
-    if device.type == "cpu" and precision == "fp16":
-        raise UserError("--precision fp16 is for CUDA; use bf16 or fp32 on a CPU")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    precision = train_precision(cfg, device)
 
     # -- data, and the run folder it is checked against ----------------------------------------------------
     data = prepare_data(cfg, dist)
