@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import DecoderConfig  # noqa: F401 - the decoder's config lives with the others
+from pipeline.config import DecoderConfig  # the decoder's config lives with the other configs
 
 
 class KVCache:

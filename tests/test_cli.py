@@ -17,6 +17,7 @@ from typing import Optional, get_type_hints
 
 import pytest
 import typer
+from conftest import cli_options
 from typer.testing import CliRunner
 
 from pipeline import cli
@@ -130,14 +131,6 @@ def other_value(hint, default):
     raise AssertionError(f"no test value for {hint}")
 
 
-def argv_for(values: dict) -> list[str]:
-    out = []
-    for k, v in values.items():
-        flag = k.replace("_", "-")
-        out += [f"--{flag}" if v else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)]
-    return out
-
-
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_field_is_settable_with_its_type(command, seen):
     """Every field given a non-default value on the command line arrives as that value, with the field's type."""
@@ -148,7 +141,7 @@ def test_every_field_is_settable_with_its_type(command, seen):
     images = [Path("a.jpg"), Path("b c.png")]
     positional = [str(p) for p in images] if command == "caption" else []
     extra = {"recipe": "seed"} if command == "train" else {}  # every explicit option beats the recipe's
-    cfg = invoke([command, *positional, *argv_for({**extra, **values})], seen)
+    cfg = invoke([command, *positional, *cli_options({**extra, **values})], seen)
     want = cls(**values, **extra, **({"images": images} if command == "caption" else {}))
     assert cfg == want
     for k, v in values.items():

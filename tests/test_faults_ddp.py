@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, cli_options
 
 from pipeline import checkpoint
 
@@ -46,9 +46,7 @@ def test_rank0_write_failure_stops_every_rank_with_one_line(tiny_store, tmp_path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            "train", "--store", str(tiny_store), "--run-dir", str(run)]
     opts = {**TINY_TRAIN, "epochs": 3, "max_steps": 6, "features": "memory", "log_every": 1, "checkpoint_every": 1}
-    for k, v in opts.items():  # as flags: --name value, or --name / --no-name for booleans
-        flag = k.replace("_", "-")
-        cmd += [f"--{flag}" if v else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)]
+    cmd += cli_options(opts)
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and time.monotonic() - t0 < 200  # torchrun reports the failure; nobody hung
