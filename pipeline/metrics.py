@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -15,6 +17,7 @@ ATTRIBUTES = ("colour", "shape", "size", "position", "count")  # = synthetic.ATT
 
 Refs = Mapping[object, Sequence[str]]  # id -> reference captions (>= 1 each)
 Hyps = Mapping[object, str]  # id -> one generated caption
+_WORDS = re.compile(r"[a-z]+")
 
 
 def _java() -> str:
@@ -155,6 +158,59 @@ def chance_accuracy(attributes) -> dict[str, float]:
     if not truths:
         return {}
     return {a: Counter(t.get(a) for t in truths).most_common(1)[0][1] / len(truths) for a in ATTRIBUTES}
+
+
+def ceiling_accuracy(attributes) -> dict[str, float]:
+    """The ceiling: per attribute, the best expected accuracy of a captioner that sees every object perfectly.
+
+    The generator draws the primary group first and then extra single objects, and the captions name the
+    primary first. When the primary is a single object too, nothing in the image says which of the single
+    objects it is (the draw is symmetric; `scripts/ceilings.py` checks that no size or place cue beats it), so
+    the best guess names the value most of them share: max_v |{g: g[attr] = v}| / |singles|. A group of two or
+    three is always the primary (its ceiling is 1). "all" is left out."""
+    from collections import Counter
+
+    from pipeline import synthetic
+
+    out = {a: 0.0 for a in ATTRIBUTES}
+    n = 0
+    for a in attributes:
+        a = json.loads(a) if isinstance(a, str) else a
+        groups = a["groups"]
+        alike = [g for g in groups if g["count"] == groups[0]["count"]]  # the primary's look-alikes (incl. it)
+        labels = [synthetic.primary_attributes({"groups": [g]}) for g in alike]
+        for k in ATTRIBUTES:
+            out[k] += Counter(t[k] for t in labels).most_common(1)[0][1] / len(labels)
+        n += 1
+    return {k: v / n for k, v in out.items()} if n else {}
+
+
+def caption_form(caption: str, seen_bigrams: set) -> dict[str, bool]:
+    """Is a generated caption whole? `all_five` = `parse_caption` finds every attribute (a shape noun with its
+    colour, size, count, and a position phrase); `seen_bigrams` = every adjacent word pair also occurs in some
+    training caption (catches "the the", "ofsized green"); `whole` = both."""
+    from pipeline import synthetic
+
+    got = synthetic.parse_caption(caption)
+    words = _WORDS.findall(caption.lower())
+    all_five = all(got.get(a) is not None for a in ATTRIBUTES)
+    seen = len(words) > 1 and all(p in seen_bigrams for p in zip(words, words[1:]))
+    return {"all_five": all_five, "seen_bigrams": seen, "whole": all_five and seen}
+
+
+def caption_bigrams(captions) -> set:
+    """Every adjacent word pair of `captions` (the training captions, for `caption_form`)."""
+    out = set()
+    for c in captions:
+        words = _WORDS.findall(c.lower())
+        out.update(zip(words, words[1:]))
+    return out
+
+
+def whole_share(captions, seen_bigrams: set) -> float:
+    """The share of `captions` that are whole (`caption_form`)."""
+    captions = list(captions)
+    return sum(caption_form(c, seen_bigrams)["whole"] for c in captions) / len(captions) if captions else 0.0
 
 
 def attribute_candidates(caption: str, key: str) -> tuple[list[str], int] | None:

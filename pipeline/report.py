@@ -203,9 +203,14 @@ def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
         L += ["## Attribute accuracy (synthetic ground truth)", "",
               "Primary object's attributes parsed from each generated caption vs. the image's metadata. `chance` is "
               "the floor \"names it by chance\": always naming the attribute's most frequent value in this split "
-              "(uniform guessing is lower: 1/9 colours, 1/6 shapes, 1/3 sizes, 1/9 positions, 1/3 counts).", "",
-              *_table(["mode", *ATTRIBUTES, "all five"],
-                      [[k.replace("_", " "), *[_f(att[k].get(a)) for a in (*ATTRIBUTES, "all")]] for k in att]), ""]
+              "(uniform guessing is lower: 1/9 colours, 1/6 shapes, 1/3 sizes, 1/9 positions, 1/3 counts). "
+              "`ceiling` is the best a captioner that sees every object perfectly can expect: when the primary "
+              "object is one of several single objects, nothing in the image says which one the captions name "
+              "first. `whole`: the caption names all five attributes and each of its word pairs occurs in some "
+              "training caption.", "",
+              *_table(["mode", *ATTRIBUTES, "all five", "whole"],
+                      [[k.replace("_", " "), *[_f(att[k].get(a)) for a in (*ATTRIBUTES, "all", "whole")]]
+                       for k in att]), ""]
     if res.get("zero_shot"):
         zs = res["zero_shot"]
         L += ["## Zero-shot scoring", "",

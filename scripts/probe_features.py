@@ -21,7 +21,7 @@ trained on the other 90%. Features are z-scored per dimension with train statist
 
 `--decoder` adds the trained run's parallel decoding with mask-predict refinement (`parallel_decode(features,
 refine_steps=N)`) on the same val split: attribute accuracy, CIDEr (5 references, METEOR skipped) and how many
-captions are whole (see `caption_form`).
+captions are whole (see `metrics.caption_form`).
 
     python scripts/probe_features.py --store cache/features.zarr --out docs/probes.png --json docs/probes.json \
         [--decoder --run cache/runs/default --refine-steps 0,1,2,4]
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -265,22 +264,8 @@ def attn_probe(feats: torch.Tensor, y: np.ndarray, fit: np.ndarray, hold: np.nda
 
 
 # --- the trained decoder's parallel decoding -----------------------------------------------------------------
-_WORDS = re.compile(r"[a-z]+")
-
-
-def caption_form(caption: str, seen_bigrams: set) -> dict:
-    """Is a generated caption whole? Eval has no such test, so: `all_five` = parse_caption finds every attribute
-    (a shape noun with its colour, size, count, and a position phrase); `seen_bigrams` = every adjacent word
-    pair also occurs in some training caption (catches "the the", "ofsized green"); whole = both."""
-    got = synthetic.parse_caption(caption)
-    words = _WORDS.findall(caption.lower())
-    all_five = all(got.get(a) is not None for a in ATTRS)
-    seen = len(words) > 1 and all(p in seen_bigrams for p in zip(words, words[1:]))
-    return {"all_five": all_five, "seen_bigrams": seen, "whole": all_five and seen}
-
-
 def form_shares(captions: list[str], seen_bigrams: set) -> dict:
-    f = [caption_form(c, seen_bigrams) for c in captions]
+    f = [metrics.caption_form(c, seen_bigrams) for c in captions]
     return {k: sum(x[k] for x in f) / len(f) for k in ("all_five", "seen_bigrams", "whole")}
 
 
@@ -303,7 +288,7 @@ def decoder_refinement(run: Path, store_path: Path, steps: list[int], batch: int
     keys = [index.keys[i] for i in va]
     truth = {k: synthetic.meta_attributes(index.meta[i]) for k, i in zip(keys, va)}
     refs = {k: _meta_references(index.meta[i], index.captions[i]) for k, i in zip(keys, va)}
-    seen = {p for i in tr for w in [_WORDS.findall(index.captions[i].lower())] for p in zip(w, w[1:])}
+    seen = metrics.caption_bigrams(index.captions[i] for i in tr)
     log(f"decoder {loaded.ckpt} (step {loaded.step}, {loaded.chosen}), {precision}, {len(va)} val samples")
     caps, out = {}, {"checkpoint": str(loaded.ckpt), "step": loaded.step, "precision": precision,
                      "val": len(va), "modes": {}}
@@ -332,7 +317,7 @@ def decoder_refinement(run: Path, store_path: Path, steps: list[int], batch: int
         out["modes"][m]["coco"] = sc
     out["coco_s"] = time.perf_counter() - t
     out["chance"] = metrics.chance_accuracy(truth.values())
-    out["form_definition"] = caption_form.__doc__.split("so: ", 1)[-1].replace("\n   ", "").strip()
+    out["form_definition"] = metrics.caption_form.__doc__.split("? ", 1)[-1].replace("\n   ", "").strip()
     return out
 
 

@@ -165,7 +165,11 @@ def run(cfg: EvalConfig) -> dict:
         truth = {key: a for key, a in zip(keys, attrs) if a is not None}
         attributes = {m: metrics.attribute_accuracy(dict(zip(keys, caps[m])), truth)
                       for m in (*report.MODES, *(f"blind_{m}" for m in report.MODES), "ngram")}
+        seen = metrics.caption_bigrams(index.captions[i] for i in train_pos)
+        for m in (*report.MODES, *(f"blind_{m}" for m in report.MODES), "ngram"):
+            attributes[m]["whole"] = metrics.whole_share(caps[m], seen)
         attributes["chance"] = metrics.chance_accuracy(truth.values())
+        attributes["ceiling"] = metrics.ceiling_accuracy(truth.values())
 
     # -- outputs --------------------------------------------------------------------------------------------------
     out_dir = loaded.path / "eval"
@@ -227,8 +231,11 @@ def _print_summary(res: dict, report_path: Path) -> None:
                      for mode in report.MODES)
     out.print(f"eval: {res['split']['captioned']} validation samples; {line}", highlight=False)
     if res.get("attributes"):
-        a = res["attributes"]["greedy"]
-        out.print("eval: greedy attribute accuracy " + ", ".join(f"{k} {a[k]:.2f}" for k in metrics.ATTRIBUTES),
+        att = res["attributes"]
+        a, top = att["greedy"], att["ceiling"]
+        out.print("eval: greedy attribute accuracy (ceiling) " +
+                  ", ".join(f"{k} {a[k]:.2f} ({top[k]:.2f})" for k in metrics.ATTRIBUTES), highlight=False)
+        out.print("eval: whole captions " + ", ".join(f"{m} {att[m]['whole']:.2f}" for m in report.MODES),
                   highlight=False)
     if res["encoder_random_init"]:
         out.print("[bold red]eval: RANDOM-INIT encoder: these numbers carry no visual knowledge[/]")

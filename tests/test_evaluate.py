@@ -65,12 +65,15 @@ def test_eval_numbers(evaluated, tiny_run):
     for s in sets:
         assert set(res["metrics"][s]) == set(METRICS)
         assert all(math.isfinite(v) and v >= 0 for v in res["metrics"][s].values())
-        assert set(res["attributes"][s]) == {*ATTRIBUTES, "all"}
+        assert set(res["attributes"][s]) == {*ATTRIBUTES, "all", "whole"}
+        assert 0 <= res["attributes"][s]["whole"] <= 1
     # baselines: the text-only n-gram (one caption for every image) and the "by chance" floor
     ng = res["baselines"]["ngram"]
     assert ng["order"] == 3 and math.isfinite(ng["val_loss"]) and ng["val_tokens"] > 0
     assert set(res["attributes"]["chance"]) == set(ATTRIBUTES)
     assert all(1 / 9 - 1e-9 <= v <= 1 for v in res["attributes"]["chance"].values())
+    ceiling = res["attributes"]["ceiling"]  # the best a perfect eye can expect: at or above the floor
+    assert all(res["attributes"]["chance"][a] - 1e-9 <= ceiling[a] <= 1 for a in ATTRIBUTES)
     beaten = res["val_loss"]["loss_ar"] < ng["val_loss"]
     assert bool(res["warnings"]) == (not beaten)
     # eval uses the best epoch's weights, which the trainer kept

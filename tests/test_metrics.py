@@ -117,3 +117,39 @@ def test_attribute_candidates_edit_the_primary_object():
     assert cands[own] == cap and "two small red hexagons at the top" in cands[synthetic.SHAPES.index("hexagon")]
     assert [synthetic.parse_caption(c)["shape"] for c in cands] == list(synthetic.SHAPES)
     assert metrics.attribute_candidates("a photo of nothing", "colour") is None
+
+
+def _group(colour, shape="circle", size="small", position="top", count=1):
+    return {"colour": colour, "shape": shape, "size": size, "position": position, "count": count}
+
+
+def test_ceiling_counts_look_alike_single_objects():
+    scenes = [
+        # a single primary beside two other singles: a perfect eye picks the colour two of the three share
+        {"groups": [_group("red", position="top"), _group("red", "star", position="left"),
+                    _group("blue", position="right", size="large")]},
+        # a pair is always the primary: the single beside it is no rival
+        {"groups": [_group("green", count=2), _group("blue", "star")]},
+    ]
+    c = metrics.ceiling_accuracy(scenes)
+    assert c["colour"] == pytest.approx((2 / 3 + 1) / 2)
+    assert c["size"] == pytest.approx((2 / 3 + 1) / 2)
+    assert c["position"] == pytest.approx((1 / 3 + 1) / 2)  # each single sits somewhere else
+    assert c["count"] == 1.0 and c["shape"] == pytest.approx((2 / 3 + 1) / 2)
+    assert metrics.ceiling_accuracy([json.dumps(scenes[1])]) == {a: 1.0 for a in metrics.ATTRIBUTES}
+    assert metrics.ceiling_accuracy([]) == {}
+
+
+def test_caption_form_tells_whole_captions_from_word_salad():
+    from pipeline import synthetic
+
+    train = [c for _, c in (synthetic.make_row(3, i) for i in range(200))]
+    seen = metrics.caption_bigrams(train)
+    assert metrics.whole_share(train, seen) == 1.0  # every training caption is whole
+    salad = "a photo ofsized green green the the the the the a a mint"
+    assert metrics.caption_form(salad, seen) == {"all_five": False, "seen_bigrams": False, "whole": False}
+    # every attribute named, but a word pair no caption has
+    broken = "a small red circle circle in the top left on a grey background"
+    form = metrics.caption_form(broken, seen)
+    assert form["all_five"] and not form["seen_bigrams"] and not form["whole"]
+    assert metrics.whole_share([train[0], salad], seen) == 0.5 and metrics.whole_share([], seen) == 0.0
