@@ -165,7 +165,7 @@ def ceiling_accuracy(attributes) -> dict[str, float]:
 
     The generator draws the primary group first and then extra single objects, and the captions name the
     primary first. When the primary is a single object too, nothing in the image says which of the single
-    objects it is (the draw is symmetric; `scripts/ceilings.py` checks that no size or place cue beats it), so
+    objects it is (the draw is near-symmetric: in `scripts/ceilings.py` the best cue, the largest, adds 0.002), so
     the best guess names the value most of them share: max_v |{g: g[attr] = v}| / |singles|. A group of two or
     three is always the primary (its ceiling is 1). "all" is left out."""
     from collections import Counter

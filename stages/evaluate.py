@@ -163,11 +163,10 @@ def run(cfg: EvalConfig) -> dict:
     attributes = None
     if synthetic_data:
         truth = {key: a for key, a in zip(keys, attrs) if a is not None}
-        attributes = {m: metrics.attribute_accuracy(dict(zip(keys, caps[m])), truth)
-                      for m in (*report.MODES, *(f"blind_{m}" for m in report.MODES), "ngram")}
         seen = metrics.caption_bigrams(index.captions[i] for i in train_pos)
-        for m in (*report.MODES, *(f"blind_{m}" for m in report.MODES), "ngram"):
-            attributes[m]["whole"] = metrics.whole_share(caps[m], seen)
+        attributes = {m: {**metrics.attribute_accuracy(dict(zip(keys, caps[m])), truth),
+                          "whole": metrics.whole_share(caps[m], seen)}
+                      for m in (*report.MODES, *(f"blind_{m}" for m in report.MODES), "ngram")}
         attributes["chance"] = metrics.chance_accuracy(truth.values())
         attributes["ceiling"] = metrics.ceiling_accuracy(truth.values())
 
