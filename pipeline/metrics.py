@@ -17,7 +17,6 @@ ATTRIBUTES = ("colour", "shape", "size", "position", "count")  # = synthetic.ATT
 
 Refs = Mapping[object, Sequence[str]]  # id -> reference captions (>= 1 each)
 Hyps = Mapping[object, str]  # id -> one generated caption
-_WORDS = re.compile(r"[a-z]+")
 
 
 def _java() -> str:
@@ -192,7 +191,7 @@ def caption_form(caption: str, seen_bigrams: set) -> dict[str, bool]:
     from pipeline import synthetic
 
     got = synthetic.parse_caption(caption)
-    words = _WORDS.findall(caption.lower())
+    words = synthetic.words(caption)
     all_five = all(got.get(a) is not None for a in ATTRIBUTES)
     seen = len(words) > 1 and all(p in seen_bigrams for p in zip(words, words[1:]))
     return {"all_five": all_five, "seen_bigrams": seen, "whole": all_five and seen}
@@ -200,9 +199,11 @@ def caption_form(caption: str, seen_bigrams: set) -> dict[str, bool]:
 
 def caption_bigrams(captions) -> set:
     """Every adjacent word pair of `captions` (the training captions, for `caption_form`)."""
+    from pipeline import synthetic
+
     out = set()
     for c in captions:
-        words = _WORDS.findall(c.lower())
+        words = synthetic.words(c)
         out.update(zip(words, words[1:]))
     return out
 
@@ -221,8 +222,6 @@ def attribute_candidates(caption: str, key: str) -> tuple[list[str], int] | None
     reads it), so a background colour named earlier ("a white background with a red star") is left alone.
     A plural shape stays plural. Used for zero-shot ranking: which candidate does the decoder find likeliest?
     """
-    import re
-
     from pipeline import synthetic
 
     if key not in ("colour", "shape"):

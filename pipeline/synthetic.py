@@ -347,6 +347,20 @@ def meta_attributes(meta: str) -> dict | None:
     return a or None
 
 
+def meta_references(meta: str, caption: str) -> list[str]:
+    """The sample's reference captions (COCO style): the `references` its json carries (synthetic data: 5
+    phrasings, the training caption first), else the single caption (real lists)."""
+    try:
+        m = json.loads(meta) if meta else {}
+        refs = m.get("references") if isinstance(m, dict) else None
+        refs = json.loads(refs) if isinstance(refs, str) else refs
+    except ValueError:
+        refs = None
+    if isinstance(refs, list) and refs and all(isinstance(r, str) and r.strip() for r in refs):
+        return refs
+    return [caption]
+
+
 def primary_attributes(attributes: dict | str) -> dict[str, str]:
     """Ground-truth labels of the primary group: the group every caption names first (and places first).
 
@@ -374,13 +388,14 @@ _POSITION_RE = re.compile(
     r"\b(?:(top|upper|bottom|lower) (left|right)|(left|right)|(top|upper|bottom|lower)|(centre|center|middle))\b")
 
 
-def _tokens(text: str) -> list[str]:
+def words(text: str) -> list[str]:
+    """The lower-case words of `text` (hyphens split words: "medium-sized" -> "medium", "sized")."""
     return re.findall(r"[a-z]+", text.lower().replace("-", " "))
 
 
 def parse_position(text: str) -> Optional[str]:
     """The first position phrase in `text` as a POSITIONS label, or None."""
-    m = _POSITION_RE.search(" ".join(_tokens(text)))
+    m = _POSITION_RE.search(" ".join(words(text)))
     if not m:
         return None
     vmap = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom"}
@@ -400,7 +415,7 @@ def parse_caption(text: str) -> dict[str, Optional[str]]:
     it (the noun phrase), its position is the first position phrase in the caption. A plural noun without a
     number gives count None. Without any shape noun, the first colour / size / number words anywhere are used.
     """
-    toks = _tokens(text)
+    toks = words(text)
     out: dict[str, Optional[str]] = {k: None for k in ATTRIBUTE_KEYS}
     out["position"] = parse_position(text)
     for i, t in enumerate(toks):

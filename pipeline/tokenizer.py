@@ -42,19 +42,17 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, mask={self.mask_id}, eos={self.eos_id})"
 
-    def _ids(self, captions: list[str]) -> list[list[int]]:
-        out = self.hf(list(captions), add_special_tokens=False, split_special_tokens=True)
-        return out["input_ids"]
-
-    def _finish(self, ids: list[int], max_len: int) -> list[int]:
-        # Truncate the text so EOS always survives as the last id: the model must learn to stop.
-        return ids[: max_len - 1] + [self.eos_id]
+    def encode_ids(self, captions: list[str], max_len: int = 77) -> list[list[int]]:
+        """Captions -> one list of ids + EOS each, at most `max_len` ids (text truncated so EOS always
+        survives as the last id: the model must learn to stop). No padding: `encode_batch` pads."""
+        if max_len < 1:
+            raise ValueError("max_len must be >= 1")
+        out = self.hf(list(captions), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [ids[: max_len - 1] + [self.eos_id] for ids in out]
 
     def encode(self, caption: str, max_len: int = 77) -> list[int]:
         """Caption -> ids + EOS, at most `max_len` ids (text truncated, EOS kept last)."""
-        if max_len < 1:
-            raise ValueError("max_len must be >= 1")
-        return self._finish(self._ids([caption])[0], max_len)
+        return self.encode_ids([caption], max_len)[0]
 
     def encode_batch(self, captions: list[str], max_len: int = 77):
         """Captions -> (targets LongTensor [B, L], target_mask BoolTensor [B, L]).
@@ -64,9 +62,7 @@ class Tokenizer:
         """
         import torch
 
-        if max_len < 1:
-            raise ValueError("max_len must be >= 1")
-        rows = [self._finish(ids, max_len) for ids in self._ids(captions)]
+        rows = self.encode_ids(captions, max_len)
         length = max((len(r) for r in rows), default=0)
         targets = torch.full((len(rows), length), self.eos_id, dtype=torch.long)  # [B, L]
         mask = torch.zeros((len(rows), length), dtype=torch.bool)  # [B, L]

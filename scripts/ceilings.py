@@ -118,7 +118,7 @@ def _draw(rows, tok, samples: int, seed: int, max_len: int) -> dict[int, list[li
     for r in rows:
         caps = [synthetic.make_caption(np.random.default_rng([seed, r.index, 99, j]), r.attributes)
                 for j in range(samples)]
-        out[r.index] = [tok._finish(ids, max_len) for ids in tok._ids(caps)]
+        out[r.index] = tok.encode_ids(caps, max_len)
     return out
 
 

@@ -271,7 +271,6 @@ def form_shares(captions: list[str], seen_bigrams: set) -> dict:
 
 def decoder_refinement(run: Path, store_path: Path, steps: list[int], batch: int) -> dict:
     from pipeline.run import load_run, open_run_store, trained_precision
-    from stages.evaluate import _meta_references
 
     from pipeline.devices import autocast_dtype, run_precision
 
@@ -287,7 +286,7 @@ def decoder_refinement(run: Path, store_path: Path, steps: list[int], batch: int
     feats = FeatureSource(store, index.rows[va], device=device, mode="memory", slab_rows=store.shard_capacity).held
     keys = [index.keys[i] for i in va]
     truth = {k: synthetic.meta_attributes(index.meta[i]) for k, i in zip(keys, va)}
-    refs = {k: _meta_references(index.meta[i], index.captions[i]) for k, i in zip(keys, va)}
+    refs = {k: synthetic.meta_references(index.meta[i], index.captions[i]) for k, i in zip(keys, va)}
     seen = metrics.caption_bigrams(index.captions[i] for i in tr)
     log(f"decoder {loaded.ckpt} (step {loaded.step}, {loaded.chosen}), {precision}, {len(va)} val samples")
     caps, out = {}, {"checkpoint": str(loaded.ckpt), "step": loaded.step, "precision": precision,

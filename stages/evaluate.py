@@ -21,20 +21,6 @@ from rich.markup import escape
 
 
 # --- the validation samples' ground truth ------------------------------------------------------------------
-def _meta_references(meta: str, caption: str) -> list[str]:
-    """The sample's reference captions (COCO style): the `references` its json carries (synthetic data: 5
-    phrasings, the training caption first), else the single caption (real lists)."""
-    try:
-        m = json.loads(meta) if meta else {}
-        refs = m.get("references") if isinstance(m, dict) else None
-        refs = json.loads(refs) if isinstance(refs, str) else refs
-    except ValueError:
-        refs = None
-    if isinstance(refs, list) and refs and all(isinstance(r, str) and r.strip() for r in refs):
-        return refs
-    return [caption]
-
-
 # --- generation ------------------------------------------------------------------------------------------------
 def caption_all(decoder, tok, feats: torch.Tensor, mode: str, cfg: EvalConfig, max_new: int, precision: str,
                 progress=None, task=None) -> list[str]:
@@ -132,7 +118,7 @@ def run(cfg: EvalConfig) -> dict:
     feats = source.read_positions(np.arange(k)).cpu()  # [K, P, E] fp16
     keys, refs = [index.keys[i] for i in val_pos[:k]], vcap[:k]
     attrs = [synthetic.meta_attributes(index.meta[i]) for i in val_pos[:k]]
-    references = [_meta_references(index.meta[i], r) for i, r in zip(val_pos[:k], refs)]
+    references = [synthetic.meta_references(index.meta[i], r) for i, r in zip(val_pos[:k], refs)]
     synthetic_data = any(a is not None for a in attrs)
     blind = torch.zeros(1, store.tokens, store.width, dtype=torch.float16)  # [1, P, E]: no image at all
     caps: dict[str, list[str]] = {}

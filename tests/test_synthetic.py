@@ -83,6 +83,22 @@ def test_parse_partial_and_garbled_captions(text, want):
     assert got == {k: want.get(k) for k in S.ATTRIBUTE_KEYS}
 
 
+def test_words_are_lower_case_and_split_at_hyphens_and_punctuation():
+    assert S.words("A Medium-sized, RED disc.") == ["a", "medium", "sized", "red", "disc"]
+    assert S.words("  3 -- ") == []
+
+
+def test_meta_references_fall_back_to_the_caption():
+    import json
+
+    refs = ["a red circle", "one red disc"]
+    assert S.meta_references(json.dumps({"references": refs}), "x") == refs
+    assert S.meta_references(json.dumps({"references": json.dumps(refs)}), "x") == refs  # stored as text
+    for meta in ("", "not json", json.dumps({"references": []}), json.dumps({"references": ["ok", " "]}),
+                 json.dumps([1, 2])):
+        assert S.meta_references(meta, "the caption") == ["the caption"]
+
+
 def test_fault_plan_is_exact_and_mixed():
     plan = S.fault_plan(0, 1000, 0.03)
     assert len(plan) == 30 and Counter(plan.values()) == {"404": 10, "html": 10, "truncated": 10}

@@ -33,6 +33,16 @@ def test_truncation_keeps_eos(tok):
     assert tok.encode("anything", max_len=1) == [tok.eos_id]
 
 
+def test_encode_ids_is_encode_per_caption_unpadded(tok):
+    caps = ["Hello world", "a red circle on the left of a blue square", "", "a [MASK] b"]
+    rows = tok.encode_ids(caps, max_len=6)
+    assert rows == [tok.encode(c, max_len=6) for c in caps]
+    assert [len(r) for r in rows] == [3, 6, 1, 6]  # "a [MASK] b" is 6 text ids: truncated to 5 + EOS
+    assert all(r[-1] == tok.eos_id and r.count(tok.eos_id) == 1 for r in rows)
+    with pytest.raises(ValueError):
+        tok.encode_ids(caps, max_len=0)
+
+
 def test_control_strings_in_captions_are_plain_text(tok):
     ids = tok.encode("a [MASK] <|endoftext|> b")
     assert tok.mask_id not in ids
