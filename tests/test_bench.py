@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import PRECISIONS
 
+from pipeline import benchmark
 from pipeline.config import BenchConfig
 from stages import bench
 
@@ -23,12 +24,12 @@ def _result(kind: str, value: str) -> dict:
 
 def test_outputs_merge_devices_and_keep_the_analysis(tmp_path):
     md = tmp_path / "BENCHMARKS.md"
-    md.write_text(f"# Benchmarks\n\nintro stays\n\n{bench.BEGIN}\nold table\n{bench.END}\n\n## Analysis\nkept\n")
+    md.write_text(f"# Benchmarks\n\nintro stays\n\n{benchmark.BEGIN}\nold table\n{benchmark.END}\n\n## Analysis\nkept\n")
     cfg = BenchConfig(json=tmp_path / "b.json", markdown=md)
-    bench.write_outputs(cfg, _result("cpu-avx2", "100.0 GFLOP/s"))
-    bench.write_outputs(cfg, _result("cuda-nvidia-h100", "700000.0 GFLOP/s"))
-    bench.write_outputs(cfg, _result("cpu-avx512bf16", "400.0 GFLOP/s"))
-    bench.write_outputs(cfg, _result("cpu-avx2", "120.0 GFLOP/s"))  # a rerun replaces its own kind's rows only
+    benchmark.write_outputs(cfg, _result("cpu-avx2", "100.0 GFLOP/s"))
+    benchmark.write_outputs(cfg, _result("cuda-nvidia-h100", "700000.0 GFLOP/s"))
+    benchmark.write_outputs(cfg, _result("cpu-avx512bf16", "400.0 GFLOP/s"))
+    benchmark.write_outputs(cfg, _result("cpu-avx2", "120.0 GFLOP/s"))  # a rerun replaces its own kind's rows only
 
     data = json.loads(cfg.json.read_text())
     assert set(data) == {"cpu-avx2", "cpu-avx512bf16", "cuda-nvidia-h100"}
@@ -41,28 +42,28 @@ def test_outputs_merge_devices_and_keep_the_analysis(tmp_path):
     assert text.count("| train speed-up | 9.0x | >= 8x | yes |") == 3
     assert "| cpu-avx512bf16 | cpu-avx512bf16-box |" in text
     before = text
-    bench.write_outputs(cfg, _result("cpu-avx2", "1.0 GFLOP/s"), markdown=False)  # JSON only
+    benchmark.write_outputs(cfg, _result("cpu-avx2", "1.0 GFLOP/s"), markdown=False)  # JSON only
     assert md.read_text() == before and "1.0 GFLOP/s" in cfg.json.read_text()
 
 
 def test_quick_or_json_elsewhere_leaves_the_committed_docs_alone(tmp_path):
     docs = BenchConfig()  # the committed pair: docs/benchmarks.json beside docs/BENCHMARKS.md
-    assert bench.outputs_plan(docs) == (True, True)
-    assert bench.outputs_plan(BenchConfig(quick=True)) == (False, False)
-    assert bench.outputs_plan(BenchConfig(json=tmp_path / "b.json")) == (True, False)
-    assert bench.outputs_plan(BenchConfig(quick=True, json=tmp_path / "b.json")) == (True, False)
+    assert benchmark.outputs_plan(docs) == (True, True)
+    assert benchmark.outputs_plan(BenchConfig(quick=True)) == (False, False)
+    assert benchmark.outputs_plan(BenchConfig(json=tmp_path / "b.json")) == (True, False)
+    assert benchmark.outputs_plan(BenchConfig(quick=True, json=tmp_path / "b.json")) == (True, False)
     side = BenchConfig(json=tmp_path / "b.json", markdown=tmp_path / "B.md")  # a pair of one's own
-    assert bench.outputs_plan(side) == (True, True)
+    assert benchmark.outputs_plan(side) == (True, True)
 
 
 def test_interleaved_rounds_and_ratio_spread():
     calls = []
-    t = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    t = benchmark.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4 and [len(v) for v in t.values()] == [3, 3]  # warm-up rounds are not kept
-    r = bench.ratios([10.0, 12.0, 8.0], [5.0, 4.0, 4.0])  # round by round: 2, 3, 2
+    r = benchmark.ratios([10.0, 12.0, 8.0], [5.0, 4.0, 4.0])  # round by round: 2, 3, 2
     assert r == {"median": 2.0, "min": 2.0, "max": 3.0, "n": 3}
-    assert bench.met_at_least(r, 2.0) and not bench.met_at_least(r, 2.5)  # must hold across the spread
-    assert bench.fmt(r, 1) == "2.0 (2.0-3.0)" and bench.fmt(bench.spread([0.5]), pct=True) == "50%"
+    assert benchmark.met_at_least(r, 2.0) and not benchmark.met_at_least(r, 2.5)  # must hold across the spread
+    assert benchmark.fmt(r, 1) == "2.0 (2.0-3.0)" and benchmark.fmt(benchmark.spread([0.5]), pct=True) == "50%"
 
 
 def test_end_to_end_reads_the_stage_records(tiny_shards, tiny_store, tiny_run):
@@ -123,3 +124,26 @@ def test_gpu_check_script_parses_and_its_plan_stays_out_of_the_users_folders():
     assert "cappa-gpu-check" in work and not Path(work).exists()  # a temporary folder, removed afterwards
     assert "--count 500" in make_all and "--epochs 1" in make_all and make_all.count("--device cuda") == 3
     assert "--device cuda" in plan[3] and "--json" in plan[3]
+
+
+@pytest.mark.slow
+def test_encode_bench_runs_the_fetch_and_encode_stages_as_a_user_does(tmp_path):
+    """bench_encode fetches fresh shards and times `pipeline encode` in its own process (tiny ViT), reading the
+    stage's own record of its rate."""
+    from pipeline.store import FeatureStore
+
+    cpu = torch.device("cpu")
+    limit = {p: {"n": 128} for p in ("fp32", "bf16")}
+    enc = bench.bench_encode(cpu, "fp32", True, lambda: None, tmp_path, limit, 1, model="vit_tiny_patch16_224",
+                             workers=1)
+    assert (enc["tokens"], enc["width"], enc["stage_images"]) == (197, 192, 48)
+    assert enc["stage_img_per_s"]["n"] == 1 and enc["stage_img_per_s"]["median"] > 0
+    assert enc["stage_vs_model"]["median"] > 0 and enc["model_vs_limit"]["median"] > 0
+    assert len(FeatureStore.open(tmp_path / "features.zarr").index()) == 48
+
+
+def test_a_failing_stage_subprocess_is_one_user_error_with_its_last_line(tmp_path):
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match=r"`pipeline encode --shards .*` failed: .*"):
+        bench._pipeline("encode", "--shards", tmp_path / "no-such-shards", "--store", tmp_path / "s.zarr")
