@@ -373,15 +373,12 @@ class CaptionDecoder(nn.Module):
 
         AR rows and parallel rows run as two sub-passes: the AR rows at the batch's length L, the parallel
         rows at Lp. A parallel row scores its caption's first Lp tokens (all of them when Lp is the longest
-        training caption). The vocab head runs only on real positions.
+        training caption). The vocab head runs once per batch, on both modes' real positions only.
         """
         b = targets.shape[0]
-        sums, counts = {}, {}
+        real_h, real_t, n = [], [], {}
         for mode, idx in zip(("ar", "par"), self._split(parallel, b)):
             if len(idx) == 0:
-                sums[mode] = torch.zeros((), dtype=torch.promote_types(self.head.weight.dtype, torch.float32),
-                                         device=targets.device)
-                counts[mode] = torch.zeros((), dtype=torch.long, device=targets.device)
                 continue
             whole = len(idx) == b  # a one-mode batch needs no row gather
             i = idx.to(targets.device)
@@ -391,9 +388,19 @@ class CaptionDecoder(nn.Module):
             else:
                 t, m = self._fit(t, m)
                 h = self._parallel_hidden(self._train_memory(f, self.parallel_len))  # [Bp, Lp, D]
-            logits = self.head(h[m])  # [T_real, V]: the head on real tokens only
-            ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), t[m], reduction="sum")
-            sums[mode], counts[mode] = ce, m.sum()
+            real_h.append(h[m])  # [T_mode, D]: real tokens only
+            real_t.append(t[m])
+            n[mode] = real_t[-1].shape[0]
+        # One head over both modes' real tokens: one [V, D] weight gradient per step, not one per mode.
+        logits = self.head(torch.cat(real_h))  # [T_ar + T_par, V]
+        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), torch.cat(real_t),
+                             reduction="none")  # [T_ar + T_par]
+        sums, counts, start = {}, {}, 0
+        for mode in ("ar", "par"):
+            k = n.get(mode, 0)
+            sums[mode] = ce[start:start + k].sum()  # 0 for a mode with no rows
+            counts[mode] = torch.tensor(k, dtype=torch.long, device=targets.device)
+            start += k
         return LossSums(sums["ar"], counts["ar"], sums["par"], counts["par"])
 
     @torch.no_grad()
