@@ -9,7 +9,6 @@ of docs/BENCHMARKS.md and keeps the hand-written text around it.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import BenchConfig
+from pipeline.osutil import atomic_write_text
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -97,9 +97,7 @@ def write_outputs(cfg: BenchConfig, result: dict, *, markdown: bool = True) -> N
     cfg.json.parent.mkdir(parents=True, exist_ok=True)
     all_results = json.loads(cfg.json.read_text()) if cfg.json.exists() else {}
     all_results[result["kind"]] = result
-    tmp = cfg.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(all_results, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, cfg.json)
+    atomic_write_text(cfg.json, json.dumps(all_results, indent=2, sort_keys=True) + "\n")
     if not markdown:
         return
     rows = ["| figure | value | target | met | kind | machine | date | commit |",
@@ -115,9 +113,7 @@ def write_outputs(cfg: BenchConfig, result: dict, *, markdown: bool = True) -> N
         md += f"\n{BEGIN}\n{END}\n"
     head, rest = md.split(BEGIN, 1)
     tail = rest.split(END, 1)[1] if END in rest else ""
-    tmp = cfg.markdown.with_suffix(".tmp")
-    tmp.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-    os.replace(tmp, cfg.markdown)
+    atomic_write_text(cfg.markdown, f"{head}{BEGIN}\n{table}\n{END}{tail}")
 
 
 def outputs_plan(cfg: BenchConfig) -> tuple[bool, bool]:
