@@ -376,7 +376,7 @@ class CaptionDecoder(nn.Module):
         training caption). The vocab head runs once per batch, on both modes' real positions only.
         """
         b = targets.shape[0]
-        real_h, real_t, n = [], [], {}
+        real_h, real_t = {}, {}  # mode -> [T_mode, D], [T_mode]: each present mode's real tokens
         for mode, idx in zip(("ar", "par"), self._split(parallel, b)):
             if len(idx) == 0:
                 continue
@@ -388,19 +388,15 @@ class CaptionDecoder(nn.Module):
             else:
                 t, m = self._fit(t, m)
                 h = self._parallel_hidden(self._train_memory(f, self.parallel_len))  # [Bp, Lp, D]
-            real_h.append(h[m])  # [T_mode, D]: real tokens only
-            real_t.append(t[m])
-            n[mode] = real_t[-1].shape[0]
+            real_h[mode], real_t[mode] = h[m], t[m]
         # One head over both modes' real tokens: one [V, D] weight gradient per step, not one per mode.
-        logits = self.head(torch.cat(real_h))  # [T_ar + T_par, V]
-        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), torch.cat(real_t),
-                             reduction="none")  # [T_ar + T_par]
-        sums, counts, start = {}, {}, 0
-        for mode in ("ar", "par"):
-            k = n.get(mode, 0)
-            sums[mode] = ce[start:start + k].sum()  # 0 for a mode with no rows
-            counts[mode] = torch.tensor(k, dtype=torch.long, device=targets.device)
-            start += k
+        logits = self.head(torch.cat(list(real_h.values())))  # [T_ar + T_par, V]
+        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                             torch.cat(list(real_t.values())), reduction="none")  # [T_ar + T_par]
+        per_mode = dict(zip(real_t, ce.split([len(t) for t in real_t.values()])))
+        none = ce[:0]  # a mode with no rows: sum 0, 0 tokens
+        sums = {mode: per_mode.get(mode, none).sum() for mode in ("ar", "par")}
+        counts = {mode: torch.tensor(len(per_mode.get(mode, none)), device=targets.device) for mode in ("ar", "par")}
         return LossSums(sums["ar"], counts["ar"], sums["par"], counts["par"])
 
     @torch.no_grad()

@@ -117,8 +117,8 @@ def fit_baseline(tokenizer, train_captions: Sequence[str], val_captions: Sequenc
 
     -> {"order", "val_loss" (nats/token, as the decoder's AR loss), "val_tokens", "caption" (its most likely
     caption, the same for every image), "train_captions"}."""
-    enc = tokenizer.encode_ids(list(train_captions), max_len)
+    enc = tokenizer.encode_ids(train_captions, max_len)
     lm = NGramLM(order, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id).fit(enc)
-    s, n = lm.nll(tokenizer.encode_ids(list(val_captions), max_len))
+    s, n = lm.nll(tokenizer.encode_ids(val_captions, max_len))
     return {"order": order, "val_loss": s / n if n else None, "val_tokens": n,
             "caption": tokenizer.decode(lm.most_likely(max_len - 1)), "train_captions": len(enc)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -42,7 +43,7 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, mask={self.mask_id}, eos={self.eos_id})"
 
-    def encode_ids(self, captions: list[str], max_len: int = 77) -> list[list[int]]:
+    def encode_ids(self, captions: Iterable[str], max_len: int = 77) -> list[list[int]]:
         """Captions -> one list of ids + EOS each, at most `max_len` ids (text truncated so EOS always
         survives as the last id: the model must learn to stop). No padding: `encode_batch` pads."""
         if max_len < 1:
