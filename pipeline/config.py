@@ -236,8 +236,8 @@ RECIPES: dict[str, dict] = {
                      weight_decay=1e-4, beta1=0.9, beta2=0.999, patience=0, tie_embeddings=False,
                      image_pos_emb=False),
 }
-# Other accepted spellings of a recipe. Runs record the spelling they were started with, and "seed"
-# (the same name as the RNG seed, hence the rename) is in config.json files that must still resume.
+# Other accepted spellings of a recipe. A run records the spelling it was started with and resumes
+# with it; config.json files that say "seed" must still resume (the name is the RNG seed's too).
 RECIPE_ALIASES = {"seed": "original"}
 
 
