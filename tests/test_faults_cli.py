@@ -3,7 +3,8 @@
 Runs `pipeline ...` in-process through cli.main (an exception other than UserError would surface here as a
 test error), plus one fresh interpreter. Already covered elsewhere (not repeated): train on a missing store
 (tests/test_train.py), eval on a missing run (test_evaluate.py), caption of a text file or a missing file and
-a run whose encoder weights cannot be rebuilt (test_caption.py), --resume with other settings (test_train.py).
+a run whose encoder weights cannot be rebuilt (test_caption.py), --resume with other settings (test_train.py),
+an option's value outside its allowed values (test_options.py, every option).
 """
 
 from __future__ import annotations
@@ -85,8 +86,6 @@ def wrong(tiny_shards, tiny_store, tiny_run, tmp_path_factory):
 CASES = {  # name: (argv with {d} = the fixture folder, {store} = tiny_store, {recipe}), the line's gist
     "train on an empty store": ("train --store {d}/empty.zarr --run {d}/new", "has no finished shard yet"),
     "train on a folder that is no store": ("train --store {d}/notastore --run {d}/new", "is not a zarr v3"),
-    "train with negative length buckets": ("train --store {store} --run {d}/new --length-buckets -1",
-                                           "--length-buckets must be >= 0 (got -1)"),
     "encode with no finished shards": ("encode --shards {d}/no_shards --store {d}/x.zarr", "no finished shards"),
     "eval with an empty store": ("eval --run {d}/run --store {d}/empty.zarr", "has no finished shard yet"),
     "eval of an empty run folder": ("eval --run {d}/empty_run", "has no config.json"),
