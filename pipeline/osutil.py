@@ -1,4 +1,5 @@
-"""Operating-system plumbing shared by stages and stores: atomic writes, directory fsync, SIGINT/SIGTERM scopes."""
+"""Operating-system plumbing shared by stages and stores: atomic writes, directory fsync, SIGINT/SIGTERM scopes,
+file names made safe to print."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import threading
 import uuid
 from pathlib import Path
 from typing import Callable
+
+# Bidirectional overrides and line/paragraph separators reorder or break what a terminal shows.
+_INVISIBLE = set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A)) | {0x200E, 0x200F, 0x2028, 0x2029}
 
 
 def fsync_dir(path: Path) -> None:
@@ -42,6 +46,23 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
 
     atomic_write(path, write)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (escape codes, newlines), bidi overrides and undecodable bytes of a
+    file name (lone surrogates) written as escapes, so a hostile name cannot drive the terminal; plain text
+    is unchanged."""
+    out = []
+    for ch in str(text):
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # a byte os.fsdecode could not decode (surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o < 0x20 or 0x7F <= o < 0xA0 or o in _INVISIBLE or 0xD800 <= o <= 0xDFFF:
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                       if o < 0xD800 else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 class SignalScope:
