@@ -1,4 +1,5 @@
-"""A quiet loopback HTTP server for the synthetic source and tests, with routes that fail like the real web."""
+"""A quiet loopback HTTP server for the synthetic source and tests, with routes that fail like the
+real web."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from pathlib import Path
 from typing import Iterator
 
 
+HOSTILE_S = 300  # how long the never-ending routes last at most
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """/img/F the image; /missing/F 404; /html/F an HTML page; /truncated/F half the JPEG, then a dropped link;
-    /redirect/<quoted url> a 302 to that url; /drip/N a promised image whose bytes come one every `drip_s`
-    seconds; /dripheaders/N the same for its headers; /endless/N bytes without a length, for ever."""
+    """/img/F the image; /missing/F 404; /html/F an HTML page; /truncated/F half the JPEG, then a
+    dropped link; /redirect/<quoted url> a 302 to that url; /drip/N a promised image whose bytes
+    come one every `drip_s` seconds; /dripheaders/N the same for its headers; /endless/N bytes
+    without a length, for ever."""
 
     protocol_version = "HTTP/1.1"
 
@@ -57,13 +62,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._send(200, body, "image/jpeg")
 
     def _hostile(self, route: str) -> None:
-        """Answers that never finish, as a slow-loris or broken server gives them; they stop (within a minute,
-        or when the client hangs up) so a server thread never outlives a test for long."""
+        """Answers that never finish, as a slow-loris or broken server gives them; they stop when
+        the client hangs up (or after HOSTILE_S) so a server thread never outlives a test for long.
+        """
         drip_s = getattr(self.server, "drip_s", 2.0)
         self.close_connection = True
         if route == "dripheaders":
             self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-            for _ in range(int(60 / drip_s)):
+            for _ in range(int(HOSTILE_S / drip_s)):
                 self.wfile.write(b"a")
                 self.wfile.flush()
                 time.sleep(drip_s)
@@ -74,7 +80,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "100000")
         self.send_header("Connection", "close")
         self.end_headers()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HOSTILE_S
         while time.monotonic() < deadline:
             self.wfile.write(b"\xff" if route == "drip" else b"\xff" * 65536)
             self.wfile.flush()
@@ -102,8 +108,8 @@ def serve(root: Path, slow: threading.Event | None = None, delay_s: float = 2.0,
           drip_s: float = 2.0) -> Iterator[str]:
     """Serve root's files on 127.0.0.1 (a free port) for the duration; yields the base url.
 
-    While `slow` is set every image/html answer waits `delay_s` first (tests interrupt a fetch mid-download);
-    the drip routes send a byte every `drip_s` seconds.
+    While `slow` is set every image/html answer waits `delay_s` first (tests interrupt a fetch
+    mid-download); the drip routes send a byte every `drip_s` seconds.
     """
     server = _Server(("127.0.0.1", 0), _Handler)
     server.root = Path(root)  # type: ignore[attr-defined]

@@ -14,8 +14,9 @@ from pipeline.runlog import pyplot, save_figure
 
 MODES = ("greedy", "beam", "parallel")
 MODE_COLOURS = {"greedy": "tab:blue", "beam": "tab:green", "parallel": "tab:orange"}
-# Captions, keys and names are drawn as they are: a `$` pair would otherwise be parsed as TeX (a model's
-# `$$$` or a caption's invalid maths crashed the figure after eval's work), and usetex would run latex on them.
+# Captions, keys and names are drawn as they are: a `$` pair would otherwise be parsed as TeX (a
+# model's `$$$` or a caption's invalid maths crashed the figure after eval's work), and usetex would
+# run latex on them.
 PLAIN = {"parse_math": False, "usetex": False}
 
 
@@ -65,7 +66,8 @@ def plot_grid(samples: list[dict], images: list, path: Path, cols: int = 4) -> N
         if im is not None:
             ax.imshow(im)
         else:
-            ax.text(0.5, 0.5, "(image not found)", ha="center", va="center", transform=ax.transAxes, **PLAIN)
+            ax.text(0.5, 0.5, "(image not found)", ha="center", va="center", transform=ax.transAxes,
+                    **PLAIN)
         ax.set_title(str(s.get("key", "")), fontsize=8, **PLAIN)
         lines = []
         for label in ("reference", *MODES):

@@ -1,29 +1,30 @@
-"""Guards around img2dataset's downloads against hostile lists: schemes, addresses, slow or endless answers,
-decompression bombs.
+"""Guards around img2dataset's downloads against hostile lists: schemes, addresses, slow or endless
+answers, decompression bombs.
 
-img2dataset fetches with `urllib.request.urlopen`, whose default opener also reads `file://`, `ftp://` and
-`data:` urls, follows redirects anywhere, and reads a body for as long as bytes keep coming. In every
-img2dataset worker (the Downloader below is what its process pool unpickles) the global opener is replaced
-by one that:
+img2dataset fetches with `urllib.request.urlopen`, whose default opener also reads `file://`,
+`ftp://` and `data:` urls, follows redirects anywhere, and reads a body for as long as bytes keep
+coming. In every img2dataset worker (the Downloader below is what its process pool unpickles) the
+global opener is replaced by one that:
 
 - speaks only http(s): any other url fails with urllib's own `unknown url type` (reason `bad url`);
-- refuses a redirect to another scheme, or to a loopback / link-local / private / reserved address, unless
-  the list itself names that host (the synthetic source and tests serve from 127.0.0.1): `redirect refused`;
-- checks the very address each connection goes to, after name resolution and for every redirect hop, so a
-  name that resolves (or re-resolves) somewhere it must not go is refused before connect: link-local and
-  cloud metadata (169.254.0.0/16, fe80::/10), unspecified (0.0.0.0, which Linux routes to this host),
-  multicast and reserved addresses always (`address refused`), loopback and private ones unless the list
-  names that host.
+- refuses a redirect to another scheme, or to a loopback / link-local / private / reserved address,
+  unless the list itself names that host (the synthetic source and tests serve from 127.0.0.1):
+  `redirect refused`;
+- checks the very address each connection goes to, after name resolution and for every redirect hop,
+  so a name that resolves (or re-resolves) somewhere it must not go is refused before connect:
+  link-local and cloud metadata (169.254.0.0/16, fe80::/10), unspecified (0.0.0.0, which Linux
+  routes to this host), multicast and reserved addresses always (`address refused`), loopback and
+  private ones unless the list names that host.
 
-img2dataset's `download_image` is replaced by one with a deadline for the whole download (connect, headers,
-body, redirects; twice `timeout`: `download deadline exceeded`, where a server dripping a byte a second
-would reset the per-read timeout for ever) and a
-byte cap (`response larger than N bytes`), so no answer holds a worker or its memory for long.
+img2dataset's `download_image` is replaced by one with a deadline for the whole download (connect,
+headers, body, redirects; twice `timeout`: `download deadline exceeded`, where a server dripping a
+byte a second would reset the per-read timeout for ever) and a byte cap (`response larger than N
+bytes`), so no answer holds a worker or its memory for long.
 
-Images whose header promises more than `max_image_area` pixels, or a shape whose resized long side no JPEG
-can hold, are refused before they are decoded (`image area too large`, `aspect ratio too large`), so a small
-decompression bomb never becomes gigabytes of pixels; any other failure of the resizer is one readable
-reason (`unsupported image: ...`) instead of its internal error text.
+Images whose header promises more than `max_image_area` pixels, or a shape whose resized long side
+no JPEG can hold, are refused before they are decoded (`image area too large`, `aspect ratio too
+large`), so a small decompression bomb never becomes gigabytes of pixels; any other failure of the
+resizer is one readable reason (`unsupported image: ...`) instead of its internal error text.
 """
 
 from __future__ import annotations
@@ -44,17 +45,18 @@ from img2dataset.downloader import Downloader
 
 SCHEMES = ("http", "https")
 MAX_DOWNLOAD_BYTES = 64 * 2**20  # no image worth captioning is larger; an endless stream stops here
-# The whole download (connect, headers, body, redirects) gets this many times the per-read `timeout`: a server
-# that never answers still fails as `timeout`, one that drips bytes fails here.
+# The whole download (connect, headers, body, redirects) gets this many times the per-read
+# `timeout`: a server that never answers still fails as `timeout`, one that drips bytes fails here.
 DEADLINE_FACTOR = 2
-MAX_JPEG_SIDE = 65500  # OpenCV's JPEG encoder fails on a longer side (and returns a tuple, not bytes)
+MAX_JPEG_SIDE = 65500  # OpenCV's JPEG encoder fails on a longer side (returns a tuple, not bytes)
 # What img2dataset's resizer itself reports; any other message is its internal error text.
-RESIZER_REASONS = ("image too small", "image area too large", "aspect ratio too large", "Image decoding error",
-                   "blurrer not defined")
+RESIZER_REASONS = ("image too small", "image area too large", "aspect ratio too large",
+                   "Image decoding error", "blurrer not defined")
 
 
 def _ip(text: str):
-    """The address `text` names (an IPv4 address mapped into or embedded in IPv6 as its IPv4 self), or None."""
+    """The address `text` names (an IPv4 address mapped into or embedded in IPv6 as its IPv4 self),
+    or None."""
     try:
         ip = ipaddress.ip_address(text.split("%")[0])
     except ValueError:
@@ -65,15 +67,16 @@ def _ip(text: str):
 
 
 def address_class(text: str) -> str | None:
-    """None for a public address; "never" for an address no image is served from (link-local and cloud
-    metadata, unspecified, multicast, reserved); "local" for loopback and private networks."""
+    """None for a public address; "never" for an address no image is served from (link-local and
+    cloud metadata, unspecified, multicast, reserved); "local" for loopback and private networks."""
     ip = _ip(text)
     if ip is None:
         return None
     if ip.is_loopback:  # before is_reserved: IPv6's ::/8 holds ::1
         return "local"
+    this_network = ip.version == 4 and int(ip) >> 24 == 0  # 0.0.0.0/8
     if ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip.is_reserved or \
-            getattr(ip, "is_site_local", False) or (ip.version == 4 and int(ip) >> 24 == 0):  # 0.0.0.0/8
+            getattr(ip, "is_site_local", False) or this_network:
         return "never"
     return "local" if ip.is_loopback or ip.is_private or not ip.is_global else None
 
@@ -83,7 +86,8 @@ def _is_private_ip(text: str) -> bool:
 
 
 def private_hosts(urls) -> frozenset[str]:
-    """Hosts a list names that are private addresses (IP literals, `localhost`): redirects there are allowed."""
+    """Hosts a list names that are private addresses (IP literals, `localhost`): redirects there are
+    allowed."""
     out = set()
     for u in urls:
         try:
@@ -145,8 +149,9 @@ def _refusal(host: str, addr: str, allowed: frozenset[str]) -> str | None:
 
 def guarded_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, *,
                        allowed: frozenset[str] = frozenset()) -> socket.socket:
-    """socket.create_connection, but only to resolved addresses `_refusal` lets through: the address checked
-    is the one connected to, so a name cannot re-resolve elsewhere between the check and the connect."""
+    """socket.create_connection, but only to resolved addresses `_refusal` lets through: the address
+    checked is the one connected to, so a name cannot re-resolve elsewhere between the check and the
+    connect."""
     host, port = address
     refused, err = [], None
     for family, type_, proto, _, sa in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
@@ -172,8 +177,9 @@ def guarded_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_a
 
 
 class _Deadline:
-    """One download's deadline: when it passes, every socket the download opened is shut down, which ends
-    whatever read or connect is blocked on it (a socket timeout restarts with each byte a server drips)."""
+    """One download's deadline: when it passes, every socket the download opened is shut down, which
+    ends whatever read or connect is blocked on it (a socket timeout restarts with each byte a
+    server drips)."""
 
     _current = threading.local()
 
@@ -199,7 +205,8 @@ class _Deadline:
 
     @classmethod
     def watch(cls, sock: socket.socket) -> None:
-        """Shut `sock` down at the running download's deadline (a connection outside a download: never)."""
+        """Shut `sock` down at the running download's deadline (a connection outside a download:
+        never)."""
         d = getattr(cls._current, "value", None)
         if d is not None:
             with d.lock:
@@ -218,7 +225,8 @@ def _shutdown(sock: socket.socket) -> None:
 def _guarded(conn_class, allowed: frozenset[str]):
     def make(host, **kw):
         conn = conn_class(host, **kw)
-        conn._create_connection = functools.partial(guarded_connection, allowed=allowed)  # its connect() uses it
+        # HTTP(S)Connection.connect() opens its socket through this attribute
+        conn._create_connection = functools.partial(guarded_connection, allowed=allowed)
         return conn
 
     return make
@@ -243,14 +251,16 @@ class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
 
 
 def install_opener(allowed: frozenset[str]) -> None:
-    """The process-wide urllib opener: http(s) only, guarded redirects and addresses (img2dataset calls
-    urlopen). A proxy the environment names is reached as the list's own hosts are."""
+    """The process-wide urllib opener: http(s) only, guarded redirects and addresses (img2dataset
+    calls urlopen). A proxy the environment names is reached as the list's own hosts are."""
     proxies = frozenset((urllib.parse.urlsplit(u).hostname or "").lower()
                         for u in urllib.request.getproxies().values() if "://" in str(u))
     opener = urllib.request.OpenerDirector()
-    for h in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), GuardedHTTPHandler(allowed | proxies),
-              GuardedHTTPSHandler(allowed | proxies), urllib.request.HTTPDefaultErrorHandler(),
-              GuardedRedirects(allowed), urllib.request.HTTPErrorProcessor()):
+    reach = allowed | proxies
+    ur = urllib.request
+    for h in (ur.ProxyHandler(), ur.UnknownHandler(), GuardedHTTPHandler(reach),
+              GuardedHTTPSHandler(reach), ur.HTTPDefaultErrorHandler(), GuardedRedirects(allowed),
+              ur.HTTPErrorProcessor()):
         opener.add_handler(h)
     urllib.request.install_opener(opener)
 
@@ -273,15 +283,15 @@ def _read_capped(r, max_bytes: int, deadline: _Deadline) -> bytes:
             break
     if deadline.expired:  # a shut-down socket reads as a clean end: the body is not whole
         raise TimeoutError("download deadline exceeded")
-    if getattr(r, "length", None):  # read1 ends quietly where read() raises: fewer bytes than promised
+    if getattr(r, "length", None):  # fewer bytes than promised: read1 ends quietly, read() raised
         raise http.client.IncompleteRead(buf.getvalue(), r.length)
     return buf.getvalue()
 
 
 def download_image(row, timeout, user_agent_token, disallowed_header_directives,
                    max_bytes: int = MAX_DOWNLOAD_BYTES):
-    """img2dataset's download_image (same arguments and result: key, BytesIO or None, error text or None)
-    with the deadline and byte cap above."""
+    """img2dataset's download_image (same arguments and result: key, BytesIO or None, error text or
+    None) with the deadline and byte cap above."""
     key, url = row
     ua = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
     if user_agent_token:
@@ -295,7 +305,7 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives,
                     return key, None, "Use of image disallowed by X-Robots-Tag directive"
                 data = _read_capped(r, max_bytes, deadline)
             return key, io.BytesIO(data), None
-        except Exception as err:  # noqa: BLE001 - every failure is a row's reason, as in img2dataset
+        except Exception as err:  # noqa: BLE001 - any failure is a row's reason, as in img2dataset
             if deadline.expired:
                 return key, None, f"download deadline exceeded ({DEADLINE_FACTOR * timeout} s)"
             reason = getattr(err, "reason", None)
@@ -303,8 +313,9 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives,
 
 
 class AreaCheck:
-    """Wraps img2dataset's Resizer: reads the image header first and refuses more than `max_area` pixels or
-    a shape the resizer's JPEG cannot hold; the resizer's internal errors become one readable reason."""
+    """Wraps img2dataset's Resizer: reads the image header first and refuses more than `max_area`
+    pixels or a shape the resizer's JPEG cannot hold; the resizer's internal errors become one
+    readable reason."""
 
     def __init__(self, resizer, max_area: float):
         self.resizer, self.max_area = resizer, max_area
@@ -344,8 +355,9 @@ class AreaCheck:
 class GuardedDownloader(Downloader):
     """img2dataset's Downloader with the guards above installed in whichever process runs it."""
 
-    def __init__(self, *args, allowed_hosts: frozenset[str] = frozenset(), max_image_area: float = float("inf"),
-                 max_bytes: int = MAX_DOWNLOAD_BYTES, **kwargs):
+    def __init__(self, *args, allowed_hosts: frozenset[str] = frozenset(),
+                 max_image_area: float = float("inf"), max_bytes: int = MAX_DOWNLOAD_BYTES,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.allowed_hosts = frozenset(allowed_hosts)
         self.max_bytes = max_bytes

@@ -21,7 +21,8 @@ def open_image(path: Path):
             im.load()  # decode now: a truncated JPEG fails here, not inside the encoder
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{printable(str(path))} is not a readable image ({type(e).__name__})") from None
+        name = printable(str(path))
+        raise UserError(f"{name} is not a readable image ({type(e).__name__})") from None
 
 
 def run(cfg: CaptionConfig) -> list[str]:
@@ -69,6 +70,6 @@ def run(cfg: CaptionConfig) -> list[str]:
         ids = dec.generate(feats.to(device).float(), max_new_tokens=max_new, beam_size=cfg.beam_size,
                            length_penalty=cfg.length_penalty)
     captions = run.tokenizer.decode_batch(ids.cpu())
-    for path, caption in zip(cfg.images, captions):  # escaped: a file name's escape codes drive terminals
+    for path, caption in zip(cfg.images, captions):  # escaped: escape codes drive terminals
         print(f"{printable(str(path))}: {printable(caption)}", flush=True)
     return captions

@@ -59,7 +59,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _fetched_here(shards: Path) -> bool:
-    """A shards folder fetched by this stage before folders carried a marker: it holds our record."""
+    """A shards folder this stage fetched before folders carried a marker: it holds our record."""
     try:
         rec = json.loads(record_path(shards).read_text())
     except (OSError, ValueError):
@@ -68,21 +68,22 @@ def _fetched_here(shards: Path) -> bool:
 
 
 def _drawn_here(root: Path) -> bool:
-    """A synthetic folder drawn by this stage before folders carried a marker: our manifest, our urls.parquet
-    and drawings named as ours, nothing else."""
+    """A synthetic folder this stage drew before folders carried a marker: our manifest, our
+    urls.parquet and drawings named as ours (.tmp: a killed drawing), nothing else."""
     try:
         manifest = json.loads((root / "manifest.json").read_text())
         names = os.listdir(root / "images") if (root / "images").is_dir() else []
     except (OSError, ValueError):
         return False
     return (isinstance(manifest, dict) and {"version", "seed", "count"} <= manifest.keys()
-            and all(re.fullmatch(r"images|(manifest\.json|urls\.parquet)(\.tmp)?", n) for n in os.listdir(root))
-            and all(re.fullmatch(r"\d{8}\.jpg(\.tmp\d+)?", n) for n in names))  # .tmp: a killed drawing
+            and all(re.fullmatch(r"images|(manifest\.json|urls\.parquet)(\.tmp)?", n)
+                    for n in os.listdir(root))
+            and all(re.fullmatch(r"\d{8}\.jpg(\.tmp\d+)?", n) for n in names))
 
 
 def _claim_folders(cfg: FetchConfig) -> None:
-    """The shards folder, and the synthetic folder (its images of another seed are deleted), are ours to
-    write: never a user's. Both are checked before either is created."""
+    """The shards folder, and the synthetic folder (its images of another seed are deleted), are
+    ours to write: never a user's. Both are checked before either is created."""
     folders = [(Path(cfg.shards), "shards", "pipeline fetch", "shards folder", _fetched_here)]
     if cfg.source == "synthetic":
         folders.append((Path(cfg.synthetic_dir), "synthetic", "pipeline fetch --source synthetic",
@@ -103,8 +104,9 @@ def _check_manifest(root: Path) -> None:
         except (OSError, ValueError):
             ok = False
         if not ok:
-            raise UserError(f"{printable(str(manifest))} is not a manifest this tool wrote (not a JSON object): "
-                            f"delete {printable(str(root))} (it is drawn again) or use another --synthetic-dir")
+            raise UserError(f"{printable(str(manifest))} is not a manifest this tool wrote (not "
+                            f"a JSON object): delete {printable(str(root))} (it is drawn again) or "
+                            "use another --synthetic-dir")
 
 
 def _check_same_list(shards: Path, fingerprint: dict) -> None:
@@ -207,7 +209,7 @@ def _img2dataset_kwargs(cfg: FetchConfig, url_list: Path, extra: list[str]) -> d
         processes_count=cfg.processes, thread_count=cfg.threads, distributor=cfg.distributor,
         timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental", min_image_size=cfg.min_image_size,
         enable_wandb=False, compute_hash=None, max_image_area=cfg.max_image_area,
-        max_aspect_ratio=MAX_JPEG_SIDE / cfg.image_size,  # resized to cfg.image_size, the long side must fit
+        max_aspect_ratio=MAX_JPEG_SIDE / cfg.image_size,  # the resized long side must fit a JPEG
     )
 
 
