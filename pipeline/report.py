@@ -14,6 +14,10 @@ from pipeline.runlog import pyplot, save_figure
 
 MODES = ("greedy", "beam", "parallel")
 MODE_COLOURS = {"greedy": "tab:blue", "beam": "tab:green", "parallel": "tab:orange"}
+# Captions, keys and names are drawn as they are: a `$` pair would otherwise be parsed as TeX (a
+# model's `$$$` or a caption's invalid maths crashed the figure after eval's work), and usetex would
+# run latex on them.
+PLAIN = {"parse_math": False, "usetex": False}
 
 
 # --- figures ---------------------------------------------------------------------------------------------------
@@ -35,9 +39,9 @@ def plot_metric_bars(coco: dict[str, dict[str, float]], path: Path) -> None:
                 vals = [coco[key].get(n, 0.0) for n in subset]
                 ax.bar(x + (2 * j + k - len(modes) + 0.5) * w, vals, w, color=MODE_COLOURS[mode], alpha=alpha,
                        hatch=hatch, label=key.replace("_", " ") if ax is axes[0] else None)
-        ax.set_xticks(x, [n.replace("_", "-") for n in subset])
+        ax.set_xticks(x, [n.replace("_", "-") for n in subset], **PLAIN)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_title("COCO metrics: model (solid) vs blind baseline (hatched)")
+    axes[0].set_title("COCO metrics: model (solid) vs blind baseline (hatched)", **PLAIN)
     axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
@@ -62,15 +66,16 @@ def plot_grid(samples: list[dict], images: list, path: Path, cols: int = 4) -> N
         if im is not None:
             ax.imshow(im)
         else:
-            ax.text(0.5, 0.5, "(image not found)", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(s.get("key", ""), fontsize=8)
+            ax.text(0.5, 0.5, "(image not found)", ha="center", va="center", transform=ax.transAxes,
+                    **PLAIN)
+        ax.set_title(str(s.get("key", "")), fontsize=8, **PLAIN)
         lines = []
         for label in ("reference", *MODES):
             if s.get(label) is not None:  # shortened: an untrained decoder rambles for max_new_tokens
                 room = 200 if label == "reference" else 120
                 lines.append(textwrap.fill(textwrap.shorten(f"{label}: {s[label]}", room, placeholder=" …"), 52))
         fig.text((c * cw + 0.15) / fw, (top - img_h) / fh, "\n".join(lines), va="top", ha="left", fontsize=7,
-                 family="monospace")
+                 family="monospace", **PLAIN)
     save_figure(fig, path)
 
 

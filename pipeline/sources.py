@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def read_url_list(path: str | Path, count: int) -> pd.DataFrame:
         raise UserError(f"url list {path} does not exist")
     if path.is_dir():
         raise UserError(f"url list {path} is a folder, not a file")
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read, /dev/zero never end
+        raise UserError(f"url list {path} is not a regular file (a pipe, device or socket): "
+                        "save the list to a file first")
     if path.stat().st_size == 0:
         raise UserError(f"url list {path} is empty")
     if path.suffix.lower() in (".parquet", ".pq"):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline.config import CaptionConfig
 from pipeline.errors import UserError
+from pipeline.osutil import printable
 
 
 def open_image(path: Path):
@@ -14,13 +15,14 @@ def open_image(path: Path):
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{printable(str(path))}: no such file")
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated JPEG fails here, not inside the encoder
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path} is not a readable image ({type(e).__name__})") from None
+        name = printable(str(path))
+        raise UserError(f"{name} is not a readable image ({type(e).__name__})") from None
 
 
 def run(cfg: CaptionConfig) -> list[str]:
@@ -68,6 +70,6 @@ def run(cfg: CaptionConfig) -> list[str]:
         ids = dec.generate(feats.to(device).float(), max_new_tokens=max_new, beam_size=cfg.beam_size,
                            length_penalty=cfg.length_penalty)
     captions = run.tokenizer.decode_batch(ids.cpu())
-    for path, caption in zip(cfg.images, captions):
-        print(f"{path}: {caption}", flush=True)
+    for path, caption in zip(cfg.images, captions):  # escaped: escape codes drive terminals
+        print(f"{printable(str(path))}: {printable(caption)}", flush=True)
     return captions

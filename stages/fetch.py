@@ -18,7 +18,10 @@ from pathlib import Path
 from pipeline import status as st
 from pipeline.config import FetchConfig, to_jsonable
 from pipeline.errors import UserError
-from pipeline.osutil import SignalScope
+from pipeline.osutil import SignalScope, printable
+from pipeline.ownership import check, claim
+
+MAX_JPEG_SIDE = 65500  # OpenCV's JPEG encoder refuses a longer side (pipeline/safe_fetch.py)
 
 # Our own records live in a sub-folder: img2dataset reads EVERY top-level *.json as a shard's stats file.
 RUN_DIR = "_fetch"
@@ -53,6 +56,57 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _fetched_here(shards: Path) -> bool:
+    """A shards folder this stage fetched before folders carried a marker: it holds our record."""
+    try:
+        rec = json.loads(record_path(shards).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and isinstance(rec.get("fingerprint"), dict)
+
+
+def _drawn_here(root: Path) -> bool:
+    """A synthetic folder this stage drew before folders carried a marker: our manifest, our
+    urls.parquet and drawings named as ours (.tmp: a killed drawing), nothing else."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+        names = os.listdir(root / "images") if (root / "images").is_dir() else []
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and {"version", "seed", "count"} <= manifest.keys()
+            and all(re.fullmatch(r"images|(manifest\.json|urls\.parquet)(\.tmp)?", n)
+                    for n in os.listdir(root))
+            and all(re.fullmatch(r"\d{8}\.jpg(\.tmp\d+)?", n) for n in names))
+
+
+def _claim_folders(cfg: FetchConfig) -> None:
+    """The shards folder, and the synthetic folder (its images of another seed are deleted), are
+    ours to write: never a user's. Both are checked before either is created."""
+    folders = [(Path(cfg.shards), "shards", "pipeline fetch", "shards folder", _fetched_here)]
+    if cfg.source == "synthetic":
+        folders.append((Path(cfg.synthetic_dir), "synthetic", "pipeline fetch --source synthetic",
+                        "--synthetic-dir folder", _drawn_here))
+    for folder, kind, _, noun, legacy in folders:
+        check(folder, kind, noun, legacy)
+    for folder, kind, stage, noun, legacy in folders:
+        claim(folder, kind, stage, noun, legacy)
+    if cfg.source == "synthetic":
+        _check_manifest(Path(cfg.synthetic_dir))
+
+
+def _check_manifest(root: Path) -> None:
+    manifest = root / "manifest.json"
+    if manifest.exists() or manifest.is_symlink():
+        try:
+            ok = not manifest.is_symlink() and isinstance(json.loads(manifest.read_text()), dict)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"{printable(str(manifest))} is not a manifest this tool wrote (not "
+                            f"a JSON object): delete {printable(str(root))} (it is drawn again) or "
+                            "use another --synthetic-dir")
 
 
 def _check_same_list(shards: Path, fingerprint: dict) -> None:
@@ -155,6 +209,7 @@ def _img2dataset_kwargs(cfg: FetchConfig, url_list: Path, extra: list[str]) -> d
         processes_count=cfg.processes, thread_count=cfg.threads, distributor=cfg.distributor,
         timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental", min_image_size=cfg.min_image_size,
         enable_wandb=False, compute_hash=None, max_image_area=cfg.max_image_area,
+        max_aspect_ratio=MAX_JPEG_SIDE / cfg.image_size,  # the resized long side must fit a JPEG
     )
 
 
@@ -283,6 +338,7 @@ def _run(cfg: FetchConfig, signals: _Signals) -> dict:
                               issues.items() if n) + " (see docs/RELIABILITY.md)[/]", highlight=False)
             fingerprint = {"source": str(Path(cfg.source).resolve()), "count": n_rows, "digest": _list_digest(df)}
         fingerprint.update(samples_per_shard=cfg.samples_per_shard, image_size=cfg.image_size)
+        _claim_folders(cfg)
         _check_same_list(shards, fingerprint)
         if torn := _set_aside_torn_stats(shards) if shards.is_dir() else []:
             console.print(f"[yellow]torn stats file of shard {', '.join(torn)} (a fetch killed while writing it): "

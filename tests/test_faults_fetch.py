@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -73,6 +74,12 @@ def _files(www: Path) -> None:
     big.putpalette([30, 120, 200])
     (www / "huge.png").write_bytes(_png(big))
     (www / "bomb.png").write_bytes(_bomb(20000))
+    # 32 x 9000: resized to 256 x 72000, longer than any JPEG (OpenCV's encoder returned a tuple,
+    # and the reason read "'tuple' object has no attribute 'tobytes'")
+    (www / "tall.png").write_bytes(_png(Image.new("RGB", (32, 9000), (0, 90, 0))))
+    b = io.BytesIO()  # 32-bit integer pixels: OpenCV decodes them, its resize cannot
+    Image.fromarray(rng.integers(0, 2**20, (300, 300), dtype=np.int32)).save(b, "TIFF")
+    (www / "int32.tiff").write_bytes(b.getvalue())
 
 
 def _bomb(side: int) -> bytes:
@@ -91,8 +98,20 @@ def _bomb(side: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
+# Reasons whose text carries a number or an address: compared by their start.
+PREFIXES = ("address refused", "download deadline exceeded", "response larger than",
+            "unsupported image")
+
+
+def _reason(message: str) -> str:
+    reason = status.failure_reason(message)
+    return next((p for p in PREFIXES if reason.startswith(p)), reason)
+
+
 def _cases(base: str, quiet: str) -> list[tuple[bytes, str, str]]:
     """(caption bytes, url, expected outcome: "ok" or the failure reason `pipeline status` names)."""
+    port = base.rsplit(":", 1)[1]
+    metadata = "http://169.254.169.254/latest/meta-data/x.jpg"
     return [(f"photo number {i}".encode(), f"{base}/img/ok{i}.jpg", "ok") for i in range(1, 9)] + [
         (b"a dead link", f"{base}/missing/ok1.jpg", "http 404"),
         (b"a server that never answers", quiet, "timeout"),
@@ -117,25 +136,43 @@ def _cases(base: str, quiet: str) -> list[tuple[bytes, str, str]]:
         (b"a redirect to a local file", f"{base}/redirect/" + quote("file:///etc/passwd", safe=""), "redirect refused"),
         (b"a redirect on the same server", f"{base}/redirect/" + quote(f"{base}/img/ok3.jpg", safe=""), "ok"),
         (b"a decompression bomb", f"{base}/img/bomb.png", "image area too large"),
+        # answers that never end: a deadline for the whole download and a byte cap (a byte every
+        # 0.5 s kept the per-read timeout of 2 s from ever firing; an endless body grew the memory)
+        (b"a body dripping a byte at a time", f"{base}/drip/x.jpg", "download deadline exceeded"),
+        (b"headers dripping a byte at a time", f"{base}/dripheaders/x.jpg",
+         "download deadline exceeded"),
+        (b"an endless body without a length", f"{base}/endless/x.jpg", "response larger than"),
+        # addresses no image is served from: refused before connect, named in the list or not
+        (b"cloud metadata", metadata, "address refused"),
+        (b"cloud metadata as ipv6", "http://[::ffff:169.254.169.254]/x.jpg", "address refused"),
+        (b"the unspecified address (Linux connects it to this host)",
+         f"http://0.0.0.0:{port}/img/ok5.jpg", "address refused"),
+        (b"a redirect to cloud metadata", f"{base}/redirect/" + quote(metadata, safe=""),
+         "redirect refused"),
+        # odd images: readable reasons
+        (b"a 32 x 9000 strip", f"{base}/img/tall.png", "aspect ratio too large"),
+        (b"32-bit integer pixels", f"{base}/img/int32.tiff", "unsupported image"),
     ]
 
 
 @pytest.fixture(scope="module")
 def faulty_fetch(tmp_path_factory):
-    """(config, cases, summary) of one fetch of the faulty list: 29 rows, shards of 8."""
+    """(config, cases, summary, seconds) of one fetch of the faulty list: 38 rows, shards of 8."""
     root = tmp_path_factory.mktemp("faulty_fetch")
     _files(root / "www")
     silent = socket.socket()  # listens but never accepts: the request goes out and no answer ever comes
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    with serve(root / "www") as base, silent:
+    with serve(root / "www", drip_s=0.5) as base, silent:
         cases = _cases(base, f"http://127.0.0.1:{silent.getsockname()[1]}/never.jpg")
         tsv = root / "list.tsv"  # headerless CC3M layout: caption TAB url
         tsv.write_bytes(b"".join(c + b"\t" + u.encode() + b"\n" for c, u, _ in cases))
         cfg = FetchConfig(source=str(tsv), count=1000, shards=root / "shards", samples_per_shard=8, processes=1,
                           threads=len(cases), timeout=2)
+        t = time.monotonic()
         summary = fetch.run(cfg)  # returns: never a crash, never an exit
-    return cfg, cases, summary
+        seconds = time.monotonic() - t
+    return cfg, cases, summary, seconds
 
 
 def _samples(shards: Path) -> dict[str, dict]:
@@ -153,7 +190,7 @@ def _caption(raw: bytes) -> str:
 
 
 def test_every_row_is_in_a_shard_or_under_a_named_reason(faulty_fetch):
-    cfg, cases, summary = faulty_fetch
+    cfg, cases, summary, _ = faulty_fetch
     rows, samples = _rows(cfg.shards), _samples(cfg.shards)
     assert len(rows) == len(cases) == summary["rows_done"] == summary["rows_requested"]
     assert sorted(rows["url"]) == sorted(u for _, u, _ in cases)
@@ -165,20 +202,62 @@ def test_every_row_is_in_a_shard_or_under_a_named_reason(faulty_fetch):
             got.setdefault(r.caption, []).append("ok")
         else:
             assert r.key not in samples
-            got.setdefault(r.caption, []).append(status.failure_reason(r.error_message))
+            got.setdefault(r.caption, []).append(_reason(r.error_message))
     want = {}
     for raw, _, outcome in cases:
         want.setdefault(_caption(raw), []).append(outcome)
     assert got == want
     assert len(samples) == summary["fetched"] == sum(o == "ok" for *_, o in cases)
-    assert summary["failures"] == {DECODE: 2, "http 404": 1, "image too small": 1, "timeout": 1, "truncated": 1,
-                                   "bad url": 3, "redirect refused": 2, "image area too large": 1}
+    failures = {}
+    for reason, n in summary["failures"].items():  # already short: only the numbers are dropped
+        short = next((p for p in PREFIXES if reason.startswith(p)), reason)
+        failures[short] = failures.get(short, 0) + n
+    assert failures == {
+        DECODE: 2, "http 404": 1, "image too small": 1, "timeout": 1, "truncated": 1, "bad url": 3,
+        "redirect refused": 3, "image area too large": 1, "address refused": 3,
+        "download deadline exceeded": 2, "response larger than": 1, "aspect ratio too large": 1,
+        "unsupported image": 1}
     assert summary["fetched"] + summary["failed"] == len(cases) and summary["state"] == "complete"
+
+
+def test_answers_that_never_end_fail_within_the_deadline(faulty_fetch):
+    """The drip and endless servers keep going for 300 s (or until the client hangs up): the fetch
+    ends long before (each such row at the deadline, 2 x timeout = 4 s; img2dataset's own work on 2
+    busy cores is the rest, ~40 s) with every other row done."""
+    cfg, cases, summary, seconds = faulty_fetch
+    assert seconds < 150 and summary["rows_done"] == len(cases)
+
+
+def test_refused_addresses_are_never_connected_to(tmp_path):
+    """The refusal comes before connect, for a list's own url and for a redirect hop: an audit
+    hook sees every socket.connect of this process, and none goes to a metadata or unspecified
+    address."""
+    import urllib.request
+
+    from pipeline import safe_fetch
+
+    connects = []
+    sys.addaudithook(lambda ev, args: connects.append(args[1]) if ev == "socket.connect" else None)
+    metadata = "http://169.254.169.254/latest/meta-data/"
+    try:
+        with serve(tmp_path) as base:
+            safe_fetch.install_opener(safe_fetch.private_hosts([base]))
+            port = base.rsplit(":", 1)[1]
+            redirect = f"{base}/redirect/" + quote(metadata, safe="")
+            for url in (metadata, "http://[::ffff:169.254.169.254]/",
+                        f"http://0.0.0.0:{port}/img/x.jpg", redirect):
+                _, stream, err = safe_fetch.download_image((0, url), 2, None, None)
+                assert stream is None and "refused" in err, (url, err)
+    finally:
+        urllib.request.install_opener(None)
+    hosts = [str(a[0]) for a in connects if isinstance(a, tuple)]
+    assert "127.0.0.1" in hosts  # the hook saw the redirect's first hop
+    assert not [h for h in hosts if h.startswith(("169.254.", "0.0.0.0", "::ffff:169.254"))], hosts
 
 
 def test_odd_images_come_out_as_plain_rgb(faulty_fetch):
     """CMYK, alpha, GIF and 64 Mpixel images all become RGB JPEGs, shortest side 256, colours kept."""
-    cfg, _, _ = faulty_fetch
+    cfg, _, _, _ = faulty_fetch
     by_caption = {s["txt"]: s["jpg"] for s in _samples(cfg.shards).values()}
     for cap, rgb in (("a cmyk jpeg", (200, 60, 30)), ("a png with alpha", (128, 128, 255)),  # alpha over white
                      ("an animated gif", (0, 200, 0)), ("a very large image", (30, 120, 200))):
@@ -190,7 +269,7 @@ def test_odd_images_come_out_as_plain_rgb(faulty_fetch):
 
 def test_caption_policy_and_list_issues(faulty_fetch):
     """Invalid UTF-8 -> U+FFFD, empty kept, duplicates kept apart, long kept verbatim; all counted in run.json."""
-    cfg, cases, summary = faulty_fetch
+    cfg, cases, summary, _ = faulty_fetch
     samples = list(_samples(cfg.shards).values())
     caps = [s["txt"] for s in samples]
     assert DECODED in caps and "" in caps and LONG in caps  # long captions are cut by the tokenizer, not here
@@ -203,7 +282,7 @@ def test_caption_policy_and_list_issues(faulty_fetch):
 
 def test_status_json_adds_up(faulty_fetch):
     """`pipeline status --json` in a fresh interpreter: fetched + failed = rows, same counts as the run."""
-    cfg, cases, summary = faulty_fetch
+    cfg, cases, summary, _ = faulty_fetch
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     out = subprocess.run([sys.executable, "-m", "pipeline", "status", "--json", "--shards", str(cfg.shards),
                           "--store", str(cfg.shards / "none.zarr"), "--runs", str(cfg.shards / "none")],

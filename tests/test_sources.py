@@ -91,3 +91,26 @@ def test_one_stray_byte_in_a_short_list_is_kept_and_counted(tmp_path):
     mostly = b"".join(b"caf\xe9 %d\thttp://x/%d.jpg\n" % (i, i) for i in range(9)) + rows[:200]
     with pytest.raises(UserError, match="not UTF-8"):
         read_url_list(_write(tmp_path / "cp1252.tsv", mostly), count=100)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_as_the_list_is_one_line(tmp_path, kind):
+    """A named pipe (reading it would block) or /dev/zero (it never ends; both have size 0, so they
+    were called "empty"): one line saying the list is not a regular file, through the CLI, nothing
+    created."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "list.tsv"
+    if kind == "fifo":
+        os.mkfifo(src)
+    else:
+        src = "/dev/zero"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    p = subprocess.run([sys.executable, "-m", "pipeline", "fetch", "--source", str(src), "--shards",
+                        str(tmp_path / "shards")], capture_output=True, text=True, timeout=60,
+                       env=env)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "not a regular file" in lines[0], p.stderr
+    assert not (tmp_path / "shards").exists()
