@@ -191,6 +191,10 @@ def main() -> None:
         from rich.console import Console
         from rich.markup import escape
 
-        word = "stopped" if isinstance(e, Interrupted) else "error"  # paths may hold "[/x]": never markup
-        Console(stderr=True).print(f"[bold red]{word}:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        from pipeline.osutil import printable
+
+        # Paths may hold "[/x]" (never markup) or escape codes and newlines (never reach the terminal raw).
+        word = "stopped" if isinstance(e, Interrupted) else "error"
+        text = escape(printable(str(e)))
+        Console(stderr=True).print(f"[bold red]{word}:[/] {text}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
