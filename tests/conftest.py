@@ -22,10 +22,39 @@ import pytest  # noqa: E402
 PRECISIONS = ("fp32", "bf16")
 
 
+# --- test tiers -------------------------------------------------------------------------------------------------
+# `make test-fast` runs `-m "not slow and not cuda"`: the unit tier. A test is slow when it needs a fixture that
+# fetches, encodes or trains (directly or through another fixture: item.fixturenames holds them all), when it
+# belongs to the fault-injection suite (it kills and restarts real processes), or when it starts a process.
+STAGE_FIXTURES = {"tiny_shards", "tiny_store", "tiny_run"}
+# Tests that start a process (python, torchrun, bash, java, img2dataset's workers), by module, for test files
+# that do not mark them where they are written.
+SUBPROCESS_TESTS = {
+    "test_bench": {"test_gpu_check_script_parses_and_its_plan_stays_out_of_the_users_folders",
+                   "test_a_failing_stage_subprocess_is_one_user_error_with_its_last_line"},
+    "test_fetch": {"test_cc_format_tsv_with_dead_links", "test_user_errors_are_one_line_exit_2"},
+    "test_train": {"test_cli_missing_store_is_one_line_exit_2"},
+}
+# Units that take over ~10 s on 2 shared CPU cores.
+LONG_TESTS = {
+    "test_bench": {"test_generate_and_train_measurements_run_in_each_precision"},
+}
+
+
+def _is_slow(item) -> bool:
+    if STAGE_FIXTURES & set(getattr(item, "fixturenames", ())) or "faults" in item.keywords:
+        return True
+    name, module = getattr(item, "originalname", item.name), item.module.__name__.rpartition(".")[2]
+    return name in SUBPROCESS_TESTS.get(module, ()) or name in LONG_TESTS.get(module, ())
+
+
 def pytest_collection_modifyitems(config, items):
-    """`cuda`-marked tests are skipped (with a reason) where PyTorch sees no CUDA GPU."""
+    """Marks the slow tier (above); skips `cuda`-marked tests (with a reason) where PyTorch sees no CUDA GPU."""
     import torch
 
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make gpu-check` on a GPU machine)")
@@ -117,3 +146,18 @@ def feature_error(a, b) -> tuple[float, float]:
 # preprocessing give errors of order 1).
 BF16_FEATURES_CPU = dict(rel_rms=2 * 2.0 ** -7, min_cos=0.999)
 BF16_FEATURES_CUDA = dict(rel_rms=4 * 2.0 ** -7, min_cos=0.995)
+
+
+def store_rows(store, rows):
+    """float16 [len(rows), P, E] numpy: the features of store rows `rows` (any order), read the way the trainer
+    reads them (pipeline.loader.FeatureSource)."""
+    import numpy as np
+    import torch
+
+    from pipeline.loader import FeatureSource
+
+    if len(rows) == 0:
+        return np.empty((0, store.tokens, store.width), np.float16)
+    src = FeatureSource(store, np.asarray(rows, dtype=np.int64), device=torch.device("cpu"), mode="stream",
+                        slab_rows=store.shard_capacity)
+    return src.read_positions(np.arange(len(src.rows))).numpy()

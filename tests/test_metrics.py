@@ -23,12 +23,17 @@ SETS = {
 }
 
 
+# The COCO scorers start Java processes (the PTB tokenizer, METEOR): those tests are in the slow tier.
+java = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def ours():
     """One call for every set: one tokenizer JVM and one METEOR JVM, as the eval stage does it."""
     return metrics.coco_metrics_many(REFS, SETS)
 
 
+@java
 def test_identical_captions_score_one(ours):
     s = ours["identical"]
     for m in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L"):
@@ -36,12 +41,14 @@ def test_identical_captions_score_one(ours):
     assert s["CIDEr"] > 1.0
 
 
+@java
 def test_disjoint_captions_score_zero(ours):
     s = ours["disjoint"]
     for m in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
         assert s[m] == pytest.approx(0.0, abs=1e-6), m
 
 
+@java
 def test_hand_computed_bleu_and_rouge():
     # hyp "a red circle" vs ref "a red circle on the left" (punctuation and case removed by the PTB tokenizer):
     # unigram precision 1, brevity penalty exp(1 - 6/3); ROUGE-L: LCS 3, P 1, R 0.5, beta 1.2.
@@ -52,6 +59,7 @@ def test_hand_computed_bleu_and_rouge():
     assert "METEOR" not in s  # skipped on request (saves a JVM start)
 
 
+@java
 def test_ptb_tokenize_matches_pycocoevalcap():
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -60,6 +68,7 @@ def test_ptb_tokenize_matches_pycocoevalcap():
     assert metrics.ptb_tokenize(sents) == [theirs[i][0] for i in range(len(sents))]
 
 
+@java
 def test_matches_pycocoevalcap_scorers_called_directly(ours):
     """The documented recipe (PTBTokenizer, then each scorer's compute_score) must give the same numbers."""
     from pycocoevalcap.bleu.bleu import Bleu
