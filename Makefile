@@ -14,7 +14,7 @@ ENCODE_ARGS ?=
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 
-.PHONY: install test all fetch encode train eval status bench clean gpu-check
+.PHONY: install test test-fast all fetch encode train eval status bench clean gpu-check
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest
+
+# The unit tier: no test that fetches, encodes, trains or starts a process (tests/conftest.py sorts them).
+test-fast: install
+	$(PY) -m pytest -m "not slow and not cuda"
 
 fetch: install
 	$(PY) -m pipeline fetch $(FETCH_ARGS) $(ARGS)

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
 import pytest  # noqa: E402
 
 
-# --- precisions and devices -----------------------------------------------------------------------------------
+# --- precisions and devices -----------------------------------------------------------------------
 # Numeric tests pin their precision, so they hold whatever `--precision auto` picks on the machine that runs
 # them (fp32 on an AVX2-only CPU, bf16 on AVX512-BF16 / AMX CPUs and GPUs); the precision-sensitive stages
 # are run in both on every machine. bf16 on an AVX2-only CPU is ~300x slower than fp32, so the bf16 variants
@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 PRECISIONS = ("fp32", "bf16")
 
 
-# --- test tiers -------------------------------------------------------------------------------------------------
+# --- test tiers -----------------------------------------------------------------------------------
 # `make test-fast` runs `-m "not slow and not cuda"`: the unit tier. A test is slow when it needs a fixture that
 # fetches, encodes or trains (directly or through another fixture: item.fixturenames holds them all), when it
 # belongs to the fault-injection suite (it kills and restarts real processes), or when it starts a process.
@@ -63,7 +63,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# --- fetch: the tiny fetched data set (owned by the fetch stage's issue) ------------------------------------------
+# --- fetch: the tiny fetched data set (owned by the fetch stage's issue) --------------------------
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +82,7 @@ def tiny_shards(tmp_path_factory):
     return cfg.shards
 
 
-# --- encode: the tiny feature store (owned by the encode stage's issue) ---------------------------------------
+# --- encode: the tiny feature store (owned by the encode stage's issue) ---------------------------
 # The one encode recipe every tiny store uses: tests that compare stores bitwise must encode the same way
 # (batches never cross shards, so equal batch sizes give equal batches).
 TINY_ENCODE = dict(model="vit_tiny_patch16_224", weights="random", seed=0, batch_size=16, workers=2, device="cpu",
@@ -100,7 +100,7 @@ def tiny_store(tiny_shards, tmp_path_factory):
     return store
 
 
-# --- train: the tiny trained run (owned by the train stage's issue) -------------------------------------------
+# --- train: the tiny trained run (owned by the train stage's issue) -------------------------------
 # A tiny decoder (2 layers, width 64) on `tiny_store`; tests that train more runs reuse this recipe.
 # The optimizer settings are pinned (not TrainConfig's default recipe), so a change of the default recipe does not
 # move the numbers these tests were written against; tests/test_early_stop.py and the CLI tests run the defaults.
@@ -129,7 +129,7 @@ def tiny_run(tiny_store, tmp_path_factory):
     return run
 
 
-# --- encode in bf16 vs fp32 -------------------------------------------------------------------------------------
+# --- encode in bf16 vs fp32 -----------------------------------------------------------------------
 def feature_error(a, b) -> tuple[float, float]:
     """(relative RMS error of features `b` against `a`, lowest per-token cosine similarity), float32 [N, T, E]."""
     import numpy as np

@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipeline.config import EvalConfig
 from pipeline.errors import UserError
-from pipeline.metrics import ATTRIBUTES, METRICS
+from pipeline.captions import ATTRIBUTES
+from pipeline.metrics import METRICS
 
 
 def run_copy(src, dst, edit=None):

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from pipeline import metrics
+from pipeline.captions import COLORS, SHAPES, parse_caption
 
 REFS = {
     "a": ["A red circle, on the left.", "a small red circle"],
@@ -115,16 +116,15 @@ def test_attribute_accuracy_on_synthetic_captions():
 
 
 def test_attribute_candidates_edit_the_primary_object():
-    from pipeline import synthetic
-
     cap = "a plain white background with two small red discs at the top"
     cands, own = metrics.attribute_candidates(cap, "colour")
-    assert cands[own] == cap and len(cands) == len(synthetic.COLORS)
-    assert [synthetic.parse_caption(c)["colour"] for c in cands] == list(synthetic.COLORS)
+    assert cands[own] == cap and len(cands) == len(COLORS)
+    assert [parse_caption(c)["colour"] for c in cands] == list(COLORS)
     assert all("white background" in c for c in cands)  # the background's colour is not the object's
     cands, own = metrics.attribute_candidates(cap, "shape")
-    assert cands[own] == cap and "two small red hexagons at the top" in cands[synthetic.SHAPES.index("hexagon")]
-    assert [synthetic.parse_caption(c)["shape"] for c in cands] == list(synthetic.SHAPES)
+    assert cands[own] == cap
+    assert "two small red hexagons at the top" in cands[SHAPES.index("hexagon")]
+    assert [parse_caption(c)["shape"] for c in cands] == list(SHAPES)
     assert metrics.attribute_candidates("a photo of nothing", "colour") is None
 
 
