@@ -7,7 +7,9 @@ decoder), so every later test reads real artefacts.
 from __future__ import annotations
 
 import os
+import time
 
+SESSION_START = time.time()  # wall clock when the test session began
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
 
