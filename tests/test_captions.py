@@ -19,9 +19,9 @@ def test_primary_attributes_accepts_json_text():
 @pytest.mark.parametrize("text,want", [
     ("", {}),
     ("two circles", {"shape": "circle", "count": "two"}),
-    ("a photo of a large blue square in the top right corner", {"colour": "blue", "shape": "square",
-                                                                "size": "large", "position": "top right",
-                                                                "count": "one"}),
+    ("a photo of a large blue square in the top right corner",
+     {"colour": "blue", "shape": "square", "size": "large", "position": "top right",
+      "count": "one"}),
     ("A Pair of Tiny PINK Stars, upper-left", {"colour": "pink", "shape": "star", "size": "small",
                                               "position": "top left", "count": "two"}),
     ("a striped background with three hexagons", {"shape": "hexagon", "count": "three"}),
@@ -41,8 +41,10 @@ def test_words_are_lower_case_and_split_at_hyphens_and_punctuation():
 def test_meta_references_fall_back_to_the_caption():
     refs = ["a red circle", "one red disc"]
     assert C.meta_references(json.dumps({"references": refs}), "x") == refs
-    assert C.meta_references(json.dumps({"references": json.dumps(refs)}), "x") == refs  # stored as text
-    for meta in ("", "not json", json.dumps({"references": []}), json.dumps({"references": ["ok", " "]}),
+    # stored as text
+    assert C.meta_references(json.dumps({"references": json.dumps(refs)}), "x") == refs
+    for meta in ("", "not json", json.dumps({"references": []}),
+                 json.dumps({"references": ["ok", " "]}),
                  json.dumps([1, 2])):
         assert C.meta_references(meta, "the caption") == ["the caption"]
 

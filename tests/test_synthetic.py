@@ -48,7 +48,8 @@ def test_every_caption_parses_back_to_the_ground_truth():
     for r in rows:
         groups = r.attributes["groups"]
         assert 1 <= sum(g["count"] for g in groups) <= 3
-        assert all((g["colour"], g["shape"]) != (groups[0]["colour"], groups[0]["shape"]) for g in groups[1:])
+        primary = (groups[0]["colour"], groups[0]["shape"])
+        assert all((g["colour"], g["shape"]) != primary for g in groups[1:])
 
 
 def test_position_label_matches_the_drawn_centroid():
@@ -57,7 +58,8 @@ def test_position_label_matches_the_drawn_centroid():
         for g in a["groups"]:
             xs = [o["x"] for o in g["objects"]]
             ys = [o["y"] for o in g["objects"]]
-            assert S._region(sum(xs) / len(xs), sum(ys) / len(ys), a["width"], a["height"]) == g["position"]
+            centroid = (sum(xs) / len(xs), sum(ys) / len(ys))
+            assert S._region(*centroid, a["width"], a["height"]) == g["position"]
             for o in g["objects"]:  # whole objects stay on the canvas
                 assert 0 < o["x"] - 1.25 * o["r"] and o["x"] + 1.25 * o["r"] < a["width"]
                 assert 0 < o["y"] - 1.25 * o["r"] and o["y"] + 1.25 * o["r"] < a["height"]
@@ -95,13 +97,15 @@ def test_generate_reuses_images_and_serves_every_fault(tmp_path):
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(base + "/img/../manifest.json", timeout=5)
 
-    S.generate(tmp_path, seed=1, count=3, broken_fraction=0.0)  # another seed never mixes with the old drawings
+    # another seed never mixes with the old drawings
+    S.generate(tmp_path, seed=1, count=3, broken_fraction=0.0)
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 3
 
 
 def test_five_references_describe_the_same_image():
-    """COCO-style references: N_REFERENCES phrasings per image, the training caption first, each one true of the
-    image (it parses back to the same primary object), mostly different from one another."""
+    """COCO-style references: N_REFERENCES phrasings per image, the training caption first, each one
+    true of the image (it parses back to the same primary object), mostly different from one
+    another."""
     distinct = 0
     for i in range(200):
         refs = S.make_references(0, i)
