@@ -83,8 +83,8 @@ def open_split(cfg: EvalConfig) -> EvalSplit:
     precision = run_precision(cfg.precision, device, trained_precision(loaded.path, rec))
     store = open_run_store(rec, cfg.store)
     index = store.index()
-    recorded_train = rec.get("train", {}).get("val_fraction")
-    val_fraction = rec.get("split", {}).get("val_fraction", recorded_train)
+    from_recipe = rec.get("train", {}).get("val_fraction")  # a record without a `split`
+    val_fraction = rec.get("split", {}).get("val_fraction", from_recipe)
     if val_fraction is None:
         raise UserError("the run's config.json records no validation split")
     train_pos, val_pos = split_positions(index.keys, float(val_fraction))
