@@ -1,4 +1,5 @@
-# cappa-pipeline: every target depends on `install`, which builds .venv once (a no-op when nothing changed).
+# cappa-pipeline: every target depends on `install`, which builds .venv once (a no-op when nothing
+# changed).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +15,7 @@ ENCODE_ARGS ?=
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 
-.PHONY: install test all fetch encode train eval status bench clean gpu-check
+.PHONY: install test test-fast all fetch encode train eval status bench clean gpu-check
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -24,6 +25,11 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest
+
+# The unit tier: no test that fetches, encodes, trains or starts a process (tests/conftest.py marks
+# the others slow).
+test-fast: install
+	$(PY) -m pytest -m "not slow and not cuda"
 
 fetch: install
 	$(PY) -m pipeline fetch $(FETCH_ARGS) $(ARGS)
@@ -55,7 +61,8 @@ all: install
 clean:
 	rm -rf data/shards data/synthetic cache/features.zarr cache/runs
 
-# On a machine with a CUDA GPU: cuda tests, the rest of the suite, a small `make all` on CUDA in a temporary
-# folder and `make bench --device cuda`, with one summary (scripts/gpu_check.sh; --dry-run prints the plan).
+# On a machine with a CUDA GPU: cuda tests, the rest of the suite, a small `make all` on CUDA in a
+# temporary folder and `make bench --device cuda`, with one summary (scripts/gpu_check.sh; --dry-run
+# prints the plan).
 gpu-check: install
 	scripts/gpu_check.sh $(ARGS)

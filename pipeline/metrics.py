@@ -1,4 +1,5 @@
-"""Caption metrics: COCO BLEU-1..4 / METEOR / ROUGE-L / CIDEr via pycocoevalcap, and synthetic attribute accuracy."""
+"""Caption metrics: COCO BLEU-1..4 / METEOR / ROUGE-L / CIDEr via pycocoevalcap, and synthetic
+attribute accuracy."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pipeline.captions import (ATTRIBUTES, COLORS, SHAPES, VOCAB, parse_caption, primary_attributes,
+                               words)
 from pipeline.errors import UserError
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-ATTRIBUTES = ("colour", "shape", "size", "position", "count")  # = synthetic.ATTRIBUTE_KEYS
 
 Refs = Mapping[object, Sequence[str]]  # id -> reference captions (>= 1 each)
 Hyps = Mapping[object, str]  # id -> one generated caption
@@ -22,48 +25,56 @@ Hyps = Mapping[object, str]  # id -> one generated caption
 def _java() -> str:
     java = shutil.which("java")
     if java is None:
-        raise UserError("COCO metrics need Java (the PTB tokenizer and METEOR are jars): install a JRE, e.g. openjdk-17")
+        raise UserError("COCO metrics need Java (the PTB tokenizer and METEOR are jars): "
+                        "install a JRE, e.g. openjdk-17")
     return java
 
 
 def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
-    """Stanford PTB-tokenise and lower-case sentences, dropping punctuation, exactly as pycocoevalcap's PTBTokenizer.
+    """Stanford PTB-tokenise and lower-case sentences, dropping punctuation, exactly as
+    pycocoevalcap's PTBTokenizer.
 
-    Same jar, flags and punctuation list as `PTBTokenizer.tokenize`, but: one JVM for every sentence of every
-    caption set (JVM start-up dominates), and the temporary input file lives in a private temp dir, because
-    the original writes it into site-packages (read-only in many installs, and racy between processes).
+    Same jar, flags and punctuation list as `PTBTokenizer.tokenize`, but: one JVM for every sentence
+    of every caption set (JVM start-up dominates), and the temporary input file lives in a private
+    temp dir, because the original writes it into site-packages (read-only in many installs, and
+    racy between processes).
     """
     from pycocoevalcap.tokenizer import ptbtokenizer as ptb
 
     if not sentences:
         return []
     jar = Path(ptb.__file__).with_name(ptb.STANFORD_CORENLP_3_4_1_JAR)
-    # -preserveLines keeps one output line per input line, so a caption must not contain a line break.
+    # -preserveLines keeps one output line per input line, so a caption must not contain a line
+    # break.
     text = "\n".join(" ".join(s.split()) for s in sentences)
     with tempfile.TemporaryDirectory(prefix="ptb-") as tmp:
         src = Path(tmp) / "sentences.txt"
         src.write_text(text, encoding="utf-8")
-        cmd = [_java(), "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase",
-               str(src)]
+        cmd = [_java(), "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+               "-lowerCase", str(src)]
         proc = subprocess.run(cmd, cwd=tmp, capture_output=True, timeout=600)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise RuntimeError(f"PTBTokenizer failed ({proc.returncode}): {err[-1] if err else 'no output'}")
+        last = err[-1] if err else "no output"
+        raise RuntimeError(f"PTBTokenizer failed ({proc.returncode}): {last}")
     lines = proc.stdout.decode("utf-8").split("\n")
-    out = [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines[: len(sentences)]]
+    out = [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS)
+           for line in lines[: len(sentences)]]
     if len(out) != len(sentences):  # would silently misalign every score after the first lost line
         raise RuntimeError(f"PTBTokenizer returned {len(out)} lines for {len(sentences)} sentences")
     return out
 
 
-def coco_metrics_many(refs: Refs, hyp_sets: Mapping[str, Hyps], *, meteor: bool = True) -> dict[str, dict[str, float]]:
+def coco_metrics_many(refs: Refs, hyp_sets: Mapping[str, Hyps], *,
+                      meteor: bool = True) -> dict[str, dict[str, float]]:
     """COCO metrics of several caption sets against the same references: name -> {metric: score}.
 
     `meteor=False` skips METEOR (and its JVM start-up); its key is then absent.
 
-    Every set must caption exactly the ids of `refs`. One PTB tokenizer run and one METEOR JVM serve all sets
-    (METEOR's start-up, mostly loading its paraphrase table, costs seconds). CIDEr is pycocoevalcap's CIDEr-D,
-    whose document frequencies come from the evaluated references, so it needs several images to mean much.
+    Every set must caption exactly the ids of `refs`. One PTB tokenizer run and one METEOR JVM serve
+    all sets (METEOR's start-up, mostly loading its paraphrase table, costs seconds). CIDEr is
+    pycocoevalcap's CIDEr-D, whose document frequencies come from the evaluated references, so it
+    needs several images to mean much.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -106,14 +117,16 @@ def coco_metrics_many(refs: Refs, hyp_sets: Mapping[str, Hyps], *, meteor: bool 
 
 
 def _close_meteor(meteor) -> None:
-    """End the METEOR JVM now instead of at garbage collection (its __del__ may run at interpreter exit)."""
+    """End the METEOR JVM now instead of at garbage collection (its __del__ may run at interpreter
+    exit)."""
     p = meteor.meteor_p
     try:
         p.stdin.close()
     finally:
         p.kill()
         p.wait()
-    # Its own __del__ later repeats this harmlessly: closing a closed pipe and killing a reaped process are no-ops.
+    # Its own __del__ later repeats this harmlessly: closing a closed pipe and killing a reaped
+    # process are no-ops.
 
 
 def coco_metrics(refs: Refs, hyps: Hyps, *, meteor: bool = True) -> dict[str, float]:
@@ -124,20 +137,19 @@ def coco_metrics(refs: Refs, hyps: Hyps, *, meteor: bool = True) -> dict[str, fl
 def attribute_accuracy(hyps: Hyps, attributes: Mapping[object, object]) -> dict[str, float]:
     """Per-attribute accuracy of generated captions against synthetic ground truth.
 
-    `attributes[id]` is the sample's `attributes` metadata (a dict or its JSON text). The generated caption is
-    parsed with `synthetic.parse_caption`, the truth reduced with `synthetic.primary_attributes`; an attribute
-    the caption does not mention counts as wrong. Returns {attribute: accuracy in [0, 1], "all": every one right}.
+    `attributes[id]` is the sample's `attributes` metadata (a dict or its JSON text). The generated
+    caption is parsed with `captions.parse_caption`, the truth reduced with
+    `captions.primary_attributes`; an attribute the caption does not mention counts as wrong.
+    Returns {attribute: accuracy in [0, 1], "all": every one right}.
     """
-    from pipeline import synthetic
-
     ids = [i for i in hyps if i in attributes]
     if not ids:
         return {}
     right = {a: 0 for a in ATTRIBUTES}
     all_right = 0
     for i in ids:
-        truth = synthetic.primary_attributes(attributes[i])  # dict or JSON text
-        got = synthetic.parse_caption(hyps[i])
+        truth = primary_attributes(attributes[i])  # dict or JSON text
+        got = parse_caption(hyps[i])
         ok = [got.get(a) is not None and got.get(a) == truth.get(a) for a in ATTRIBUTES]
         for a, hit in zip(ATTRIBUTES, ok):
             right[a] += hit
@@ -147,37 +159,34 @@ def attribute_accuracy(hyps: Hyps, attributes: Mapping[object, object]) -> dict[
 
 
 def chance_accuracy(attributes) -> dict[str, float]:
-    """The floor "names it by chance": per attribute, the accuracy of always naming its most frequent value in
-    these samples (the best constant guess; uniform chance 1/|vocabulary| is lower). "all" is left out."""
-    from collections import Counter
-
-    from pipeline import synthetic
-
-    truths = [synthetic.primary_attributes(a) for a in attributes]
+    """The floor "names it by chance": per attribute, the accuracy of always naming its most
+    frequent value in these samples (the best constant guess; uniform chance 1/|vocabulary| is
+    lower). "all" is left out."""
+    truths = [primary_attributes(a) for a in attributes]
     if not truths:
         return {}
-    return {a: Counter(t.get(a) for t in truths).most_common(1)[0][1] / len(truths) for a in ATTRIBUTES}
+    return {a: Counter(t.get(a) for t in truths).most_common(1)[0][1] / len(truths)
+            for a in ATTRIBUTES}
 
 
 def ceiling_accuracy(attributes) -> dict[str, float]:
-    """The ceiling: per attribute, the best expected accuracy of a captioner that sees every object perfectly.
+    """The ceiling: per attribute, the best expected accuracy of a captioner that sees every object
+    perfectly.
 
-    The generator draws the primary group first and then extra single objects, and the captions name the
-    primary first. When the primary is a single object too, nothing in the image says which of the single
-    objects it is (the draw is near-symmetric: in `scripts/ceilings.py` the best cue, the largest, adds 0.002), so
-    the best guess names the value most of them share: max_v |{g: g[attr] = v}| / |singles|. A group of two or
-    three is always the primary (its ceiling is 1). "all" is left out."""
-    from collections import Counter
-
-    from pipeline import synthetic
-
+    The generator draws the primary group first and then extra single objects, and the captions name
+    the primary first. When the primary is a single object too, nothing in the image says which of
+    the single objects it is (the draw is near-symmetric: in `scripts/ceilings.py` the best cue, the
+    largest, adds 0.002), so the best guess names the value most of them share: max_v |{g: g[attr] =
+    v}| / |singles|. A group of two or three is always the primary (its ceiling is 1). "all" is left
+    out."""
     out = {a: 0.0 for a in ATTRIBUTES}
     n = 0
     for a in attributes:
         a = json.loads(a) if isinstance(a, str) else a
         groups = a["groups"]
-        alike = [g for g in groups if g["count"] == groups[0]["count"]]  # the primary's look-alikes (incl. it)
-        labels = [synthetic.primary_attributes({"groups": [g]}) for g in alike]
+        # the primary's look-alikes (itself included)
+        alike = [g for g in groups if g["count"] == groups[0]["count"]]
+        labels = [primary_attributes({"groups": [g]}) for g in alike]
         for k in ATTRIBUTES:
             out[k] += Counter(t[k] for t in labels).most_common(1)[0][1] / len(labels)
         n += 1
@@ -185,55 +194,54 @@ def ceiling_accuracy(attributes) -> dict[str, float]:
 
 
 def caption_form(caption: str, seen_bigrams: set) -> dict[str, bool]:
-    """Is a generated caption whole? `all_five` = `parse_caption` finds every attribute (a shape noun with its
-    colour, size, count, and a position phrase); `seen_bigrams` = every adjacent word pair also occurs in some
-    training caption (catches "the the", "ofsized green"); `whole` = both."""
-    from pipeline import synthetic
-
-    got = synthetic.parse_caption(caption)
-    words = synthetic.words(caption)
+    """Is a generated caption whole? `all_five` = `parse_caption` finds every attribute (a shape
+    noun with its colour, size, count, and a position phrase); `seen_bigrams` = every adjacent word
+    pair also occurs in some training caption (catches "the the", "ofsized green"); `whole` =
+    both."""
+    got = parse_caption(caption)
+    toks = words(caption)
     all_five = all(got.get(a) is not None for a in ATTRIBUTES)
-    seen = len(words) > 1 and all(p in seen_bigrams for p in zip(words, words[1:]))
+    seen = len(toks) > 1 and all(p in seen_bigrams for p in zip(toks, toks[1:]))
     return {"all_five": all_five, "seen_bigrams": seen, "whole": all_five and seen}
 
 
 def caption_bigrams(captions) -> set:
     """Every adjacent word pair of `captions` (the training captions, for `caption_form`)."""
-    from pipeline import synthetic
-
     out = set()
     for c in captions:
-        words = synthetic.words(c)
-        out.update(zip(words, words[1:]))
+        toks = words(c)
+        out.update(zip(toks, toks[1:]))
     return out
 
 
 def whole_share(captions, seen_bigrams: set) -> float:
     """The share of `captions` that are whole (`caption_form`)."""
     captions = list(captions)
-    return sum(caption_form(c, seen_bigrams)["whole"] for c in captions) / len(captions) if captions else 0.0
+    if not captions:
+        return 0.0
+    return sum(caption_form(c, seen_bigrams)["whole"] for c in captions) / len(captions)
 
 
 def attribute_candidates(caption: str, key: str) -> tuple[list[str], int] | None:
-    """The caption with its primary object's colour (or shape) word swapped for every word of that vocabulary.
+    """The caption with its primary object's colour (or shape) word swapped for every word of that
+    vocabulary.
 
-    -> (candidates in `synthetic.VOCAB[key]` order, index of the caption's own word), or None when the caption
-    has no "<colour> <shape>" phrase to edit. The primary object is the first shape noun (as `parse_caption`
-    reads it), so a background colour named earlier ("a white background with a red star") is left alone.
-    A plural shape stays plural. Used for zero-shot ranking: which candidate does the decoder find likeliest?
+    -> (candidates in `captions.VOCAB[key]` order, index of the caption's own word), or None when
+    the caption has no "<colour> <shape>" phrase to edit. The primary object is the first shape noun
+    (as `parse_caption` reads it), so a background colour named earlier ("a white background with a
+    red star") is left alone. A plural shape stays plural. Used for zero-shot ranking: which
+    candidate does the decoder find likeliest?
     """
-    from pipeline import synthetic
-
     if key not in ("colour", "shape"):
         raise ValueError(f"candidates exist for colour and shape, not {key!r}")
-    shapes = "|".join(sorted(synthetic.SHAPES, key=len, reverse=True))
-    colours = "|".join(synthetic.COLORS)
+    shapes = "|".join(sorted(SHAPES, key=len, reverse=True))
+    colours = "|".join(COLORS)
     m = re.search(rf"\b({colours}) ({shapes}|disc|disk)(s?)\b", caption)
     if m is None:
         return None
     colour, noun, plural = m.groups()
     shape = {"disc": "circle", "disk": "circle"}.get(noun, noun)
-    vocab = synthetic.VOCAB[key]
+    vocab = VOCAB[key]
     own = colour if key == "colour" else shape
     out = []
     for word in vocab:

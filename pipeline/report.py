@@ -8,7 +8,8 @@ import tarfile
 import textwrap
 from pathlib import Path
 
-from pipeline.metrics import ATTRIBUTES, METRICS
+from pipeline.captions import ATTRIBUTES
+from pipeline.metrics import METRICS
 from pipeline.osutil import atomic_write_text
 from pipeline.runlog import pyplot, save_figure
 

@@ -1,26 +1,32 @@
-"""A training run's folder as a record: config.json (what was trained on what), resume checks, and loading a
-trained run back (decoder, tokenizer, store) for eval and caption."""
+"""A training run's folder: config.json (what was trained on what), the checks a new or resumed run
+must pass, and the trainer's writes (RunFolder). Reading a trained run back is
+pipeline/trained_run.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.config import DecoderConfig, TrainConfig, to_jsonable
 from pipeline.errors import UserError
+from pipeline.trained_run import tokenizer_record
+# Read from here by stages/caption.py and tests; eval imports pipeline.trained_run.
+from pipeline.trained_run import (LoadedRun, load_run, open_run_store,  # noqa: F401
+                                  trained_precision)
 
-# Fields that may change between a run and its `--resume`: they do not change what is learned from what
-# (or only how fast / how long). Everything else must match, or the resumed run would be another run.
+# Fields that may change between a run and its `--resume`: they do not change what is learned from
+# what (or only how fast / how long). Everything else must match, or the resumed run would be
+# another run.
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "device", "precision", "compile", "cross_attention",
                      "checkpoint_every", "log_every", "features", "stream_buffer_slabs",
                      "store", "run"}  # a moved folder is the same run
 
 
-# What a run recorded before a setting existed trained as: a config.json without the key means this value.
+# What a run recorded before a setting existed trained as: a config.json without the key means this
+# value.
 SETTINGS_BEFORE_THEY_EXISTED = {"image_pos_emb": False}
 
 
@@ -29,13 +35,9 @@ def data_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
-def tokenizer_record(tok) -> dict:
-    return {"name": tok.name, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id, "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id}
-
-
 def check_train_config(cfg: TrainConfig, world: int) -> None:
-    """Refuse training settings that cannot train, with one line each (`world`: the number of processes)."""
+    """Refuse training settings that cannot train, with one line each (`world`: the number of
+    processes)."""
     bad = [
         (cfg.epochs < 1, f"--epochs must be >= 1 (got {cfg.epochs})"),
         (cfg.batch_size < world, f"--batch-size {cfg.batch_size} is smaller than the {world} processes"),
@@ -65,7 +67,8 @@ def check_train_config(cfg: TrainConfig, world: int) -> None:
 
 
 def run_record(cfg: TrainConfig, dec_cfg: DecoderConfig, tok, store, index, split) -> dict:
-    """config.json: the recipe, the decoder, the tokenizer, the store (encoder and data digest) and the split."""
+    """config.json: the recipe, the decoder, the tokenizer, the store (encoder and data digest) and
+    the split."""
     return {
         "train": to_jsonable(cfg),
         "decoder": dataclasses.asdict(dec_cfg),
@@ -80,7 +83,8 @@ def run_record(cfg: TrainConfig, dec_cfg: DecoderConfig, tok, store, index, spli
 def check_resume(old: dict, new: dict) -> None:
     """A resumed run must be the same run: the same encoded data, recipe, decoder and tokenizer.
 
-    The data is checked first: settings derived from it (parallel_len) differ only because it does."""
+    The data is checked first: settings derived from it (parallel_len) differ only because it
+    does."""
     o, n = old.get("store", {}), new["store"]
     if o.get("encoder") != n["encoder"]:
         raise UserError("--resume: the store was encoded with another encoder or weights than this run's; use a new --run")
@@ -98,107 +102,11 @@ def check_resume(old: dict, new: dict) -> None:
             raise UserError(f"--resume: the {what} differs from the run's ({old.get(part)} vs {new[part]}); use a new --run")
 
 
-def read_record(run: Path) -> dict:
-    """A run folder's config.json, or one line saying why there is none."""
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"no run folder {run}: train one first (`pipeline train --run {run}`)")
-    try:
-        return json.loads((run / "config.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run} has no config.json: not a training run (or it never started)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {run}/config.json: {e}") from None
-
-
-def check_tokenizer(record: dict):
-    """The tokenizer recorded in the run, refusing one that now maps text to other ids."""
-    from pipeline.tokenizer import load_tokenizer
-
-    rec = record.get("tokenizer") or {}
-    if "name" not in rec:
-        raise UserError("the run's config.json records no tokenizer")
-    tok = load_tokenizer(rec["name"])
-    now = tokenizer_record(tok)
-    diff = [k for k in now if k in rec and rec[k] != now[k]]
-    if diff:
-        k = diff[0]
-        raise UserError(f"tokenizer {rec['name']!r} now loads with {k}={now[k]}, but the run was trained with "
-                        f"{k}={rec[k]}: its ids would not match the decoder")
-    return tok
-
-
-@dataclass
-class LoadedRun:
-    path: Path
-    record: dict  # config.json
-    decoder: object  # CaptionDecoder, eval mode, on the device
-    tokenizer: object
-    ckpt: Path
-    step: int
-    chosen: str  # "best" (the best epoch's weights, kept by the trainer) | "last" (the newest checkpoint)
-
-
-def load_run(run: Path, device) -> LoadedRun:
-    """Run folder -> its decoder (eval mode) and the recorded tokenizer. The weights are the best epoch's
-    (`best.safetensors`, by validation loss) when the trainer kept them, else the newest checkpoint's."""
-    from safetensors.torch import load_file
-
-    from pipeline.early_stop import best_checkpoint
-    from pipeline.model import CaptionDecoder
-
-    record = read_record(run)
-    tok = check_tokenizer(record)
-    dec_cfg = DecoderConfig(**record["decoder"])
-    if (dec_cfg.vocab_size, dec_cfg.mask_id, dec_cfg.eos_id) != (tok.vocab_size, tok.mask_id, tok.eos_id):
-        raise UserError(f"the run's decoder expects {dec_cfg.vocab_size} ids (mask {dec_cfg.mask_id}), its tokenizer "
-                        f"gives {tok.vocab_size} (mask {tok.mask_id})")
-    best = best_checkpoint(Path(run))
-    if best is not None:
-        ckpt, step, chosen = best[0], int(best[1]["step"]), "best"
-    else:
-        ckpt = checkpoint.resolve(Path(run) / "checkpoints")  # UserError when there is none
-        step = int(ckpt.name.split("-")[-1]) if ckpt.name.startswith("step-") else -1
-        chosen = "last"
-    decoder = CaptionDecoder(dec_cfg)
-    try:
-        decoder.load_state_dict(load_file(str(ckpt), device="cpu") if chosen == "best"
-                                else checkpoint.load_weights(ckpt, "cpu"))
-    except RuntimeError as e:
-        raise UserError(f"{ckpt} does not fit the run's decoder config: {str(e).splitlines()[0][:160]}") from None
-    return LoadedRun(Path(run), record, decoder.to(device).eval(), tok, ckpt, step, chosen)
-
-
-def trained_precision(run: Path, record: dict) -> str | None:
-    """The precision the run trained in: summary.json's resolved one, else config.json's if not `auto`."""
-    try:
-        p = json.loads((Path(run) / "summary.json").read_text()).get("precision")
-    except (OSError, ValueError):
-        p = None
-    asked = record.get("train", {}).get("precision")
-    return p or (asked if asked != "auto" else None)
-
-
-def open_run_store(record: dict, store_path: Path | None):
-    """The run's store (or `store_path`), refusing one encoded by another encoder than the run was trained on."""
-    from pipeline.store import FeatureStore, encoder_mismatch
-
-    path = Path(store_path or record.get("store", {}).get("path", ""))
-    if not str(path) or str(path) == ".":
-        raise UserError("the run records no feature store: pass --store")
-    store = FeatureStore.open(path)  # one line if missing / not a store / empty
-    rec = record.get("store", {}).get("encoder") or {}
-    if rec and encoder_mismatch(rec, store.encoder):
-        now = store.encoder
-        raise UserError(f"{path} was encoded with {now.get('model')} ({now.get('weights', {}).get('kind')}), "
-                        f"but the run was trained on features of {rec.get('model')} ({rec.get('weights', {}).get('kind')})")
-    return store
-
-
 class RunFolder:
-    """A training run's folder as the trainer writes it: config.json, metrics.jsonl, checkpoints/, the best
-    epoch's weights, loss.png and summary.json. Rank 0 writes; every rank learns whether a write worked
-    (`Dist.on_main`), and a failed write is one line saying the last checkpoint is intact."""
+    """A training run's folder as the trainer writes it: config.json, metrics.jsonl, checkpoints/,
+    the best epoch's weights, loss.png and summary.json. Rank 0 writes; every rank learns whether a
+    write worked (`Dist.on_main`), and a failed write is one line saying the last checkpoint is
+    intact."""
 
     def __init__(self, path: Path, dist):
         from pipeline.runlog import MetricsLog
@@ -208,14 +116,14 @@ class RunFolder:
         self.metrics = MetricsLog(self.path / "metrics.jsonl")
 
     def previous(self, resume: bool, record: dict) -> tuple[Path | None, dict | None]:
-        """The checkpoint to continue from and the run's config.json (None, None for a new run); a run that
-        exists without --resume, or one that differs from `record`, is refused."""
+        """The checkpoint to continue from and the run's config.json (None, None for a new run); a
+        run that exists without --resume, or one that differs from `record`, is refused."""
         last = checkpoint.last(self.checkpoints)
         if last is None:
             return None, None
         if not resume:
-            raise UserError(f"{self.path} already holds a run (checkpoint {last.name}): pass --resume to continue "
-                            "it, or choose another --run")
+            raise UserError(f"{self.path} already holds a run (checkpoint {last.name}): pass "
+                            "--resume to continue it, or choose another --run")
         try:
             old = json.loads((self.path / "config.json").read_text())
         except (OSError, ValueError):
@@ -230,9 +138,11 @@ class RunFolder:
     def _start(self, record: dict, fresh: bool) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write_text(self.path / "config.json", json.dumps(record, indent=2, sort_keys=True))
+            text = json.dumps(record, indent=2, sort_keys=True)
+            checkpoint.atomic_write_text(self.path / "config.json", text)
         except OSError as e:
-            raise UserError(f"cannot write to the run folder {self.path}: {e.strerror or e}") from None
+            raise UserError(f"cannot write to the run folder {self.path}: {e.strerror or e}") \
+                from None
         if fresh:
             self.metrics.reset(None)
 
@@ -240,7 +150,8 @@ class RunFolder:
         self.dist.on_main(self.metrics.append, entry)
 
     def cut_log(self, step: int) -> None:
-        """On resume: drop entries after the checkpoint's step (and any written at an interrupting stop)."""
+        """On resume: drop entries after the checkpoint's step (and any written at an interrupting
+        stop)."""
         self.dist.on_main(self.metrics.reset, step)
 
     def save(self, state, position, tally) -> None:
@@ -250,7 +161,9 @@ class RunFolder:
     def _save(self, state, position, tally) -> None:
         from pipeline.runlog import WRITE_HINT
 
-        extra = {"acc": tally.state(), **({"scaler": state.scaler.state_dict()} if state.scaler.is_enabled() else {})}
+        extra = {"acc": tally.state()}
+        if state.scaler.is_enabled():
+            extra["scaler"] = state.scaler.state_dict()
         try:
             checkpoint.save(self.checkpoints, model=state.decoder, optimizer=state.optimizer,
                             scheduler=state.scheduler, step=position.step, epoch=position.epoch,
@@ -260,15 +173,16 @@ class RunFolder:
 
     def load(self, path: Path, state, device) -> dict:
         """Restore checkpoint `path` into the train state; -> the checkpoint's state dict."""
-        saved = checkpoint.load(path, model=state.decoder, optimizer=state.optimizer, scheduler=state.scheduler,
-                                device=device)
+        saved = checkpoint.load(path, model=state.decoder, optimizer=state.optimizer,
+                                scheduler=state.scheduler, device=device)
         if "scaler" in saved["extra"]:
             state.scaler.load_state_dict(saved["extra"]["scaler"])
         return saved
 
     def keep_best(self, decoder, info: dict | None) -> None:
-        """best.safetensors + best.json for this epoch (info None: rank 0 found no improvement, nothing is
-        written; every rank still calls this, so every rank takes part in the agreement)."""
+        """best.safetensors + best.json for this epoch (info None: rank 0 found no improvement,
+        nothing is written; every rank still calls this, so every rank takes part in the
+        agreement)."""
         self.dist.on_main(self._keep_best, decoder, info)
 
     def _keep_best(self, decoder, info: dict | None) -> None:
@@ -280,8 +194,8 @@ class RunFolder:
         try:
             save_best(self.path, decoder, info)
         except OSError as e:
-            raise UserError(f"cannot write {self.path}/{BEST_WEIGHTS}: {e.strerror or e}; the last checkpoint is "
-                            f"intact: {WRITE_HINT}") from None
+            raise UserError(f"cannot write {self.path}/{BEST_WEIGHTS}: {e.strerror or e}; the last "
+                            f"checkpoint is intact: {WRITE_HINT}") from None
 
     def plot(self) -> None:
         self.dist.on_main(self._plot)
@@ -290,14 +204,16 @@ class RunFolder:
         from pipeline.runlog import WRITE_HINT, plot_loss
 
         try:
-            plot_loss(self.metrics.read(), self.path / "loss.png", title=f"{self.path.name}: loss by mode")
+            plot_loss(self.metrics.read(), self.path / "loss.png",
+                      title=f"{self.path.name}: loss by mode")
         except OSError as e:
-            raise UserError(f"cannot write {self.path}/loss.png: {e.strerror or e}; the last checkpoint is intact: "
-                            f"{WRITE_HINT}") from None
+            raise UserError(f"cannot write {self.path}/loss.png: {e.strerror or e}; the last "
+                            f"checkpoint is intact: {WRITE_HINT}") from None
 
     def write_summary(self, summary: dict, trained: bool) -> None:
-        """summary.json. A rerun with nothing to do keeps the summary of the run that trained (as fetch and
-        encode keep their records), so `pipeline bench`'s end-to-end figure still reads the real training time."""
+        """summary.json. A rerun with nothing to do keeps the summary of the run that trained (as
+        fetch and encode keep their records), so `pipeline bench`'s end-to-end figure still reads
+        the real training time."""
         self.dist.on_main(self._write_summary, summary, trained)
 
     def _write_summary(self, summary: dict, trained: bool) -> None:
@@ -306,5 +222,5 @@ class RunFolder:
             if trained or not path.exists():
                 checkpoint.atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True))
         except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e} (training itself finished and is "
-                            "checkpointed)") from None
+            raise UserError(f"cannot write {path}: {e.strerror or e} (training itself finished and "
+                            "is checkpointed)") from None

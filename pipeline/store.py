@@ -406,21 +406,3 @@ class FeatureStore:
             return np.asarray(self._features[start:stop])
         except ValueError as e:
             raise self._corrupt(start, stop, e) from None
-
-    def read_rows(self, rows) -> np.ndarray:
-        """float16 [len(rows), T, E] for sorted rows, read as contiguous slabs touching each chunk once."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.tokens, self.width), dtype=np.float16)
-        if len(rows) == 0:
-            return out
-        if np.any(np.diff(rows) < 0):
-            raise ValueError("read_rows needs sorted rows")
-        gap = self.chunk_rows  # a gap shorter than a chunk is cheaper to read through than to split on
-        breaks = np.flatnonzero(np.diff(rows) > gap) + 1
-        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
-            a, b = int(rows[lo]), int(rows[hi - 1]) + 1
-            try:
-                out[lo:hi] = np.asarray(self._features[a:b])[rows[lo:hi] - a]
-            except ValueError as e:  # crc32c mismatch (zarr's Crc32cCodec)
-                raise self._corrupt(a, b, e) from None
-        return out

@@ -1,4 +1,5 @@
-"""The offline default source: seeded drawn scenes, natural captions, ground-truth attributes, a loopback server."""
+"""The offline default source: seeded drawn scenes, their captions and references, the broken rows
+and the url list (pipeline/loopback.py serves the images)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import io
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,38 +14,37 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.captions import COLORS, POSITIONS, SHAPES, SIZES
+# Read back through this module by tests/test_fetch.py; eval and metrics import pipeline.captions.
+from pipeline.captions import parse_caption, primary_attributes  # noqa: F401
+
 
 GENERATOR_VERSION = 3  # bump when drawings or captions change: images on disk are then redrawn
-N_REFERENCES = 5  # captions per image, in different phrasings (the first is the training caption), as in COCO
+# Captions per image, in different phrasings (the first is the training caption), as in COCO.
+N_REFERENCES = 5
 
-# --- vocabularies (eval reads these) -------------------------------------------------------------------------
-COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black")
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon")
-SIZES = ("small", "medium", "large")
-POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
-COUNT_WORDS = ("one", "two", "three")
-COUNTS = COUNT_WORDS
 BACKGROUNDS = ("solid", "gradient", "noise", "stripes")
-ATTRIBUTE_KEYS = ("colour", "shape", "size", "position", "count")
-VOCAB = {"colour": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS, "count": COUNT_WORDS}
 FAULTS = ("404", "html", "truncated")  # how a broken row fails when fetched
 
 RGB = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
-    "orange": (245, 140, 20), "purple": (140, 60, 190), "pink": (245, 130, 190), "white": (250, 250, 250),
-    "black": (20, 20, 20),
+    "orange": (245, 140, 20), "purple": (140, 60, 190), "pink": (245, 130, 190),
+    "white": (250, 250, 250), "black": (20, 20, 20),
 }
-# Background colours are named with words outside COLORS so a caption's background never reads as an object colour.
+# Background colours are named with words outside COLORS, so that a caption's background never reads
+# as an object's colour.
 BG_RGB = {
-    "grey": (128, 128, 128), "beige": (222, 208, 178), "cream": (240, 234, 214), "tan": (190, 160, 120),
-    "slate": (90, 100, 115), "olive": (120, 125, 70), "teal": (60, 130, 130), "sand": (200, 185, 140),
-    "lavender": (190, 180, 220), "mint": (180, 220, 195),
+    "grey": (128, 128, 128), "beige": (222, 208, 178), "cream": (240, 234, 214),
+    "tan": (190, 160, 120), "slate": (90, 100, 115), "olive": (120, 125, 70),
+    "teal": (60, 130, 130), "sand": (200, 185, 140), "lavender": (190, 180, 220),
+    "mint": (180, 220, 195),
 }
-SIZE_FRAC = {"small": (0.036, 0.046), "medium": (0.060, 0.074), "large": (0.094, 0.108)}  # radius / shortest side
+# radius / shortest side
+SIZE_FRAC = {"small": (0.036, 0.046), "medium": (0.060, 0.074), "large": (0.094, 0.108)}
 CANVAS_SIDES = (256, 272, 288)  # near square, so a centre crop keeps every position region
 
 
-# --- scenes ---------------------------------------------------------------------------------------------------
+# --- scenes ---------------------------------------------------------------------------------------
 @dataclass
 class Row:
     index: int
@@ -69,11 +68,13 @@ def _contrast_ok(rgb, bg_colours) -> bool:
     return all(math.dist(rgb, BG_RGB[b]) > 110 for b in bg_colours)
 
 
-_CLUSTER = {1: [(0.0, 0.0)], 2: [(-0.5, 0.0), (0.5, 0.0)], 3: [(-0.5, 0.29), (0.5, 0.29), (0.0, -0.58)]}
+_CLUSTER = {1: [(0.0, 0.0)], 2: [(-0.5, 0.0), (0.5, 0.0)],
+            3: [(-0.5, 0.29), (0.5, 0.29), (0.0, -0.58)]}
 
 
 def _place_group(rng, w, h, position, count, r):
-    """Centres of `count` touching-but-apart objects whose centroid lies inside `position`'s third of the canvas."""
+    """Centres of `count` touching-but-apart objects whose centroid lies inside `position`'s third
+    of the canvas, or None when they do not fit there."""
     pi = POSITIONS.index(position)
     row, col = divmod(pi, 3)
     s = 2.3 * r  # centre spacing: 0.3 r gap between neighbours
@@ -101,7 +102,7 @@ def _radius(rng, size, w, h) -> float:
 
 
 def make_scene(rng: np.random.Generator) -> dict:
-    """Ground truth of one image: canvas, background and 1-3 objects as groups (the first group is primary)."""
+    """One image's ground truth: canvas, background, 1-3 object groups (the first is primary)."""
     w, h = int(rng.choice(CANVAS_SIDES)), int(rng.choice(CANVAS_SIDES))
     kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     names = list(BG_RGB)
@@ -125,7 +126,10 @@ def make_scene(rng: np.random.Generator) -> dict:
     objects = [{"x": round(x, 1), "y": round(y, 1), "r": round(r, 1)} for x, y in centres]
     groups = [{"colour": colour, "shape": shape, "size": size, "position": position, "count": count,
                "objects": objects}]
-    n_extra = int(rng.choice([0, 1, 2], p=[0.5, 0.35, 0.15])) if count == 1 else int(rng.random() < 0.4) if count == 2 else 0
+    if count == 1:
+        n_extra = int(rng.choice([0, 1, 2], p=[0.5, 0.35, 0.15]))
+    else:
+        n_extra = int(rng.random() < 0.4) if count == 2 else 0
     taken = [(o["x"], o["y"], o["r"]) for o in objects]
     used_positions = {position}
     for _ in range(n_extra):
@@ -146,24 +150,28 @@ def make_scene(rng: np.random.Generator) -> dict:
             if all(math.dist((x2, y2), (x, y)) > 1.25 * (r2 + rr) + 4 for x, y, rr in taken):
                 taken.append((x2, y2, r2))
                 used_positions.add(p2)
+                obj = {"x": round(x2, 1), "y": round(y2, 1), "r": round(r2, 1)}
                 groups.append({"colour": c2, "shape": s2, "size": z2, "position": p2, "count": 1,
-                               "objects": [{"x": round(x2, 1), "y": round(y2, 1), "r": round(r2, 1)}]})
+                               "objects": [obj]})
                 break
-    return {"version": GENERATOR_VERSION, "width": w, "height": h, "background": background, "groups": groups}
+    return {"version": GENERATOR_VERSION, "width": w, "height": h, "background": background,
+            "groups": groups}
 
 
-# --- drawing --------------------------------------------------------------------------------------------------
+# --- drawing --------------------------------------------------------------------------------------
 def _background(bg: dict, w: int, h: int) -> np.ndarray:
-    """[h, w, 3] uint8. Built from 1-D ramps and broadcasting: drawing 5k images must take seconds, not minutes."""
+    """[h, w, 3] uint8. Built from 1-D ramps and broadcasting: drawing 5k images must take seconds,
+    not minutes."""
     c0 = np.array(BG_RGB[bg["colours"][0]], np.int16)
     if bg["kind"] == "solid":
         return np.broadcast_to(c0.astype(np.uint8), (h, w, 3)).copy()
     if bg["kind"] == "noise":
         rng = np.random.default_rng(bg["seed"])
-        noise = rng.integers(0, 81, (h, w, 3), dtype=np.int16) - 40  # grain: uniform +-40 per channel
+        noise = rng.integers(0, 81, (h, w, 3), dtype=np.int16) - 40  # grain: uniform +-40 a channel
         return np.clip(c0 + noise, 0, 255).astype(np.uint8)
     ys, xs = np.arange(h)[:, None], np.arange(w)[None, :]
-    coord = {"horizontal": ys, "vertical": xs, "diagonal": (xs + ys) // 2}[bg["orientation"]]  # [h|1, w|1]
+    coord = {"horizontal": ys, "vertical": xs,
+             "diagonal": (xs + ys) // 2}[bg["orientation"]]  # [h|1, w|1]
     c1 = np.array(BG_RGB[bg["colours"][1]], np.float32)
     k = np.arange(int(coord.max()) + 1)[:, None]
     if bg["kind"] == "gradient":
@@ -182,9 +190,11 @@ def _polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, floa
         return [(x, y - a), (x + 0.8 * a, y), (x, y + a), (x - 0.8 * a, y)]
     if shape == "triangle":
         a = 1.2 * r
-        return [(x + a * math.cos(t), y + a * math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        angles = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        return [(x + a * math.cos(t), y + a * math.sin(t)) for t in angles]
     if shape == "hexagon":
-        return [(x + r * math.cos(k * math.pi / 3), y + r * math.sin(k * math.pi / 3)) for k in range(6)]
+        return [(x + r * math.cos(k * math.pi / 3), y + r * math.sin(k * math.pi / 3))
+                for k in range(6)]
     if shape == "star":
         pts = []
         for k in range(10):
@@ -213,11 +223,13 @@ def render(attributes: dict, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-# --- captions -------------------------------------------------------------------------------------------------
-_SIZE_WORDS = {"small": ["small", "small", "tiny", "little"], "medium": ["medium", "medium-sized", "mid-sized"],
+# --- captions -------------------------------------------------------------------------------------
+_SIZE_WORDS = {"small": ["small", "small", "tiny", "little"],
+               "medium": ["medium", "medium-sized", "mid-sized"],
                "large": ["large", "large", "big"]}
 _POS_PHRASES = {
-    "corner": ["in the {v} {h} corner", "at the {v} {h}", "in the {vv} {h} corner", "towards the {v}-{h} corner"],
+    "corner": ["in the {v} {h} corner", "at the {v} {h}", "in the {vv} {h} corner",
+               "towards the {v}-{h} corner"],
     "top": ["at the top", "near the top", "along the top edge", "in the upper part"],
     "bottom": ["at the bottom", "near the bottom", "along the bottom edge", "in the lower part"],
     "left": ["on the left", "on the left side", "to the left", "on the left-hand side"],
@@ -225,10 +237,12 @@ _POS_PHRASES = {
     "centre": ["in the centre", "in the center", "in the middle", "at the centre"],
 }
 _BG_PHRASES = {
-    "solid": ["a plain {c} background", "a solid {c} background", "a plain background", "a flat {c} backdrop"],
+    "solid": ["a plain {c} background", "a solid {c} background", "a plain background",
+              "a flat {c} backdrop"],
     "gradient": ["a gradient background", "a {c} to {c2} gradient", "a softly shaded background",
                  "a {c} gradient backdrop"],
-    "noise": ["a noisy background", "a grainy {c} background", "a speckled background", "a noisy {c} backdrop"],
+    "noise": ["a noisy background", "a grainy {c} background", "a speckled background",
+              "a noisy {c} backdrop"],
     "stripes": ["a striped background", "a background of {o} stripes", "a stripy {c} backdrop",
                 "{c} and {c2} stripes"],
 }
@@ -261,7 +275,8 @@ def _noun_phrase(rng, g: dict) -> str:
 def _position_phrase(rng, position: str) -> str:
     if " " in position:
         v, h = position.split()
-        return _pick(rng, _POS_PHRASES["corner"]).format(v=v, h=h, vv={"top": "upper", "bottom": "lower"}[v])
+        vv = {"top": "upper", "bottom": "lower"}[v]
+        return _pick(rng, _POS_PHRASES["corner"]).format(v=v, h=h, vv=vv)
     return _pick(rng, _POS_PHRASES[position])
 
 
@@ -271,7 +286,8 @@ def _background_phrase(rng, bg: dict) -> str:
 
 
 def make_caption(rng: np.random.Generator, attributes: dict) -> str:
-    """A Conceptual-Captions-like lowercase caption; the primary group is named first, with the first position."""
+    """A Conceptual-Captions-like lowercase caption; the primary group is named first, with the
+    first position."""
     groups = attributes["groups"]
     g0 = groups[0]
     np0, pos0 = _noun_phrase(rng, g0), _position_phrase(rng, g0["position"])
@@ -294,17 +310,19 @@ def make_caption(rng: np.random.Generator, attributes: dict) -> str:
     return _pick(rng, templates)
 
 
-# --- rows -----------------------------------------------------------------------------------------------------
+# --- rows -----------------------------------------------------------------------------------------
 def make_row(seed: int, index: int) -> tuple[dict, str]:
-    """Attributes and caption of row `index`: independent of the data set's size, so row i is the same in any run."""
+    """Attributes and caption of row `index`: independent of the data set's size, so row i is the
+    same in any run."""
     rng = np.random.default_rng([seed, index])
     attributes = make_scene(rng)
     return attributes, make_caption(rng, attributes)
 
 
 def make_references(seed: int, index: int) -> list[str]:
-    """The N_REFERENCES reference captions of row `index`: the training caption first, then others drawn from
-    their own streams (so the first caption and the image stay what they are without the rest)."""
+    """The N_REFERENCES reference captions of row `index`: the training caption first, then others
+    drawn from their own streams (so the first caption and the image stay what they are without the
+    rest)."""
     attributes, first = make_row(seed, index)
     refs = [first]
     for k in range(1, N_REFERENCES):
@@ -318,11 +336,13 @@ def make_references(seed: int, index: int) -> list[str]:
 
 
 def fault_plan(seed: int, count: int, broken_fraction: float) -> dict[int, str]:
-    """Which rows are broken on purpose: exactly round(count * fraction) of them, cycling through FAULTS."""
+    """Which rows are broken on purpose: exactly round(count * fraction) of them, cycling through
+    FAULTS."""
     n = int(round(count * broken_fraction))
     if n <= 0:
         return {}
-    picked = np.random.default_rng([seed, 2**31 - 1]).choice(count, size=min(n, count), replace=False)
+    rng = np.random.default_rng([seed, 2**31 - 1])
+    picked = rng.choice(count, size=min(n, count), replace=False)
     return {int(i): FAULTS[j % len(FAULTS)] for j, i in enumerate(sorted(picked.tolist()))}
 
 
@@ -336,116 +356,7 @@ def make_rows(seed: int, count: int, broken_fraction: float) -> list[Row]:
     return rows
 
 
-# --- ground truth and parsing (used by eval) ------------------------------------------------------------------
-def meta_attributes(meta: str) -> dict | None:
-    """The synthetic ground truth in a sample's json metadata (its `attributes`), or None for real data."""
-    try:
-        m = json.loads(meta) if meta else {}
-    except ValueError:
-        return None
-    a = m.get("attributes") if isinstance(m, dict) else None
-    return a or None
-
-
-def meta_references(meta: str, caption: str) -> list[str]:
-    """The sample's reference captions (COCO style): the `references` its json carries (synthetic data: 5
-    phrasings, the training caption first), else the single caption (real lists)."""
-    try:
-        m = json.loads(meta) if meta else {}
-        refs = m.get("references") if isinstance(m, dict) else None
-        refs = json.loads(refs) if isinstance(refs, str) else refs
-    except ValueError:
-        refs = None
-    if isinstance(refs, list) and refs and all(isinstance(r, str) and r.strip() for r in refs):
-        return refs
-    return [caption]
-
-
-def primary_attributes(attributes: dict | str) -> dict[str, str]:
-    """Ground-truth labels of the primary group: the group every caption names first (and places first).
-
-    A group is 1-3 identical objects (same colour, shape and size) clustered in one of nine regions; `count`
-    is the number of objects in that group (other objects in the image always differ in colour or shape,
-    and are counted separately), written as a word from COUNT_WORDS. `position` is the region (thirds of
-    the canvas) holding the group's centroid.
-    """
-    if isinstance(attributes, str):
-        attributes = json.loads(attributes)
-    g = attributes["groups"][0]
-    return {"colour": g["colour"], "shape": g["shape"], "size": g["size"], "position": g["position"],
-            "count": COUNT_WORDS[g["count"] - 1]}
-
-
-_COLOUR_SET = set(COLORS)
-_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}, "disc": "circle", "discs": "circle",
-                "disk": "circle", "disks": "circle", "circles": "circle"}
-_SIZE_PARSE = {"small": "small", "tiny": "small", "little": "small", "medium": "medium", "mid": "medium",
-               "large": "large", "big": "large", "huge": "large"}
-_COUNT_PARSE = {"a": "one", "an": "one", "one": "one", "single": "one", "two": "two", "pair": "two",
-                "couple": "two", "both": "two", "three": "three"}
-_NP_GLUE = {"of", "sized", "the"}  # words allowed inside a noun phrase ("a pair of", "medium-sized")
-_POSITION_RE = re.compile(
-    r"\b(?:(top|upper|bottom|lower) (left|right)|(left|right)|(top|upper|bottom|lower)|(centre|center|middle))\b")
-
-
-def words(text: str) -> list[str]:
-    """The lower-case words of `text` (hyphens split words: "medium-sized" -> "medium", "sized")."""
-    return re.findall(r"[a-z]+", text.lower().replace("-", " "))
-
-
-def parse_position(text: str) -> Optional[str]:
-    """The first position phrase in `text` as a POSITIONS label, or None."""
-    m = _POSITION_RE.search(" ".join(words(text)))
-    if not m:
-        return None
-    vmap = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom"}
-    if m.group(1):
-        return f"{vmap[m.group(1)]} {m.group(2)}"
-    if m.group(3):
-        return m.group(3)
-    if m.group(4):
-        return vmap[m.group(4)]
-    return "centre"
-
-
-def parse_caption(text: str) -> dict[str, Optional[str]]:
-    """Primary colour, shape, size, position and count named in any caption (None where absent).
-
-    The primary object is the first shape noun; its colour, size and count come from the words right before
-    it (the noun phrase), its position is the first position phrase in the caption. A plural noun without a
-    number gives count None. Without any shape noun, the first colour / size / number words anywhere are used.
-    """
-    toks = words(text)
-    out: dict[str, Optional[str]] = {k: None for k in ATTRIBUTE_KEYS}
-    out["position"] = parse_position(text)
-    for i, t in enumerate(toks):
-        if t in _SHAPE_WORDS:
-            out["shape"] = _SHAPE_WORDS[t]
-            plural = t.endswith("s") and t[:-1] in _SHAPE_WORDS
-            j = i - 1
-            counts = []
-            while j >= 0 and (toks[j] in _COLOUR_SET or toks[j] in _SIZE_PARSE or toks[j] in _COUNT_PARSE
-                              or toks[j] in _NP_GLUE):
-                w = toks[j]
-                if w in _COLOUR_SET and out["colour"] is None:
-                    out["colour"] = w
-                elif w in _SIZE_PARSE and out["size"] is None:
-                    out["size"] = _SIZE_PARSE[w]
-                elif w in _COUNT_PARSE:
-                    counts.append(_COUNT_PARSE[w])
-                j -= 1
-            # "a pair of": the number word wins over the article
-            numbers = [c for c in counts if c != "one"] or counts
-            out["count"] = numbers[0] if numbers else (None if plural else "one")
-            return out
-    # no shape noun (a garbled caption): take the first colour, size and explicit number words anywhere
-    out["colour"] = next((t for t in toks if t in _COLOUR_SET), None)
-    out["size"] = next((_SIZE_PARSE[t] for t in toks if t in _SIZE_PARSE), None)
-    out["count"] = next((_COUNT_PARSE[t] for t in toks if t in ("one", "single", "two", "pair", "three")), None)
-    return out
-
-
-# --- on disk --------------------------------------------------------------------------------------------------
+# --- on disk --------------------------------------------------------------------------------------
 def _render_to(args) -> None:
     seed, index, path = args
     attributes, _ = make_row(seed, index)
@@ -457,18 +368,34 @@ def _render_to(args) -> None:
 
 def generate(root: Path, seed: int, count: int, broken_fraction: float, processes: int = 1,
              progress=None) -> list[Row]:
-    """Draw every missing image under root/images (reusing those of an earlier run with the same seed)."""
+    """Draw every missing image under root/images (reusing those of an earlier run with the same
+    seed)."""
     images = root / "images"
     manifest_path = root / "manifest.json"
     old = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-    if old and (old.get("seed") != seed or old.get("version") != GENERATOR_VERSION) and images.exists():
+    other = old and (old.get("seed") != seed or old.get("version") != GENERATOR_VERSION)
+    if other and images.exists():
         for p in images.glob("*.jpg"):  # another seed's drawings: never mix them with ours
             p.unlink()
     images.mkdir(parents=True, exist_ok=True)
     rows = make_rows(seed, count, broken_fraction)
     have = {p.name for p in images.iterdir()}
     todo = [(seed, r.index, str(images / r.file)) for r in rows if r.file not in have]
-    task = progress.add_task("drawing synthetic images", total=len(todo), unit="img") if progress and todo else None
+    _draw(todo, processes, progress)
+    manifest = {"version": GENERATOR_VERSION, "seed": seed, "count": count,
+                "broken_fraction": broken_fraction,
+                "broken": sum(r.fault is not None for r in rows),
+                "images": len(list(images.glob("*.jpg")))}
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)
+    return rows
+
+
+def _draw(todo: list[tuple[int, int, str]], processes: int, progress) -> None:
+    """Render (seed, index, path) jobs, in `processes` spawned workers when there are enough."""
+    task = progress.add_task("drawing synthetic images", total=len(todo), unit="img") \
+        if progress and todo else None
     if todo and processes > 1 and len(todo) >= 400:
         from concurrent.futures import ProcessPoolExecutor
         import multiprocessing as mp
@@ -482,12 +409,6 @@ def generate(root: Path, seed: int, count: int, broken_fraction: float, processe
             _render_to(t)
             if task is not None:
                 progress.advance(task)
-    manifest = {"version": GENERATOR_VERSION, "seed": seed, "count": count, "broken_fraction": broken_fraction,
-                "broken": sum(r.fault is not None for r in rows), "images": len(list(images.glob("*.jpg")))}
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
-    return rows
 
 
 def url_for(base_url: str, row: Row) -> str:

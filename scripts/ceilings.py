@@ -36,11 +36,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import metrics, synthetic  # noqa: E402
+from pipeline import captions, metrics, synthetic  # noqa: E402
 from pipeline.config import FetchConfig  # noqa: E402
 from pipeline.tokenizer import load_tokenizer  # noqa: E402
 
-ATTRS = metrics.ATTRIBUTES
+ATTRS = captions.ATTRIBUTES
 TARGETS = {"greedy": {"colour": 0.95, "size": 0.80}, "parallel": {"colour": 0.80}}  # issue #13
 
 
@@ -134,7 +134,7 @@ def oracle_parallel(rows, pool_rows, tok, args, length: int) -> dict[str, list[s
             continue
 
         def key(r):
-            return tuple(synthetic.primary_attributes(r.attributes)[a] for a in given)
+            return tuple(captions.primary_attributes(r.attributes)[a] for a in given)
         pools = {}
         for r in pool_rows:
             pools.setdefault(key(r), []).extend(pooled[r.index])

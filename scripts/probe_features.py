@@ -2,7 +2,7 @@
 
 Issue #13 asks, for a target the decoder misses, whether the features carry it at all. Per primary-object
 attribute (colour, shape, size, position, count; the ground truth eval scores against: each sample's
-`attributes` metadata in the store, reduced by `synthetic.primary_attributes`) this fits, on the trainer's
+`attributes` metadata in the store, reduced by `captions.primary_attributes`) this fits, on the trainer's
 train split (`loader.split_positions(keys, val_fraction)`), and scores on its val split:
 
   cls        multinomial logistic regression (L-BFGS, L2) on the CLS token             [768]
@@ -41,11 +41,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import metrics, synthetic  # noqa: E402
+from pipeline import captions, metrics  # noqa: E402
 from pipeline.loader import FeatureSource, split_positions  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 
-ATTRS = metrics.ATTRIBUTES
+ATTRS = captions.ATTRIBUTES
 PROBES = ("cls", "mean", "flat", "attn", "attn4", "pixels16", "pixels32")
 
 
@@ -65,14 +65,14 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 # --- data ------------------------------------------------------------------------------------------------------
 def labels_of(index) -> tuple[np.ndarray, list]:
-    """[N, 5] int class ids (index into synthetic.VOCAB[attr]) and the raw attributes per sample."""
-    raw = [synthetic.meta_attributes(m) for m in index.meta]
+    """[N, 5] int class ids (index into captions.VOCAB[attr]) and the raw attributes per sample."""
+    raw = [captions.meta_attributes(m) for m in index.meta]
     if any(a is None for a in raw):
         raise SystemExit("some samples carry no synthetic attributes: probes need the synthetic source")
     y = np.empty((len(raw), len(ATTRS)), dtype=np.int64)
     for i, a in enumerate(raw):
-        p = synthetic.primary_attributes(a)
-        y[i] = [synthetic.VOCAB[k].index(p[k]) for k in ATTRS]
+        p = captions.primary_attributes(a)
+        y[i] = [captions.VOCAB[k].index(p[k]) for k in ATTRS]
     return y, raw
 
 
@@ -122,7 +122,7 @@ def linear_probe(x_tr: torch.Tensor, y_tr: np.ndarray, x_va: torch.Tensor, y_va:
     xf, xh = zscore(x_tr[fit], x_tr[hold])
     xt, xv = zscore(x_tr, x_va)
     for j, a in enumerate(ATTRS):
-        c = len(synthetic.VOCAB[a])
+        c = len(captions.VOCAB[a])
         yf, yh = torch.from_numpy(y_tr[fit, j]), torch.from_numpy(y_tr[hold, j])
         hold_acc = {}
         for l2 in grid:
@@ -160,7 +160,7 @@ def one_hot_pm(y: np.ndarray, c: int) -> torch.Tensor:
 def kernel_ridge(k_aa: torch.Tensor, y_a: np.ndarray, k_bs: list[torch.Tensor], lam: float) -> list[list[torch.Tensor]]:
     """Ridge classifiers in dual form, one per attribute (columns of y_a), sharing one Cholesky factor: targets
     one-hot in {-1, 1}, centred. -> per k_b in k_bs, per attribute: scores [nb, C]."""
-    ys = [one_hot_pm(y_a[:, j], len(synthetic.VOCAB[a])) for j, a in enumerate(ATTRS)]
+    ys = [one_hot_pm(y_a[:, j], len(captions.VOCAB[a])) for j, a in enumerate(ATTRS)]
     ybar = [t.mean(0) for t in ys]
     chol = torch.linalg.cholesky(k_aa.double() + lam * torch.eye(len(y_a), dtype=torch.float64))
     alpha = torch.cholesky_solve(torch.cat([t - m for t, m in zip(ys, ybar)], 1), chol)
@@ -226,7 +226,7 @@ def attn_probe(feats: torch.Tensor, y: np.ndarray, fit: np.ndarray, hold: np.nda
         x[i:i + 256] = ((feats[torch.from_numpy(rows_all[i:i + 256])].float() - mu) / sd).bfloat16()
     nf, nh = len(order), len(hold)
     y_all = torch.from_numpy(y[rows_all])
-    classes = [len(synthetic.VOCAB[a]) for a in ATTRS]
+    classes = [len(captions.VOCAB[a]) for a in ATTRS]
     k = len(grid)
     model = AttnProbe(feats.shape[-1], classes, k, heads)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -270,7 +270,7 @@ def form_shares(captions: list[str], seen_bigrams: set) -> dict:
 
 
 def decoder_refinement(run: Path, store_path: Path, steps: list[int], batch: int) -> dict:
-    from pipeline.run import load_run, open_run_store, trained_precision
+    from pipeline.trained_run import load_run, open_run_store, trained_precision
 
     from pipeline.devices import autocast_dtype, run_precision
 
@@ -285,8 +285,8 @@ def decoder_refinement(run: Path, store_path: Path, steps: list[int], batch: int
     tr, va = split_positions(index.keys, vf)
     feats = FeatureSource(store, index.rows[va], device=device, mode="memory", slab_rows=store.shard_capacity).held
     keys = [index.keys[i] for i in va]
-    truth = {k: synthetic.meta_attributes(index.meta[i]) for k, i in zip(keys, va)}
-    refs = {k: synthetic.meta_references(index.meta[i], index.captions[i]) for k, i in zip(keys, va)}
+    truth = {k: captions.meta_attributes(index.meta[i]) for k, i in zip(keys, va)}
+    refs = {k: captions.meta_references(index.meta[i], index.captions[i]) for k, i in zip(keys, va)}
     seen = metrics.caption_bigrams(index.captions[i] for i in tr)
     log(f"decoder {loaded.ckpt} (step {loaded.step}, {loaded.chosen}), {precision}, {len(va)} val samples")
     caps, out = {}, {"checkpoint": str(loaded.ckpt), "step": loaded.step, "precision": precision,

@@ -1,0 +1,123 @@
+"""A trained run read back for eval and caption: its config.json, its tokenizer (refused if it now
+maps text to other ids), its decoder with the chosen weights, its training precision and its feature
+store."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import checkpoint
+from pipeline.config import DecoderConfig
+from pipeline.errors import UserError
+
+
+def tokenizer_record(tok) -> dict:
+    """What a run records of its tokenizer (config.json's `tokenizer`): a changed one is refused."""
+    return {"name": tok.name, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+
+
+def read_record(run: Path) -> dict:
+    """A run folder's config.json, or one line saying why there is none."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"no run folder {run}: train one first (`pipeline train --run {run}`)")
+    try:
+        return json.loads((run / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run} has no config.json: not a training run (or it never started)") \
+            from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {run}/config.json: {e}") from None
+
+
+def check_tokenizer(record: dict):
+    """The tokenizer recorded in the run, refusing one that now maps text to other ids."""
+    from pipeline.tokenizer import load_tokenizer
+
+    rec = record.get("tokenizer") or {}
+    if "name" not in rec:
+        raise UserError("the run's config.json records no tokenizer")
+    tok = load_tokenizer(rec["name"])
+    now = tokenizer_record(tok)
+    diff = [k for k in now if k in rec and rec[k] != now[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(f"tokenizer {rec['name']!r} now loads with {k}={now[k]}, but the run was "
+                        f"trained with {k}={rec[k]}: its ids would not match the decoder")
+    return tok
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    record: dict  # config.json
+    decoder: object  # CaptionDecoder, eval mode, on the device
+    tokenizer: object
+    ckpt: Path
+    step: int
+    # "best" (the best epoch's weights, kept by the trainer) | "last" (the newest checkpoint)
+    chosen: str
+
+
+def load_run(run: Path, device) -> LoadedRun:
+    """Run folder -> its decoder (eval mode) and the recorded tokenizer. The weights are the best
+    epoch's (`best.safetensors`, by validation loss) when the trainer kept them, else the newest
+    checkpoint's."""
+    from safetensors.torch import load_file
+
+    from pipeline.early_stop import best_checkpoint
+    from pipeline.model import CaptionDecoder
+
+    record = read_record(run)
+    tok = check_tokenizer(record)
+    dec_cfg = DecoderConfig(**record["decoder"])
+    if (dec_cfg.vocab_size, dec_cfg.mask_id, dec_cfg.eos_id) != (tok.vocab_size, tok.mask_id, tok.eos_id):
+        raise UserError(f"the run's decoder expects {dec_cfg.vocab_size} ids (mask {dec_cfg.mask_id}), its tokenizer "
+                        f"gives {tok.vocab_size} (mask {tok.mask_id})")
+    best = best_checkpoint(Path(run))
+    if best is not None:
+        ckpt, step, chosen = best[0], int(best[1]["step"]), "best"
+    else:
+        ckpt = checkpoint.resolve(Path(run) / "checkpoints")  # UserError when there is none
+        step = int(ckpt.name.split("-")[-1]) if ckpt.name.startswith("step-") else -1
+        chosen = "last"
+    decoder = CaptionDecoder(dec_cfg)
+    try:
+        decoder.load_state_dict(load_file(str(ckpt), device="cpu") if chosen == "best"
+                                else checkpoint.load_weights(ckpt, "cpu"))
+    except RuntimeError as e:
+        why = str(e).splitlines()[0][:160]
+        raise UserError(f"{ckpt} does not fit the run's decoder config: {why}") from None
+    return LoadedRun(Path(run), record, decoder.to(device).eval(), tok, ckpt, step, chosen)
+
+
+def trained_precision(run: Path, record: dict) -> str | None:
+    """The precision the run trained in: summary.json's resolved one, else config.json's if not
+    `auto`."""
+    try:
+        p = json.loads((Path(run) / "summary.json").read_text()).get("precision")
+    except (OSError, ValueError):
+        p = None
+    asked = record.get("train", {}).get("precision")
+    return p or (asked if asked != "auto" else None)
+
+
+def open_run_store(record: dict, store_path: Path | None):
+    """The run's store (or `store_path`), refusing one encoded by another encoder than the run was
+    trained on."""
+    from pipeline.store import FeatureStore, encoder_mismatch
+
+    path = Path(store_path or record.get("store", {}).get("path", ""))
+    if not str(path) or str(path) == ".":
+        raise UserError("the run records no feature store: pass --store")
+    store = FeatureStore.open(path)  # one line if missing / not a store / empty
+    rec = record.get("store", {}).get("encoder") or {}
+    if rec and encoder_mismatch(rec, store.encoder):
+        now = store.encoder
+        now_kind, rec_kind = now.get("weights", {}).get("kind"), rec.get("weights", {}).get("kind")
+        raise UserError(f"{path} was encoded with {now.get('model')} ({now_kind}), but the run was "
+                        f"trained on features of {rec.get('model')} ({rec_kind})")
+    return store
