@@ -13,9 +13,6 @@ from pipeline import checkpoint
 from pipeline.config import DecoderConfig, TrainConfig, to_jsonable
 from pipeline.errors import UserError
 from pipeline.trained_run import tokenizer_record
-# Read from here by stages/caption.py and tests; eval imports pipeline.trained_run.
-from pipeline.trained_run import (LoadedRun, load_run, open_run_store,  # noqa: F401
-                                  trained_precision)
 
 # Fields that may change between a run and its `--resume`: they do not change what is learned from
 # what (or only how fast / how long). Everything else must match, or the resumed run would be

@@ -16,7 +16,6 @@ from PIL import Image, ImageDraw
 
 from pipeline.captions import COLORS, POSITIONS, SHAPES, SIZES
 # Read back through this module by tests/test_fetch.py; eval and metrics import pipeline.captions.
-from pipeline.captions import parse_caption, primary_attributes  # noqa: F401
 
 
 GENERATOR_VERSION = 3  # bump when drawings or captions change: images on disk are then redrawn

@@ -38,7 +38,7 @@ def run(cfg: CaptionConfig) -> list[str]:
     from pipeline.devices import autocast, resolve_device, run_precision
     from pipeline.encoder import build_encoder_from_provenance
     from pipeline.progress import console
-    from pipeline.run import load_run, trained_precision
+    from pipeline.trained_run import load_run, trained_precision
     from pipeline.store import encoder_mismatch
 
     device = resolve_device(cfg.device)  # the one device of this stage: encoder, decoder and features

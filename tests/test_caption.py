@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PRECISIONS
+from conftest import PRECISIONS, store_rows
 
 from pipeline.config import CaptionConfig
 from test_evaluate import cli_error, run_copy
@@ -43,7 +43,7 @@ def test_caption_matches_the_store_features(precision, tiny_run, tiny_store, sha
     from pipeline.store import FeatureStore
     from PIL import Image
     from stages import caption
-    from pipeline.run import load_run
+    from pipeline.trained_run import load_run
 
     path, key, row = shard_jpeg
     got = caption.run(CaptionConfig(images=[path], run=tiny_run, device="cpu", precision=precision))
@@ -51,7 +51,7 @@ def test_caption_matches_the_store_features(precision, tiny_run, tiny_store, sha
     assert printed == [f"{path}: {got[0]}"] and got[0]
 
     store = FeatureStore.open(tiny_store)
-    cached = store.read_rows([row])  # [1, P, E] fp16
+    cached = store_rows(store, [row])  # [1, P, E] fp16
     prov = json.loads((tiny_run / "config.json").read_text())["store"]["encoder"]
     fresh = build_encoder_from_provenance(prov, precision=precision).encode_images([Image.open(path)])
     if precision == "fp32":

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BF16_FEATURES_CUDA, TINY_ENCODE, TINY_TRAIN, feature_error
+from conftest import BF16_FEATURES_CUDA, TINY_ENCODE, TINY_TRAIN, feature_error, store_rows
 
 from pipeline import checkpoint
 from pipeline.config import CaptionConfig, EncodeConfig, EvalConfig, TrainConfig
@@ -31,7 +31,7 @@ def test_encode_on_cuda_bf16_matches_cpu_fp32(tiny_shards, tiny_store, tmp_path)
     a, b = FeatureStore.open(tiny_store), FeatureStore.open(store)
     ia, ib = a.index(), b.index()
     assert ia.keys == ib.keys and ia.captions == ib.captions
-    rel, cos = feature_error(a.read_rows(ia.rows), b.read_rows(ib.rows))
+    rel, cos = feature_error(store_rows(a, ia.rows), store_rows(b, ib.rows))
     assert rel <= BF16_FEATURES_CUDA["rel_rms"] and cos >= BF16_FEATURES_CUDA["min_cos"], (rel, cos)
 
 
@@ -89,7 +89,7 @@ def test_eval_and_caption_on_cuda(tiny_run, tiny_shards, tmp_path):
 
 
 def test_kv_cache_and_parallel_decoding_on_cuda(tiny_run):
-    from pipeline.run import load_run
+    from pipeline.trained_run import load_run
 
     cpu = load_run(tiny_run, torch.device("cpu"))
     gpu = load_run(tiny_run, torch.device("cuda"))

@@ -167,7 +167,7 @@ def test_precision_rules():
 def test_eval_records_the_precision_it_inherited(tiny_run):
     import json
 
-    from pipeline import run
+    from pipeline import trained_run as run
 
     rec = json.loads((tiny_run / "config.json").read_text())
     assert run.trained_precision(tiny_run, rec) == "fp32"  # the tiny run trains in fp32 (TINY_TRAIN)

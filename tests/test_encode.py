@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ENCODE
+from conftest import TINY_ENCODE, store_rows
 
 from pipeline.config import EncodeConfig
 from pipeline.errors import UserError
@@ -78,7 +78,7 @@ def test_features_equal_timm_forward_features(tiny_shards, tiny_store):
         ref = model.forward_features(x).numpy()  # [6, 197, 192] fp32
     pos = {k: i for i, k in enumerate(idx.keys)}
     rows = idx.rows[[pos[s["__key__"]] for s in samples]]
-    got = st.read_rows(rows).astype(np.float32)
+    got = store_rows(st, rows).astype(np.float32)
     np.testing.assert_allclose(got, ref, rtol=2**-10, atol=1e-4)  # fp16 rounding (+ batch-size fp32 noise)
     assert [idx.captions[pos[s["__key__"]]] for s in samples] == [s["txt"].decode() for s in samples]
     assert all(idx.meta[pos[s["__key__"]]] == s["json"].decode() for s in samples)
@@ -231,6 +231,6 @@ def test_bf16_features_match_fp32_within_bf16_tolerance(tiny_shards, tiny_store)
     images = [Image.open(io.BytesIO(s["jpg"])) for s in samples]
     bf16 = build_random("vit_tiny_patch16_224", 0, torch.device("cpu"), "bf16").encode_images(images)
     pos = {k: i for i, k in enumerate(idx.keys)}
-    fp32 = st.read_rows(idx.rows[[pos[s["__key__"]] for s in samples]])  # the fp32 store's rows
+    fp32 = store_rows(st, idx.rows[[pos[s["__key__"]] for s in samples]])  # the fp32 store's rows
     rel, cos = feature_error(fp32, bf16)
     assert 0 < rel <= BF16_FEATURES_CPU["rel_rms"] and cos >= BF16_FEATURES_CPU["min_cos"], (rel, cos)

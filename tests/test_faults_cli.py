@@ -17,7 +17,7 @@ import sys
 import tarfile
 
 import pytest
-from conftest import TINY_TRAIN, cli_options
+from conftest import TINY_TRAIN, cli_options, store_rows
 
 from pipeline import cli
 from pipeline.store import FeatureStore
@@ -48,7 +48,7 @@ def wrong(tiny_shards, tiny_store, tiny_run, tmp_path_factory):
                              shard_capacity=ref.shard_capacity, shards=["00000.tar"])
     idx = ref.index()
     n = int((idx.rows < ref.shard_capacity).sum())
-    st.write_shard(0, ref.read_rows(idx.rows[:n]), idx.keys[:n], idx.captions[:n], idx.meta[:n])
+    st.write_shard(0, store_rows(ref, idx.rows[:n]), idx.keys[:n], idx.captions[:n], idx.meta[:n])
     # runs: empty; configured but killed before its first checkpoint; a copy (checkpoints hard-linked:
     # a refusal must come before any write, and atomic writes would not touch the originals anyway)
     (d / "empty_run").mkdir()

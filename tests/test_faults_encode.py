@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ENCODE
+from conftest import TINY_ENCODE, store_rows
 
 from pipeline.config import EncodeConfig
 from pipeline.errors import UserError
@@ -98,8 +98,8 @@ def test_torn_tars_and_a_corrupt_image_are_skipped_and_recorded(broken_shards, t
     assert got1 == [k for k in ref1 if k != bad_key]  # every other sample of the shard is there, in order
     pos = {k: r for k, r in zip(want.keys, want.rows)}
     rows1 = [r for k, r in zip(got.keys, got.rows) if c <= r < 2 * c]
-    np.testing.assert_allclose(st.read_rows(rows1).astype(np.float32),
-                               ref.read_rows([pos[k] for k in got1]).astype(np.float32), atol=2e-3, rtol=1e-2)
+    np.testing.assert_allclose(store_rows(st, rows1).astype(np.float32),
+                               store_rows(ref, [pos[k] for k in got1]).astype(np.float32), atol=2e-3, rtol=1e-2)
 
     s = store_summary(store, shards)  # status shows the gap
     assert s["shards_done"] == 2 and s["coverage"] < 1

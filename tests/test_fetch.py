@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipeline import synthetic
+from pipeline import captions, synthetic
 from pipeline.config import FetchConfig
 from pipeline.errors import UserError
 from stages import fetch
@@ -40,7 +40,7 @@ def test_synthetic_shards_read_back(tiny_shards):
         assert min(img.size) == 256  # shortest side resized to 256: a 224 centre crop fits
         assert meta["caption"] == caption and meta["key"] == key
         attrs = json.loads(meta["attributes"])
-        assert synthetic.parse_caption(caption) == synthetic.primary_attributes(attrs)
+        assert captions.parse_caption(caption) == captions.primary_attributes(attrs)
     # per shard: the tar holds exactly that shard's successes
     for name, s in stats.items():
         assert len(_read_shards_one(tiny_shards / f"{name}.tar")) == s["successes"]

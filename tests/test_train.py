@@ -18,7 +18,7 @@ from pipeline.errors import UserError
 from pipeline import run as run_record
 from pipeline import training
 from stages import train
-from conftest import PRECISIONS, TINY_TRAIN, cli_options
+from conftest import PRECISIONS, TINY_TRAIN, cli_options, store_rows
 
 TIMING = {"samples_per_s"}  # the only fields allowed to differ between two identical runs
 
@@ -67,7 +67,7 @@ def test_overfits_a_handful_of_captions(tiny_store, tmp_path):
     sel = np.tile(np.arange(k), rep)
     st = FeatureStore.create(tmp_path / "handful.zarr", encoder=src.encoder, tokens=src.tokens, width=src.width,
                              shard_capacity=k * rep, shards=["00000"])
-    st.write_shard(0, src.read_rows(idx.rows[:k])[sel], [f"h{i:03d}" for i in range(k * rep)],
+    st.write_shard(0, store_rows(src, idx.rows[:k])[sel], [f"h{i:03d}" for i in range(k * rep)],
                    [idx.captions[i] for i in sel], [idx.meta[i] for i in sel])
     # A quarter parallel rows: AR rows memorise fastest, and the parallel rows must still learn a lot.
     train.run(TrainConfig(**{**TINY_TRAIN, "log_every": 8, "checkpoint_every": 1000}, store=tmp_path / "handful.zarr",
