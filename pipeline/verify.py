@@ -18,22 +18,34 @@ from pipeline.progress import console
 
 
 def verify_store(path: Path) -> dict:
-    from pipeline.store import FeatureStore
+    """Every array a reader trusts, for every done shard: the attributes against the arrays' shapes (on open),
+    chunks missing on disk, each chunk of valid/keys/captions/meta/features decoded (checksums where the store
+    has them), and every valid row's key present."""
+    from pipeline.store import STRING_ARRAYS, FeatureStore
 
-    st = FeatureStore.open(path, require_done=False)
+    st = FeatureStore.open(path, require_done=False)  # attributes and shapes: one line if they do not fit
     done = st.shard_done()
-    problems: dict[str, str] = {}
-    for name, n in st.missing_chunks().items():
-        problems[name] = f"{n} features chunk(s) missing on disk"
+    problems: dict[str, str] = dict(st.missing_chunks())
     for s in [int(i) for i in done.nonzero()[0]]:
         name = st.shards[s]
         if name in problems:
             continue
         a, b = st.region(s)
+        bad = []
+        for col in ("valid", *STRING_ARRAYS):
+            try:
+                values = st.arrays[col][a:b]
+            except Exception as e:  # noqa: BLE001 - each codec raises its own type
+                bad.append(f"{col} chunk cannot be read ({type(e).__name__})")
+                continue
+            if col == "keys" and not bad and any(not k for k in values[st.arrays["valid"][a:b]]):
+                bad.append("valid rows without a key")
         try:
             st.read(a, b)
         except UserError:
-            problems[name] = "features chunk checksum mismatch (crc32c)"
+            bad.append("features chunk checksum mismatch (crc32c)")
+        if bad:
+            problems[name] = "; ".join(bad)
     return {"path": str(path), "checksums": st.has_checksums, "shards": len(st.shards),
             "shards_done": int(done.sum()), "problems": problems}
 
