@@ -1,9 +1,10 @@
 """`pipeline verify`: read a feature store and/or a run folder end to end and check every byte that has a digest.
 
-Store: every features chunk of every done shard is read (crc32c checked by zarr where the store has it), chunks
-missing from disk are named, and text columns are checked against the valid rows. Run folder: config.json,
-metrics.jsonl (strict JSON, one object per line), every checkpoint against its manifest's sha256, and that
-last.json points at a good one. One line per problem; problems -> exit 2.
+Store: the attributes against the arrays' shapes, every chunk of every column of every done shard decoded
+(crc32c checked where the store has it), chunks missing from disk named, every valid row's key present. Run
+folder: config.json, summary.json, best.json + best.safetensors (its sha256), metrics.jsonl (strict JSON, one
+object per line), every checkpoint against its manifest's sha256, and that last.json points at a good one.
+One line per problem; problems -> exit 2.
 """
 
 from __future__ import annotations
@@ -50,31 +51,46 @@ def verify_store(path: Path) -> dict:
             "shards_done": int(done.sum()), "problems": problems}
 
 
+def _run_files(run: Path) -> dict[str, str]:
+    """Problems in config.json, summary.json, best.json + best.safetensors and metrics.jsonl: {file: why}.
+
+    The readers are the ones training, eval and status use; metrics.jsonl is also held to strict JSON (no NaN),
+    and a torn last line (what a kill mid-append leaves) is reported but ignored by every reader."""
+    from pipeline import early_stop, records
+
+    problems: dict[str, str] = {}
+    for read in (records.read_config, records.read_summary, early_stop.best_checkpoint):
+        try:
+            read(run)
+        except records.BadRunFile as e:
+            problems[e.file.name] = e.why
+
+    def refuse(c):
+        raise ValueError(c)
+
+    try:
+        records.read_metrics(run / records.METRICS)
+    except records.BadRunFile as e:
+        problems[e.file.name] = e.why
+        return problems
+    lines = (run / records.METRICS).read_bytes().decode().split("\n") if (run / records.METRICS).is_file() else []
+    for i, line in enumerate(lines):
+        try:
+            if line.strip():
+                json.loads(line, parse_constant=refuse)
+        except ValueError:
+            torn = i == len(lines) - 1
+            problems[f"metrics.jsonl:{i + 1}"] = "torn last line (ignored by readers)" if torn else "not strict JSON"
+    return problems
+
+
 def verify_run(run: Path) -> dict:
     from pipeline import checkpoint
 
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run folder {run} does not exist")
-    problems: dict[str, str] = {}
-    try:
-        json.loads((run / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        problems["config.json"] = f"missing or not JSON ({type(e).__name__})"
-
-    def refuse(c):
-        raise ValueError(c)
-
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        lines = []
-    for i, line in enumerate(lines):
-        try:
-            json.loads(line, parse_constant=refuse)
-        except ValueError:
-            torn = i == len(lines) - 1
-            problems[f"metrics.jsonl:{i + 1}"] = "torn last line (ignored by readers)" if torn else "not strict JSON"
+    problems = _run_files(run)
     ckpts = run / "checkpoints"
     good = []
     for p in sorted(ckpts.glob("step-*")) if ckpts.is_dir() else []:
