@@ -54,9 +54,24 @@ def read_stats(path: Path) -> dict | None:
         s = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(s, dict) or not all(isinstance(s.get(k), int) for k in ("count", "successes")):
+    if not isinstance(s, dict) or not all(type(s.get(k)) is int for k in ("count", "successes")):
         return None
-    return s
+    return s if 0 <= s["successes"] <= s["count"] and s["count"] == _parquet_rows(path, s["count"]) else None
+
+
+def _parquet_rows(stats: Path, default: int) -> int:
+    """Rows in the shard's `NNNNN.parquet` (img2dataset writes one per input row, fetched or failed), or
+    `default` where there is none (shards of another tool). A stats file whose count disagrees is not trusted:
+    encode sizes the store by it."""
+    parquet = stats.with_name(stats.name[: -len("_stats.json")] + ".parquet")
+    if not parquet.is_file():
+        return default
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(parquet).num_rows
+    except Exception:  # noqa: BLE001 - a torn parquet (pyarrow's own error types): the shard is unfinished
+        return -1
 
 
 def _fetch_record(shards: Path) -> dict | None:

@@ -323,6 +323,11 @@ class FeatureStore:
         """Whether the features chunks carry crc32c (stores made before it was added do not)."""
         return any(type(c).__name__ == "Crc32cCodec" for c in self._features.metadata.codecs)
 
+    @property
+    def text_checked(self) -> bool:
+        """Whether valid/keys/captions/meta carry crc32c and are stored for every done shard (newer stores)."""
+        return any(type(c).__name__ == "Crc32cCodec" for c in self.arrays["valid"].metadata.codecs)
+
     def shard_of_row(self, row: int) -> str:
         return self.shards[min(int(row) // self.shard_capacity, len(self.shards) - 1)]
 
@@ -340,35 +345,35 @@ class FeatureStore:
                          f"({str(e).split('.')[0]}); `pipeline verify --store {self.path}` lists every bad shard; "
                          "re-encode into a new --store (or rebuild this one with --overwrite)")
 
-    def _missing(self) -> dict[str, dict[str, int]]:
-        """Chunks of done shards that a reader needs but that are absent from disk: {shard: {array: count}}.
+    def _missing(self) -> dict[str, dict[str, list[Path]]]:
+        """Chunk files of done shards that a reader needs but that are absent: {shard: {array: [files]}}.
 
         zarr reads an absent chunk as its fill value (zeros, False, ""), so a deleted file would read as empty
-        rows. A chunk equal to the fill value is never stored, so absence alone proves nothing: a chunk is
-        missing when the shard's other files show it held something (valid rows, or any other column stored).
+        rows. Stores with checked text columns write those chunks even when empty, so every one must exist;
+        older stores skip chunks equal to the fill value, so there a chunk counts as missing only when the
+        shard's other files show it held something (valid rows, or another column stored).
         """
         done, c, cr, valid = self.shard_done(), self.shard_capacity, self.chunk_rows, self._valid()
-        out: dict[str, dict[str, int]] = {}
+        out: dict[str, dict[str, list[Path]]] = {}
         for s in np.flatnonzero(done):
-            name, has = self.shards[s], {a: self._chunk_file(a, (s,)).is_file() for a in ("valid", "keys", "captions", "meta")}
-            gone = {}
-            for i in range(s * c // cr, (s + 1) * c // cr):
-                if valid[i * cr:(i + 1) * cr].any() and not self._chunk_file("features", (i, 0, 0)).is_file():
-                    gone["features"] = gone.get("features", 0) + 1
+            files = {a: self._chunk_file(a, (s,)) for a in ("valid", *STRING_ARRAYS)}
+            has = {a: f.is_file() for a, f in files.items()}
             rows = valid[s * c:(s + 1) * c].any()
-            if not has["valid"] and any(has[a] for a in STRING_ARRAYS):
-                gone["valid"] = 1
-            for a in ("keys", "captions"):  # meta may be "" for a whole shard (no metadata), so never stored
-                if rows and not has[a]:
-                    gone[a] = 1
+            need = list(files) if self.text_checked else \
+                [a for a in ("keys", "captions") if rows] + (["valid"] if any(has[a] for a in STRING_ARRAYS) else [])
+            gone = {a: [files[a]] for a in need if not has[a]}
+            feats = [self._chunk_file("features", (i, 0, 0)) for i in range(s * c // cr, (s + 1) * c // cr)
+                     if valid[i * cr:(i + 1) * cr].any()]
+            if lost := [f for f in feats if not f.is_file()]:
+                gone["features"] = lost
             if gone:
-                out[name] = gone
+                out[self.shards[s]] = gone
         return out
 
     def missing_chunks(self) -> dict[str, str]:
         """Done shards with chunks missing on disk: {shard: what is missing}."""
-        return {name: ", ".join(f"{n} features chunk(s)" if a == "features" else f"the {a} chunk"
-                                for a, n in gone.items()) + " missing on disk"
+        return {name: ", ".join(f"{len(f)} features chunk(s)" if a == "features" else f"the {a} chunk"
+                                for a, f in gone.items()) + " missing on disk"
                 for name, gone in self._missing().items()}
 
     def _column(self, name: str, n: int) -> np.ndarray:
@@ -449,9 +454,12 @@ class FeatureStore:
         block[:n] = features
         self._features[start:stop] = block
         pad = [""] * (c - n)
+        # Stored even when all-empty (zarr skips a chunk equal to the fill value by default), so a reader can
+        # tell a deleted chunk from an empty one.
+        dense = {"write_empty_chunks": self.text_checked}
         for name, col in (("keys", keys), ("captions", captions), ("meta", meta)):
-            self.group[name][start:stop] = np.array(list(col) + pad, dtype=object)
-        self.group["valid"][start:stop] = np.arange(c) < n
+            self.arrays[name].with_config(dense)[start:stop] = np.array(list(col) + pad, dtype=object)
+        self.arrays["valid"].with_config(dense)[start:stop] = np.arange(c) < n
         self._fsync_shard(s)  # the marker promises the rows are on disk, not in the page cache
         self.group["shard_done"][s] = True  # last: the marker says every row above is on disk
         self._fsync_files([self._chunk_file("shard_done", (s,))])
@@ -491,8 +499,9 @@ class FeatureStore:
         if missing:
             names = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
             kinds = "/".join(sorted({a for gone in missing.values() for a in gone}))
-            raise UserError(f"feature store {self.path}: shard(s) {names} are marked done but miss {kinds} chunks "
-                            f"on disk; run `pipeline verify --store {self.path}`, then re-encode them")
+            first = next(iter(next(iter(missing.values())).values()))[0]
+            raise UserError(f"{first} is missing: shard(s) {names} are marked done but miss {kinds} chunks on "
+                            f"disk; run `pipeline verify --store {self.path}`, then re-encode them")
         cols = {name: [str(v) for v in self._column(name, len(valid))[rows]] for name in STRING_ARRAYS}
         if blank := sorted({self.shard_of_row(r) for r, k in zip(rows, cols["keys"]) if not k}):
             raise damaged(self.path / "keys", f"valid rows of shard(s) {', '.join(blank[:3])} have no key")
