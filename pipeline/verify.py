@@ -52,14 +52,17 @@ def verify_store(path: Path) -> dict:
 
 
 def _run_files(run: Path) -> dict[str, str]:
-    """Problems in config.json, summary.json, best.json + best.safetensors and metrics.jsonl: {file: why}.
+    """Problems in config.json, summary.json, best.json + best.safetensors, checkpoints/last.json and
+    metrics.jsonl: {file: why}.
 
     The readers are the ones training, eval and status use; metrics.jsonl is also held to strict JSON (no NaN),
     and a torn last line (what a kill mid-append leaves) is reported but ignored by every reader."""
     from pipeline import early_stop, records
 
     problems: dict[str, str] = {}
-    for read in (records.read_config, records.read_summary, early_stop.best_checkpoint):
+    readers = (records.read_config, records.read_summary, early_stop.best_checkpoint,
+               lambda r: records.read_last(r / "checkpoints"))
+    for read in readers:
         try:
             read(run)
         except records.BadRunFile as e:
