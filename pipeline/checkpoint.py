@@ -188,15 +188,20 @@ def last(ckpt_dir: Path) -> Optional[Path]:
 def check(path: Path) -> str | None:
     """Why a checkpoint folder's bytes are not the ones saved (sha256 vs its manifest), or None if they are.
 
-    Checkpoints saved before digests were recorded have no manifest: they pass unchecked.
+    A deleted manifest of the checkpoint `last.json` points at is made good by the copy of its digests there;
+    checkpoints saved before digests were recorded have neither: they pass unchecked.
     """
     path = Path(path)
     try:
         want = json.loads((path / MANIFEST).read_text())["sha256"]
     except FileNotFoundError:
-        return None
+        want = _pointed_digests(path)
+        if want is None:
+            return None
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable {MANIFEST} ({type(e).__name__})"
+    if not isinstance(want, dict) or not all(isinstance(d, str) for d in want.values()):
+        return f"unreadable {MANIFEST} (no digests)"
     for name, digest in want.items():
         try:
             got = sha256_file(path / name)
@@ -205,6 +210,15 @@ def check(path: Path) -> str | None:
         if got != digest:
             return f"{name} does not match its recorded sha256"
     return None
+
+
+def _pointed_digests(path: Path) -> dict | None:
+    """The sha256 digests `last.json` holds for checkpoint folder `path`, if it points there."""
+    try:
+        rec = json.loads((path.parent / LAST).read_text())
+        return rec["sha256"] if rec.get("dir") == path.name else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def resolve(path: Path) -> Path:

@@ -179,10 +179,10 @@ def store_summary(store: Path, shards: Path) -> dict:
         return s
     try:
         st = FeatureStore.open(store, require_done=False)
+        encoded, done = st.shard_counts(), dict(zip(st.shards, st.shard_done().tolist()))
     except UserError as e:
         return {**s, "error": str(e)}
     fetched = _fetched_per_shard(shards)
-    encoded, done = st.shard_counts(), dict(zip(st.shards, st.shard_done().tolist()))
     names = st.shards + [n for n in fetched if n not in encoded]  # store row order, then not yet in the store
     per = [{"shard": n, "fetched": fetched.get(n), "encoded": encoded.get(n, 0), "done": bool(done.get(n, False))}
            for n in names]

@@ -383,7 +383,7 @@ class FeatureStore:
         try:
             return np.asarray(a[:n])
         except Exception as e:  # noqa: BLE001 - each codec raises its own type
-            per, why = a.chunks[0], f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+            per, why = a.chunks[0], f"{type(e).__name__}: {str(e).split('.')[0][:80]}"
             for i in range(-(-n // per)):
                 try:
                     a[i * per:min((i + 1) * per, n)]

@@ -152,3 +152,60 @@ def test_eval_refuses_a_config_that_is_a_json_list(runs):
     with pytest.raises(UserError) as e:
         evaluate.run(EvalConfig(run=runs / "bad", device="cpu", precision="fp32", limit=2))
     one_line(str(e.value), str(runs / "bad" / "config.json"))
+
+
+def _weights_of(run: Path) -> list[dict]:
+    """The undamaged run's weight sets a reader may rightly pick: best, then each checkpoint's."""
+    from safetensors.torch import load_file
+
+    files = [run / "best.safetensors", *sorted(run.glob("checkpoints/step-*/model.safetensors"))]
+    return [load_file(str(f)) for f in files]
+
+
+@pytest.mark.slow
+def test_sweep_every_run_file_damaged_reads_right_or_is_one_line(tiny_run, tmp_path):
+    """For each file x {deleted, truncated, overwritten}: `status` shows the run or one line for it (and the
+    good run beside it), `verify --run` is 0 or one line, eval's loader (`load_run`) and resume's
+    (`checkpoint.load`) get weights the undamaged run holds (best, or a checkpoint after a `warning:`
+    fallback) or refuse with one line naming a file of the run."""
+    import torch
+
+    from pipeline import checkpoint
+    from pipeline.run import load_run
+    from test_faults_store import MODES, damage_file, files_under
+
+    good = _weights_of(tiny_run)
+    same = lambda sd: any(all(torch.equal(sd[k], g[k]) for k in g) for g in good)  # noqa: E731
+    for rel in files_under(tiny_run):
+        for mode in MODES:
+            root = tmp_path / f"{mode}-{rel.replace('/', '_')}"
+            shutil.copytree(tiny_run, root / "good")
+            shutil.copytree(tiny_run, root / "bad")
+            damage_file(root / "bad" / rel, mode)
+            shown = _status(root, tmp_path)
+            assert "error" not in shown["good"] and ("error" not in shown.get("bad", {}) or
+                                                     str(root / "bad") in shown["bad"]["error"]), (rel, mode)
+            code, msg = pipeline_cli("verify", "--run", root / "bad")
+            assert code in (0, 2) and (code == 0 or "\n" not in msg.strip()), (rel, mode, msg)
+            for load in (lambda: load_run(root / "bad", "cpu").decoder.state_dict(),
+                         lambda: _resume_weights(root / "bad", checkpoint)):
+                try:
+                    weights = load()
+                except UserError as e:
+                    one_line(str(e), str(root / "bad"))
+                    continue
+                assert same(weights), (rel, mode)
+
+
+def _resume_weights(run: Path, checkpoint) -> dict:
+    """What `train --resume` restores: the checkpoint's weights, optimizer and scheduler state."""
+    import torch
+
+    from pipeline.config import DecoderConfig
+    from pipeline.model import CaptionDecoder
+    from pipeline.run import read_record
+
+    model = CaptionDecoder(DecoderConfig(**read_record(run)["decoder"]))
+    opt = torch.optim.AdamW(model.parameters())
+    checkpoint.load(run / "checkpoints", model=model, optimizer=opt, restore_rng=False)
+    return model.state_dict()
