@@ -67,7 +67,7 @@ def _canonical_header(blob: bytes) -> bytes:
     return blob[:8] + canon + b" " * (n - len(canon)) + blob[8 + n:]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -109,7 +109,7 @@ def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: 
         finite = all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point())
         digest = save_file(weights, str(tmp / "model.safetensors"),
                            metadata={"step": str(step), "finite": str(int(finite))})
-        digests = {"model.safetensors": digest or _sha256(tmp / "model.safetensors")}
+        digests = {"model.safetensors": digest or sha256_file(tmp / "model.safetensors")}
         buf = io.BytesIO()  # serialised in memory, written by Python (see save_file)
         torch.save({
             "optimizer": optimizer.state_dict(),
@@ -188,18 +188,23 @@ def last(ckpt_dir: Path) -> Optional[Path]:
 def check(path: Path) -> str | None:
     """Why a checkpoint folder's bytes are not the ones saved (sha256 vs its manifest), or None if they are.
 
-    Checkpoints saved before digests were recorded have no manifest: they pass unchecked.
+    A deleted manifest of the checkpoint `last.json` points at is made good by the copy of its digests there;
+    checkpoints saved before digests were recorded have neither: they pass unchecked.
     """
     path = Path(path)
     try:
         want = json.loads((path / MANIFEST).read_text())["sha256"]
     except FileNotFoundError:
-        return None
+        want = _pointed_digests(path)
+        if want is None:
+            return None
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable {MANIFEST} ({type(e).__name__})"
+    if not isinstance(want, dict) or not all(isinstance(d, str) for d in want.values()):
+        return f"unreadable {MANIFEST} (no digests)"
     for name, digest in want.items():
         try:
-            got = _sha256(path / name)
+            got = sha256_file(path / name)
         except OSError as e:
             return f"{name}: {e.strerror or e}"
         if got != digest:
@@ -207,55 +212,103 @@ def check(path: Path) -> str | None:
     return None
 
 
+def _pointed_digests(path: Path) -> dict | None:
+    """The sha256 digests `last.json` holds for checkpoint folder `path`, if it points there."""
+    try:
+        rec = json.loads((path.parent / LAST).read_text())
+        return rec["sha256"] if rec.get("dir") == path.name else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def resolve(path: Path) -> Path:
     """A checkpoint folder from a checkpoint folder, a `checkpoints/` folder or a run folder (its newest good one).
 
-    The bytes are checked against the digests saved with them: a corrupt newest checkpoint falls back to the
-    previous one with a warning; if none is good (or a named checkpoint folder is corrupt) it is one line.
+    The bytes are checked against the digests saved with them: a corrupt newest checkpoint (or a corrupt
+    `step-N` folder named directly, as `--resume` does) falls back to the previous good one with a warning; if
+    none is good it is one line.
     """
     path = Path(path)
     if (path / "model.safetensors").is_file():
+        if path.name.startswith("step-"):
+            return _newest_good(path, path.parent)
         why = check(path)
         if why:
             raise UserError(f"checkpoint {path} is corrupt: {why}")
         return path
     for d in (path, path / "checkpoints"):
         found = last(d)
-        if found is None:
-            continue
-        candidates = [found] + sorted((p for p in d.glob("step-*") if p != found and p.name < found.name and
-                                       (p / "state.pt").is_file()), reverse=True)
-        bad = []
-        for c in candidates:
-            why = check(c)
-            if why is None:
-                if bad:
-                    from pipeline.progress import console
-
-                    console.print(f"warning: checkpoint {bad[0][0].name} is corrupt ({bad[0][1]}); using "
-                                  f"{c.name} instead", highlight=False, markup=False)
-                return c
-            bad.append((c, why))
-        raise UserError(f"every checkpoint in {d} is corrupt (newest {bad[0][0].name}: {bad[0][1]}); "
-                        "there is nothing good to load")
+        if found is not None:
+            return _newest_good(found, d)
     raise UserError(f"no complete checkpoint in {path}")
+
+
+def _newest_good(newest: Path, d: Path) -> Path:
+    """`newest` if its bytes match its digests, else the newest older `step-*` in `d` that does (warning)."""
+    candidates = [newest] + sorted((p for p in d.glob("step-*") if p != newest and p.name < newest.name and
+                                    (p / "state.pt").is_file()), reverse=True)
+    bad = []
+    for c in candidates:
+        why = check(c)
+        if why is None:
+            if bad:
+                from pipeline.progress import console
+
+                console.print(f"warning: checkpoint {bad[0][0].name} is corrupt ({bad[0][1]}); using "
+                              f"{c.name} instead", highlight=False, markup=False)
+            return c
+        bad.append((c, why))
+    raise UserError(f"every checkpoint in {d} is corrupt (newest {bad[0][0].name}: {bad[0][1]}); "
+                    "there is nothing good to load")
 
 
 def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The decoder's state dict from a run folder, its `checkpoints/` folder or one checkpoint folder."""
-    return load_file(str(resolve(path) / "model.safetensors"), device=str(device))
+    return _weights(resolve(path) / "model.safetensors", device)
+
+
+def _weights(file: Path, device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file), device=str(device))
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: bytes that are not a safetensors file
+        raise UserError(f"{file}: not a readable safetensors file ({type(e).__name__}); the checkpoint is "
+                        "damaged") from None
+
+
+STATE_KEYS = ("optimizer", "scheduler", "step", "epoch", "batch", "rng", "extra")
+
+
+def read_state(file: Path, device) -> dict:
+    """state.pt, loaded with torch's weights-only unpickler, which builds tensors and plain containers and
+    refuses any other object: a state file swapped for an arbitrary pickle is one line, and nothing in it runs."""
+    import pickle
+
+    try:
+        state = torch.load(file, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError, KeyError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not a checkpoint state file this pipeline wrote ({type(e).__name__}); it "
+                        "was not unpickled. Resume from another checkpoint or start a new --run") from None
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS) or \
+            not all(isinstance(state[k], int) and not isinstance(state[k], bool) for k in ("step", "epoch", "batch")):
+        raise UserError(f"{file}: not a checkpoint state file this pipeline wrote (its keys or values differ)")
+    return state
 
 
 def load(path: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
          device: str | torch.device = "cpu", restore_rng: bool = True) -> dict[str, Any]:
     """Restore a checkpoint folder into model (+ optimizer, scheduler, RNG); returns the state dict."""
     path = resolve(path)  # checked once here
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
-    state = torch.load(path / "state.pt", map_location=device, weights_only=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
+    state = read_state(path / "state.pt", device)
+    try:
+        model.load_state_dict(_weights(path / "model.safetensors", device))
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # shapes or keys of another model
+        raise UserError(f"checkpoint {path} does not fit this run's model or optimizer "
+                        f"({str(e).splitlines()[0][:120]})") from None
     if restore_rng:
         rng = state["rng"]
         rng["torch"] = rng["torch"].cpu()  # map_location moved it; the CPU generator wants a CPU ByteTensor

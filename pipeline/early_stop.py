@@ -62,7 +62,8 @@ class EarlyStop:
 
 
 def save_best(run_dir: Path, model, info: dict) -> None:
-    """best.safetensors (the decoder's weights) and best.json, each written to a temp file and renamed.
+    """best.safetensors (the decoder's weights) and best.json (with their sha256), each written to a temp file
+    and renamed.
 
     Weights first: a crash between the two leaves best.json naming the previous best, whose step differs from
     the new weights' metadata, and `best_checkpoint` then refuses the pair instead of mixing them."""
@@ -70,24 +71,44 @@ def save_best(run_dir: Path, model, info: dict) -> None:
 
     tmp = run_dir / f".{BEST_WEIGHTS}.tmp"
     weights = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, tmp, metadata={"step": str(info["step"])})
+    digest = save_file(weights, tmp, metadata={"step": str(info["step"])})
     os.replace(tmp, run_dir / BEST_WEIGHTS)
-    atomic_write_text(run_dir / BEST_INFO, json.dumps(info, indent=2, sort_keys=True))
+    atomic_write_text(run_dir / BEST_INFO, json.dumps({**info, "sha256": digest}, indent=2, sort_keys=True))
+
+
+def _weights_step(path: Path) -> Optional[str]:
+    """The step recorded in a safetensors header, or None when the header does not read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("step")
+    except Exception:  # noqa: BLE001 - safetensors raises its own types for a torn header
+        return None
 
 
 def best_checkpoint(run_dir: Path) -> Optional[tuple[Path, dict]]:
-    """(weights path, info) of the run's best epoch, or None when there is none or it is not consistent."""
-    from safetensors import safe_open
+    """(weights path, info) of the run's best epoch, or None when there is none or the pair is from two saves
+    (a crash between the two renames). Weights whose bytes differ from the sha256 in best.json, or a malformed
+    best.json, are one line naming the file (`records.BadRunFile`), never loaded."""
+    from pipeline.checkpoint import sha256_file
+    from pipeline.records import BadRunFile, read_best
 
-    path, info_path = Path(run_dir) / BEST_WEIGHTS, Path(run_dir) / BEST_INFO
+    path = Path(run_dir) / BEST_WEIGHTS
+    info = read_best(run_dir)
+    if info is None or not path.is_file():
+        return None
+    step = _weights_step(path)
+    if step is not None and step != str(info["step"]):
+        return None
+    want = info.get("sha256")
     try:
-        info = json.loads(info_path.read_text())
-        with safe_open(str(path), "pt") as f:
-            step = (f.metadata() or {}).get("step")
-    except (OSError, ValueError):
-        return None
-    except Exception:  # noqa: BLE001 - a torn safetensors header: no usable best
-        return None
-    if step != str(info.get("step")):
+        got = sha256_file(path) if want is not None else None
+    except OSError as e:
+        raise BadRunFile(path, f"cannot be read ({e.strerror or e})") from None
+    if got != want:
+        raise BadRunFile(path, f"does not match the sha256 in {BEST_INFO}: the file is damaged; delete "
+                         f"{BEST_WEIGHTS} and {BEST_INFO} to use the newest checkpoint instead")
+    if step is None:  # an old run (no digest) whose header does not read: no usable best
         return None
     return path, info

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.osutil import atomic_write, atomic_write_text
+from pipeline.records import read_metrics
 
 # What a failed write in the run folder tells the user to do (the last checkpoint is intact either way).
 WRITE_HINT = "make room (or make the folder writable), then rerun with --resume"
@@ -21,17 +22,8 @@ class MetricsLog:
         self.path = Path(path)
 
     def read(self) -> list[dict]:
-        out = []
-        try:
-            lines = self.path.read_text().splitlines()
-        except OSError:
-            return out
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
+        """Every entry; a torn last line is skipped, any other malformed line is one line naming it."""
+        return read_metrics(self.path)
 
     def last(self) -> tuple[dict, dict]:
         """The last train entry and the last validation entry ({} when there is none)."""

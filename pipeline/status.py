@@ -11,7 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline import records
 from pipeline.config import StatusConfig
+from pipeline.errors import UserError
 from pipeline.runlog import MetricsLog
 
 
@@ -52,9 +54,24 @@ def read_stats(path: Path) -> dict | None:
         s = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(s, dict) or not all(isinstance(s.get(k), int) for k in ("count", "successes")):
+    if not isinstance(s, dict) or not all(type(s.get(k)) is int for k in ("count", "successes")):
         return None
-    return s
+    return s if 0 <= s["successes"] <= s["count"] and s["count"] == _parquet_rows(path, s["count"]) else None
+
+
+def _parquet_rows(stats: Path, default: int) -> int:
+    """Rows in the shard's `NNNNN.parquet` (img2dataset writes one per input row, fetched or failed), or
+    `default` where there is none (shards of another tool). A stats file whose count disagrees is not trusted:
+    encode sizes the store by it."""
+    parquet = stats.with_name(stats.name[: -len("_stats.json")] + ".parquet")
+    if not parquet.is_file():
+        return default
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(parquet).num_rows
+    except Exception:  # noqa: BLE001 - a torn parquet (pyarrow's own error types): the shard is unfinished
+        return -1
 
 
 def _fetch_record(shards: Path) -> dict | None:
@@ -155,7 +172,6 @@ def _fetched_per_shard(shards: Path) -> dict[str, int]:
 
 def store_summary(store: Path, shards: Path) -> dict:
     """Encoded vs fetched samples per shard and in total, encoder + weights provenance, size on disk."""
-    from pipeline.errors import UserError
     from pipeline.store import FeatureStore, weights_label
 
     s: dict = {"path": str(store), "exists": store.exists()}
@@ -163,10 +179,10 @@ def store_summary(store: Path, shards: Path) -> dict:
         return s
     try:
         st = FeatureStore.open(store, require_done=False)
+        encoded, done = st.shard_counts(), dict(zip(st.shards, st.shard_done().tolist()))
     except UserError as e:
         return {**s, "error": str(e)}
     fetched = _fetched_per_shard(shards)
-    encoded, done = st.shard_counts(), dict(zip(st.shards, st.shard_done().tolist()))
     names = st.shards + [n for n in fetched if n not in encoded]  # store row order, then not yet in the store
     per = [{"shard": n, "fetched": fetched.get(n), "encoded": encoded.get(n, 0), "done": bool(done.get(n, False))}
            for n in names]
@@ -216,30 +232,39 @@ def render_store(console: Console, s: dict) -> None:
 
 
 # --- train: run folders ------------------------------------------------------------------------------------
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def run_summary(run: Path) -> dict:
-    """One run folder, from its config.json, metrics.jsonl, checkpoints/last.json and summary.json."""
-    cfg, ck, summ = _json(run / "config.json"), _json(run / "checkpoints" / "last.json"), _json(run / "summary.json")
+    """One run folder, from its config.json, metrics.jsonl, checkpoints/last.json and summary.json; a run
+    whose files are malformed is {name, path, error} (the one line naming the file), and the others still show."""
+    try:
+        return _run_summary(run)
+    except UserError as e:
+        return {"name": run.name, "path": str(run), "error": str(e)}
+
+
+def _run_summary(run: Path) -> dict:
+    cfg = records.read_config(run)
+    ck = records.read_last(run / "checkpoints") or {}
+    summ = records.read_summary(run) or {}
     tr, val = MetricsLog(run / "metrics.jsonl").last()
-    train_cfg, dec = cfg.get("train", {}), cfg.get("decoder", {})
+    train_cfg, dec = cfg["train"], cfg["decoder"]
     step = ck.get("step", 0)
     return {
         "name": run.name, "path": str(run), "step": step, "total_steps": summ.get("total_steps"),
-        "epochs_done": ck.get("epoch", 0), "epochs": train_cfg.get("epochs"),
+        "epochs_done": ck.get("epoch") or 0, "epochs": train_cfg.get("epochs"),
         "complete": bool(summ.get("complete")) and summ.get("steps") == step,
         "checkpoint": ck.get("dir"), "logged_step": tr.get("step"),
         "train_loss_ar": tr.get("loss_ar"), "train_loss_par": tr.get("loss_par"),
         "val_loss_ar": val.get("loss_ar"), "val_loss_par": val.get("loss_par"), "val_step": val.get("step"),
         "random_init": bool(cfg.get("encoder_random_init")), "samples_per_s": summ.get("samples_per_s"),
-        "encoder_weights": (cfg.get("store", {}).get("encoder", {}).get("weights") or {}).get("kind"),
+        "encoder_weights": _weights_kind(cfg["store"]),
         "decoder": f"{dec.get('layers')}x{dec.get('width')}" if dec else None, "store": train_cfg.get("store"),
     }
+
+
+def _weights_kind(store: dict):
+    weights = (store.get("encoder") or {}).get("weights") if isinstance(store.get("encoder"), dict) else None
+    kind = weights.get("kind") if isinstance(weights, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def runs_summary(runs: Path) -> dict:
@@ -269,6 +294,8 @@ def render_runs(console: Console, s: dict) -> None:
     for name in ("step", "epoch", "train", "val", "ckpt", "samp/s", "encoder"):
         t.add_column(name, no_wrap=True)
     for r in s["runs"]:
+        if "error" in r:  # listed below the table
+            continue
         total = f"/{r['total_steps']}" if r["total_steps"] else ""
         step = f"[green]{r['step']}{total}[/]" if r["complete"] else f"{r['step']}{total}"
         ckpt = r["checkpoint"].removeprefix("step-").lstrip("0") or "0" if r["checkpoint"] else "[yellow]none[/]"
@@ -277,6 +304,9 @@ def render_runs(console: Console, s: dict) -> None:
                   ckpt, "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.1f}",
                   "[bold red]random[/]" if r["random_init"] else (r["encoder_weights"] or "-"))
     console.print(t)
+    for r in s["runs"]:
+        if "error" in r:
+            console.print(f"  [red]run {escape(r['name'])} is unreadable: {escape(r['error'])}[/]", highlight=False)
 
 
 def collect(cfg: StatusConfig) -> dict:

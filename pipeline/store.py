@@ -20,6 +20,53 @@ CHUNK_TARGET_BYTES = 2 << 20  # >= ~1 MB per features chunk: big sequential read
 STRING_ARRAYS = ("keys", "captions", "meta")
 
 
+ARRAYS = ("features", "valid", "shard_done", *STRING_ARRAYS)
+SIZES = ("tokens", "width", "shard_capacity", "chunk_rows")
+
+
+def damaged(file: Path, why: str) -> UserError:
+    """The one line for a store file whose content a reader cannot trust."""
+    return UserError(f"{file}: {why}; the feature store is damaged: re-encode into a new --store (or rebuild "
+                     "this one with --overwrite)")
+
+
+def check_layout(path: Path, attrs: dict, arrays: dict) -> None:
+    """Every attribute a reader trusts, checked for type and range against the arrays' real shapes.
+
+    The arrays may be longer than `shards` says (an `extend` grows them before the attribute), never shorter.
+    """
+    def bad(why: str, file: Path = path / "zarr.json"):
+        raise damaged(file, why)
+
+    for k in SIZES:
+        v = attrs.get(k)
+        if type(v) is not int or v < 1:
+            bad(f"{k} is {v!r}, not a positive whole number")
+    shards = attrs.get("shards")
+    if not (isinstance(shards, list) and all(isinstance(x, str) and x for x in shards)
+            and len(set(shards)) == len(shards)):
+        bad(f"shards is not a list of distinct shard names ({str(shards)[:60]})")
+    if not isinstance(attrs.get("encoder"), dict):
+        bad(f"encoder is {str(attrs.get('encoder'))[:60]!r}, not a record of the encoder")
+    for k, kind in (("precision", str), ("problems", dict), ("last_run", dict)):
+        if attrs.get(k) is not None and not isinstance(attrs[k], kind):
+            bad(f"{k} is {str(attrs[k])[:60]!r}, not a {kind.__name__}")
+    t, e, c, cr, s = (*(attrs[k] for k in SIZES), len(shards))
+    feats = arrays["features"]
+    if feats.ndim != 3 or feats.dtype != np.float16 or tuple(feats.shape[1:]) != (t, e):
+        bad(f"tokens x width is {t} x {e}, but the features array is {feats.dtype} {list(feats.shape)}")
+    if feats.chunks[0] != cr or c % cr:
+        bad(f"chunk_rows is {cr}, but the features chunks hold {feats.chunks[0]} rows (shard_capacity {c})")
+    for name in ARRAYS:
+        a, need = arrays[name], s if name == "shard_done" else s * c
+        if a.ndim != (3 if name == "features" else 1) or a.shape[0] < need:
+            bad(f"shard_capacity is {c} for {s} shards ({need} rows), but {name} holds {a.shape[0]}")
+        if name not in ("features", "shard_done") and a.chunks[0] != c:
+            bad(f"shard_capacity is {c}, but {name} is stored in chunks of {a.chunks[0]} rows")
+        if name in ("valid", "shard_done") and a.dtype != np.bool_:
+            bad(f"{name} holds {a.dtype}, not booleans", path / name / "zarr.json")
+
+
 @dataclass
 class StoreIndex:
     """Valid rows of done shards, in row order, with their text columns."""
@@ -126,7 +173,15 @@ class FeatureStore:
         self.group = group
         self.writable = writable
         self.attrs = dict(group.attrs)
-        self._features = group["features"]
+        self.arrays = {name: self._open_array(name) for name in ARRAYS}
+        check_layout(self.path, self.attrs, self.arrays)
+        self._features = self.arrays["features"]
+
+    def _open_array(self, name: str):
+        try:
+            return self.group[name]
+        except Exception as e:  # noqa: BLE001 - a missing or garbled array zarr.json: KeyError, JSON, ...
+            raise damaged(self.path / name / "zarr.json", f"missing or unreadable ({type(e).__name__})") from None
 
     # --- opening ------------------------------------------------------------------------------------------
     @classmethod
@@ -138,10 +193,12 @@ class FeatureStore:
             raise UserError(f"feature store {path} does not exist: run `pipeline encode` first")
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
-        except Exception as e:  # zarr raises several types for "not a group"
-            raise UserError(f"{path} is not a zarr v3 feature store ({type(e).__name__})") from None
-        if group.attrs.get("format") != FORMAT:
-            raise UserError(f"{path} is not a cappa feature store (format {group.attrs.get('format')!r})")
+            attrs = dict(group.attrs)
+        except Exception as e:  # noqa: BLE001 - zarr raises several types for "not a group" / bad JSON
+            raise UserError(f"{path / 'zarr.json'}: not a zarr v3 feature store ({type(e).__name__}); "
+                            "choose another --store (or rebuild this one with --overwrite)") from None
+        if attrs.get("format") != FORMAT:
+            raise UserError(f"{path} is not a cappa feature store (format {attrs.get('format')!r})")
         return group
 
     @classmethod
@@ -206,10 +263,17 @@ class FeatureStore:
 
         g.create_array("features", shape=(n, tokens, width), chunks=(chunk_rows, tokens, width),
                        dtype="float16", fill_value=0, compressors=[Crc32cCodec()])
-        g.create_array("valid", shape=(n,), chunks=(shard_capacity,), dtype=bool, fill_value=False)
+        # The text and marker columns are checked too: zstd alone (no checksum) can decode damaged bytes into
+        # other captions without a word.
+        from zarr.codecs import ZstdCodec
+
+        checked = [ZstdCodec(level=0, checksum=False), Crc32cCodec()]
+        g.create_array("valid", shape=(n,), chunks=(shard_capacity,), dtype=bool, fill_value=False,
+                       compressors=checked)
         for name in STRING_ARRAYS:
-            g.create_array(name, shape=(n,), chunks=(shard_capacity,), dtype=str)
-        g.create_array("shard_done", shape=(len(shards),), chunks=(1,), dtype=bool, fill_value=False)
+            g.create_array(name, shape=(n,), chunks=(shard_capacity,), dtype=str, compressors=checked)
+        g.create_array("shard_done", shape=(len(shards),), chunks=(1,), dtype=bool, fill_value=False,
+                       compressors=checked)
         meta = {
             "format": FORMAT, "encoder": encoder, "tokens": int(tokens), "width": int(width),
             "shard_capacity": int(shard_capacity), "chunk_rows": int(chunk_rows), "shards": list(shards),
@@ -259,6 +323,11 @@ class FeatureStore:
         """Whether the features chunks carry crc32c (stores made before it was added do not)."""
         return any(type(c).__name__ == "Crc32cCodec" for c in self._features.metadata.codecs)
 
+    @property
+    def text_checked(self) -> bool:
+        """Whether valid/keys/captions/meta carry crc32c and are stored for every done shard (newer stores)."""
+        return any(type(c).__name__ == "Crc32cCodec" for c in self.arrays["valid"].metadata.codecs)
+
     def shard_of_row(self, row: int) -> str:
         return self.shards[min(int(row) // self.shard_capacity, len(self.shards) - 1)]
 
@@ -276,18 +345,53 @@ class FeatureStore:
                          f"({str(e).split('.')[0]}); `pipeline verify --store {self.path}` lists every bad shard; "
                          "re-encode into a new --store (or rebuild this one with --overwrite)")
 
-    def missing_chunks(self) -> dict[str, int]:
-        """Done shards whose features chunks holding valid rows are absent from disk: {shard: chunks missing}."""
-        done, c, cr = self.shard_done(), self.shard_capacity, self.chunk_rows
-        valid = self._valid()
-        enc = self._features.metadata.chunk_key_encoding
-        out: dict[str, int] = {}
+    def _missing(self) -> dict[str, dict[str, list[Path]]]:
+        """Chunk files of done shards that a reader needs but that are absent: {shard: {array: [files]}}.
+
+        zarr reads an absent chunk as its fill value (zeros, False, ""), so a deleted file would read as empty
+        rows. Stores with checked text columns write those chunks even when empty, so every one must exist;
+        older stores skip chunks equal to the fill value, so there a chunk counts as missing only when the
+        shard's other files show it held something (valid rows, or another column stored).
+        """
+        done, c, cr, valid = self.shard_done(), self.shard_capacity, self.chunk_rows, self._valid()
+        out: dict[str, dict[str, list[Path]]] = {}
         for s in np.flatnonzero(done):
-            for i in range(s * c // cr, (s + 1) * c // cr):
-                if valid[i * cr:(i + 1) * cr].any() and not (self.path / "features" /
-                                                             enc.encode_chunk_key((i, 0, 0))).is_file():
-                    out[self.shards[s]] = out.get(self.shards[s], 0) + 1
+            files = {a: self._chunk_file(a, (s,)) for a in ("valid", *STRING_ARRAYS)}
+            has = {a: f.is_file() for a, f in files.items()}
+            rows = valid[s * c:(s + 1) * c].any()
+            need = list(files) if self.text_checked else \
+                [a for a in ("keys", "captions") if rows] + (["valid"] if any(has[a] for a in STRING_ARRAYS) else [])
+            gone = {a: [files[a]] for a in need if not has[a]}
+            feats = [self._chunk_file("features", (i, 0, 0)) for i in range(s * c // cr, (s + 1) * c // cr)
+                     if valid[i * cr:(i + 1) * cr].any()]
+            if lost := [f for f in feats if not f.is_file()]:
+                gone["features"] = lost
+            if gone:
+                out[self.shards[s]] = gone
         return out
+
+    def missing_chunks(self) -> dict[str, str]:
+        """Done shards with chunks missing on disk: {shard: what is missing}."""
+        return {name: ", ".join(f"{len(f)} features chunk(s)" if a == "features" else f"the {a} chunk"
+                                for a, f in gone.items()) + " missing on disk"
+                for name, gone in self._missing().items()}
+
+    def _column(self, name: str, n: int) -> np.ndarray:
+        """The first n values of a 1-D array. A chunk that does not decode (checksum, zstd or UTF-8 error) is
+        one line naming its file."""
+        a = self.arrays[name]
+        try:
+            return np.asarray(a[:n])
+        except Exception as e:  # noqa: BLE001 - each codec raises its own type
+            per, why = a.chunks[0], f"{type(e).__name__}: {str(e).split('.')[0][:80]}"
+            for i in range(-(-n // per)):
+                try:
+                    a[i * per:min((i + 1) * per, n)]
+                except Exception:  # noqa: BLE001
+                    shard = self.shards[i] if name == "shard_done" else self.shard_of_row(i * per)
+                    raise damaged(self._chunk_file(name, (i,)), f"shard {shard}'s {name} cannot be read "
+                                  f"({why})") from None
+            raise damaged(self.path / name, f"cannot be read ({why})") from None
 
     def region(self, s: int) -> tuple[int, int]:
         c = self.shard_capacity
@@ -296,14 +400,10 @@ class FeatureStore:
     # The `shards` attribute is the truth: `extend` grows the arrays first and the attribute last, so a reader
     # that opens mid-extend sees arrays at least as long as its shard list and reads only its own part.
     def shard_done(self) -> np.ndarray:
-        n = len(self.shards)
-        done = np.asarray(self.group["shard_done"][:], dtype=bool)[:n]
-        return np.pad(done, (0, n - len(done)))  # [S]
+        return self._column("shard_done", len(self.shards)).astype(bool)  # [S]
 
     def _valid(self) -> np.ndarray:
-        n = len(self.shards) * self.shard_capacity
-        valid = np.asarray(self.group["valid"][:], dtype=bool)[:n]
-        return np.pad(valid, (0, n - len(valid)))  # [S * C]
+        return self._column("valid", len(self.shards) * self.shard_capacity).astype(bool)  # [S * C]
 
     def shard_counts(self) -> dict[str, int]:
         """Samples stored per shard name (0 for shards not done)."""
@@ -335,7 +435,8 @@ class FeatureStore:
             a.resize((n, *a.shape[1:]))
         self.group["shard_done"].resize((len(shards),))
         self.set_attrs(shards=shards)
-        self._features = self.group["features"]
+        self.arrays = {name: self.group[name] for name in ARRAYS}
+        self._features = self.arrays["features"]
         return list(range(len(old), len(shards)))
 
     def write_shard(self, s: int, features: np.ndarray, keys: list[str], captions: list[str],
@@ -353,15 +454,18 @@ class FeatureStore:
         block[:n] = features
         self._features[start:stop] = block
         pad = [""] * (c - n)
+        # Stored even when all-empty (zarr skips a chunk equal to the fill value by default), so a reader can
+        # tell a deleted chunk from an empty one.
+        dense = {"write_empty_chunks": self.text_checked}
         for name, col in (("keys", keys), ("captions", captions), ("meta", meta)):
-            self.group[name][start:stop] = np.array(list(col) + pad, dtype=object)
-        self.group["valid"][start:stop] = np.arange(c) < n
+            self.arrays[name].with_config(dense)[start:stop] = np.array(list(col) + pad, dtype=object)
+        self.arrays["valid"].with_config(dense)[start:stop] = np.arange(c) < n
         self._fsync_shard(s)  # the marker promises the rows are on disk, not in the page cache
         self.group["shard_done"][s] = True  # last: the marker says every row above is on disk
         self._fsync_files([self._chunk_file("shard_done", (s,))])
 
     def _chunk_file(self, array: str, idx: tuple) -> Path:
-        enc = self.group[array].metadata.chunk_key_encoding
+        enc = self.arrays[array].metadata.chunk_key_encoding
         return self.path / array / enc.encode_chunk_key(idx)
 
     def _fsync_shard(self, s: int) -> None:
@@ -385,19 +489,22 @@ class FeatureStore:
 
     # --- reading --------------------------------------------------------------------------------------------
     def index(self) -> StoreIndex:
+        """The valid rows of done shards with their text; a missing or undecodable chunk, or a valid row
+        without a key, is one line (never rows read as empty)."""
         done = self.shard_done()
         c = self.shard_capacity
         valid = self._valid() & np.repeat(done, c)
         rows = np.flatnonzero(valid).astype(np.int64)
-        missing = self.missing_chunks()
+        missing = self._missing()
         if missing:
             names = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
-            raise UserError(f"feature store {self.path}: shard(s) {names} are marked done but miss features chunks "
-                            f"on disk; run `pipeline verify --store {self.path}`, then re-encode them")
-        cols = {}
-        for name in STRING_ARRAYS:
-            vals = np.asarray(self.group[name][:])
-            cols[name] = [str(v) for v in vals[rows]]
+            kinds = "/".join(sorted({a for gone in missing.values() for a in gone}))
+            first = next(iter(next(iter(missing.values())).values()))[0]
+            raise UserError(f"{first} is missing: shard(s) {names} are marked done but miss {kinds} chunks on "
+                            f"disk; run `pipeline verify --store {self.path}`, then re-encode them")
+        cols = {name: [str(v) for v in self._column(name, len(valid))[rows]] for name in STRING_ARRAYS}
+        if blank := sorted({self.shard_of_row(r) for r, k in zip(rows, cols["keys"]) if not k}):
+            raise damaged(self.path / "keys", f"valid rows of shard(s) {', '.join(blank[:3])} have no key")
         return StoreIndex(rows=rows, keys=cols["keys"], captions=cols["captions"], meta=cols["meta"])
 
     def read(self, start: int, stop: int) -> np.ndarray:

@@ -1,9 +1,10 @@
 """`pipeline verify`: read a feature store and/or a run folder end to end and check every byte that has a digest.
 
-Store: every features chunk of every done shard is read (crc32c checked by zarr where the store has it), chunks
-missing from disk are named, and text columns are checked against the valid rows. Run folder: config.json,
-metrics.jsonl (strict JSON, one object per line), every checkpoint against its manifest's sha256, and that
-last.json points at a good one. One line per problem; problems -> exit 2.
+Store: the attributes against the arrays' shapes, every chunk of every column of every done shard decoded
+(crc32c checked where the store has it), chunks missing from disk named, every valid row's key present. Run
+folder: config.json, summary.json, best.json + best.safetensors (its sha256), metrics.jsonl (strict JSON, one
+object per line), every checkpoint against its manifest's sha256, and that last.json points at a good one.
+One line per problem; problems -> exit 2.
 """
 
 from __future__ import annotations
@@ -18,24 +19,72 @@ from pipeline.progress import console
 
 
 def verify_store(path: Path) -> dict:
-    from pipeline.store import FeatureStore
+    """Every array a reader trusts, for every done shard: the attributes against the arrays' shapes (on open),
+    chunks missing on disk, each chunk of valid/keys/captions/meta/features decoded (checksums where the store
+    has them), and every valid row's key present."""
+    from pipeline.store import STRING_ARRAYS, FeatureStore
 
-    st = FeatureStore.open(path, require_done=False)
+    st = FeatureStore.open(path, require_done=False)  # attributes and shapes: one line if they do not fit
     done = st.shard_done()
-    problems: dict[str, str] = {}
-    for name, n in st.missing_chunks().items():
-        problems[name] = f"{n} features chunk(s) missing on disk"
+    problems: dict[str, str] = dict(st.missing_chunks())
     for s in [int(i) for i in done.nonzero()[0]]:
         name = st.shards[s]
         if name in problems:
             continue
         a, b = st.region(s)
+        bad = []
+        for col in ("valid", *STRING_ARRAYS):
+            try:
+                values = st.arrays[col][a:b]
+            except Exception as e:  # noqa: BLE001 - each codec raises its own type
+                bad.append(f"{col} chunk cannot be read ({type(e).__name__})")
+                continue
+            if col == "keys" and not bad and any(not k for k in values[st.arrays["valid"][a:b]]):
+                bad.append("valid rows without a key")
         try:
             st.read(a, b)
         except UserError:
-            problems[name] = "features chunk checksum mismatch (crc32c)"
+            bad.append("features chunk checksum mismatch (crc32c)")
+        if bad:
+            problems[name] = "; ".join(bad)
     return {"path": str(path), "checksums": st.has_checksums, "shards": len(st.shards),
             "shards_done": int(done.sum()), "problems": problems}
+
+
+def _run_files(run: Path) -> dict[str, str]:
+    """Problems in config.json, summary.json, best.json + best.safetensors, checkpoints/last.json and
+    metrics.jsonl: {file: why}.
+
+    The readers are the ones training, eval and status use; metrics.jsonl is also held to strict JSON (no NaN),
+    and a torn last line (what a kill mid-append leaves) is reported but ignored by every reader."""
+    from pipeline import early_stop, records
+
+    problems: dict[str, str] = {}
+    readers = (records.read_config, records.read_summary, early_stop.best_checkpoint,
+               lambda r: records.read_last(r / "checkpoints"))
+    for read in readers:
+        try:
+            read(run)
+        except records.BadRunFile as e:
+            problems[e.file.name] = e.why
+
+    def refuse(c):
+        raise ValueError(c)
+
+    try:
+        records.read_metrics(run / records.METRICS)
+    except records.BadRunFile as e:
+        problems[e.file.name] = e.why
+        return problems
+    lines = (run / records.METRICS).read_bytes().decode().split("\n") if (run / records.METRICS).is_file() else []
+    for i, line in enumerate(lines):
+        try:
+            if line.strip():
+                json.loads(line, parse_constant=refuse)
+        except ValueError:
+            torn = i == len(lines) - 1
+            problems[f"metrics.jsonl:{i + 1}"] = "torn last line (ignored by readers)" if torn else "not strict JSON"
+    return problems
 
 
 def verify_run(run: Path) -> dict:
@@ -44,25 +93,7 @@ def verify_run(run: Path) -> dict:
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run folder {run} does not exist")
-    problems: dict[str, str] = {}
-    try:
-        json.loads((run / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        problems["config.json"] = f"missing or not JSON ({type(e).__name__})"
-
-    def refuse(c):
-        raise ValueError(c)
-
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        lines = []
-    for i, line in enumerate(lines):
-        try:
-            json.loads(line, parse_constant=refuse)
-        except ValueError:
-            torn = i == len(lines) - 1
-            problems[f"metrics.jsonl:{i + 1}"] = "torn last line (ignored by readers)" if torn else "not strict JSON"
+    problems = _run_files(run)
     ckpts = run / "checkpoints"
     good = []
     for p in sorted(ckpts.glob("step-*")) if ckpts.is_dir() else []:

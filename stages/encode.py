@@ -80,6 +80,9 @@ def prepare_store(cfg: EncodeConfig, enc: dict, precision: str, shards: list) ->
     capacity = cfg.shard_capacity or max(int(s.get("count", 0)) for _, _, s in shards)
     biggest = max(shards, key=lambda s: int(s[2].get("count", 0)))
     path = cfg.store
+    if capacity * enc["tokens"] * enc["width"] * 2 > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+        return (f"a shard of {capacity} rows (shard {biggest[0]}'s _stats.json says {biggest[2]['count']}) would "
+                "not fit in memory: check that file (delete it and rerun `pipeline fetch` to refetch the shard)")
     try:
         if path.exists() and not cfg.overwrite:
             st = FeatureStore.open_for_write(path)

@@ -78,7 +78,7 @@ def test_verify_a_run_folder(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     for s in (1, 2):
         checkpoint.save(run / "checkpoints", model=model, optimizer=opt, scheduler=None, step=s, epoch=0, batch=s)
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text('{"train": {}, "decoder": {}, "tokenizer": {}, "store": {}}')
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
     assert _cli("--run", str(run)).returncode == 0  # a torn last line is what a kill leaves: not a problem
     state = run / "checkpoints" / "step-00000002" / "state.pt"
