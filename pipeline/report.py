@@ -81,11 +81,14 @@ def plot_grid(samples: list[dict], images: list, path: Path, cols: int = 4) -> N
 
 
 def load_images(keys: list[str], rows: list[int], shard_names: list[str], capacity: int, shards_dir: Path | None,
-                attributes: list | None = None) -> tuple[list, list[str]]:
+                attributes: list | None = None, samples: list[dict] | None = None) -> tuple[list, list[str]]:
     """PIL images of store rows, read back from their WebDataset shard (`<shards_dir>/<shard>.tar`, `<key>.jpg`).
 
-    Falls back to redrawing synthetic samples from their attributes, else None for that image.
-    -> (images, where each came from: "shard" | "redrawn" | "missing").
+    `samples` ({"caption", "url"} per image, from the store) prove that a shard's `<key>.jpg` is the very
+    sample that was encoded: another fetch's shards reuse the same shard names and keys, so a key alone
+    would draw another image under this sample's caption. A sample whose `.txt` or `.json` url differs is
+    "other". Falls back to redrawing synthetic samples from their attributes, else None for that image.
+    -> (images, where each came from: "shard" | "redrawn" | "other" (redrawn where it can be) | "missing").
     """
     from PIL import Image
 
@@ -98,14 +101,9 @@ def load_images(keys: list[str], rows: list[int], shard_names: list[str], capaci
         tar = Path(shards_dir or "") / (shard if shard.endswith(".tar") else f"{shard}.tar")
         if shards_dir is None or not tar.is_file():
             continue
-        want = {f"{keys[i]}.jpg": i for i in idx}
         try:
-            with tarfile.open(tar) as tf:
-                for m in tf:
-                    if m.name in want:
-                        out[want[m.name]] = Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB")
-                        source[want[m.name]] = "shard"
-        except (OSError, tarfile.TarError):
+            _read_shard_images(tar, {keys[i]: i for i in idx}, samples, out, source)
+        except (OSError, tarfile.TarError, ValueError):
             continue  # a damaged shard only costs the grid its pictures
     if attributes is not None:
         from pipeline import synthetic
@@ -116,10 +114,44 @@ def load_images(keys: list[str], rows: list[int], shard_names: list[str], capaci
                 try:
                     a = json.loads(a) if isinstance(a, str) else a
                     out[i] = Image.open(io.BytesIO(synthetic.render(a))).convert("RGB")
-                    source[i] = "redrawn"
+                    source[i] = "other" if source[i] == "other" else "redrawn"
                 except (KeyError, TypeError, ValueError):
                     pass
     return out, source
+
+
+def _read_shard_images(tar: Path, want: dict[str, int], samples: list[dict] | None, out: list,
+                       source: list) -> None:
+    """Fill out[i] / source[i] for the keys of `want` (key -> i) found in `tar`, checked against `samples`."""
+    from PIL import Image
+
+    files: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar) as tf:
+        for m in tf:
+            key, _, ext = m.name.rpartition(".")
+            if key in want and ext in ("jpg", "txt", "json") and m.isfile():
+                files.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    for key, parts in files.items():
+        i = want[key]
+        if "jpg" not in parts:
+            continue
+        if samples is not None and not _same_sample(parts, samples[i]):
+            source[i] = "other"
+            continue
+        out[i] = Image.open(io.BytesIO(parts["jpg"])).convert("RGB")
+        source[i] = "shard"
+
+
+def _same_sample(parts: dict[str, bytes], sample: dict) -> bool:
+    """Whether a shard's sample files hold the caption (and url, where both know it) the store recorded."""
+    caption = parts.get("txt", b"").decode("utf-8", "replace")
+    if caption != sample.get("caption"):
+        return False
+    try:
+        url = json.loads(parts["json"]).get("url") if "json" in parts else None
+    except (ValueError, AttributeError):
+        url = None
+    return url is None or sample.get("url") is None or url == sample["url"]
 
 
 # --- report.md -------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline import checkpoint
+from pipeline import checkpoint, records
 from pipeline.config import DecoderConfig, TrainConfig, to_jsonable
 from pipeline.errors import UserError
 from pipeline.trained_run import tokenizer_record
@@ -122,9 +122,9 @@ class RunFolder:
             raise UserError(f"{self.path} already holds a run (checkpoint {last.name}): pass "
                             "--resume to continue it, or choose another --run")
         try:
-            old = json.loads((self.path / "config.json").read_text())
-        except (OSError, ValueError):
-            raise UserError(f"--resume: {self.path}/config.json is missing or unreadable") from None
+            old = records.read_config(self.path)
+        except UserError as e:
+            raise UserError(f"--resume: {e}") from None
         check_resume(old, record)
         return last, old
 

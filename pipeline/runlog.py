@@ -90,10 +90,11 @@ def plot_loss(entries: list[dict], path: Path, *, title: str, final: dict | None
             if final.get(f"loss_{mode}") is not None:
                 ax.plot([step], [final[f"loss_{mode}"]], "*", color=colour, markersize=12)
     if not ax.lines:
-        ax.text(0.5, 0.5, "metrics.jsonl holds no losses", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "metrics.jsonl holds no losses", ha="center", va="center", transform=ax.transAxes,
+                parse_math=False)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)  # a run folder's name may hold "$": plain text, never TeX
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)

@@ -23,6 +23,11 @@ _REASONS = [  # (pattern in img2dataset's error string, reason); first match win
     (r"IncompleteRead|truncated|Premature end", "truncated"),
     (r"timed out|timeout", "timeout"),
     (r"Image decoding error|cannot identify image|decod|imdecode", "not an image / decode error"),
+    (r"download deadline exceeded", "download deadline exceeded"),  # pipeline/safe_fetch.py's whole-download cap
+    (r"response larger than", "response too large"),  # its byte cap
+    (r"address refused", "address refused"),  # link-local, metadata, private hosts the list did not name
+    (r"unsupported image", "unsupported image"),
+    (r"aspect ratio too large", "aspect ratio too large"),
     (r"Connection refused", "connection refused"),
     (r"Connection reset|Remote end closed|RemoteDisconnected|Connection aborted", "connection dropped"),
     (r"Name or service not known|nodename nor servname|getaddrinfo|name resolution", "dns error"),

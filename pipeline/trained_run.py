@@ -4,11 +4,10 @@ store."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import checkpoint
+from pipeline import checkpoint, records
 from pipeline.config import DecoderConfig
 from pipeline.errors import UserError
 
@@ -24,13 +23,9 @@ def read_record(run: Path) -> dict:
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"no run folder {run}: train one first (`pipeline train --run {run}`)")
-    try:
-        return json.loads((run / "config.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run} has no config.json: not a training run (or it never started)") \
-            from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {run}/config.json: {e}") from None
+    if not (run / "config.json").exists():
+        raise UserError(f"{run} has no config.json: not a training run (or it never started)")
+    return records.read_config(run)  # an object with train/decoder/tokenizer/store, or one line
 
 
 def check_tokenizer(record: dict):
@@ -73,7 +68,10 @@ def load_run(run: Path, device) -> LoadedRun:
 
     record = read_record(run)
     tok = check_tokenizer(record)
-    dec_cfg = DecoderConfig(**record["decoder"])
+    try:
+        dec_cfg = DecoderConfig(**record["decoder"])
+    except TypeError as e:  # a key this version does not know, or one missing
+        raise UserError(f"{run}/config.json: its decoder record does not fit this version ({e})") from None
     if (dec_cfg.vocab_size, dec_cfg.mask_id, dec_cfg.eos_id) != (tok.vocab_size, tok.mask_id, tok.eos_id):
         raise UserError(f"the run's decoder expects {dec_cfg.vocab_size} ids (mask {dec_cfg.mask_id}), its tokenizer "
                         f"gives {tok.vocab_size} (mask {tok.mask_id})")
@@ -97,10 +95,7 @@ def load_run(run: Path, device) -> LoadedRun:
 def trained_precision(run: Path, record: dict) -> str | None:
     """The precision the run trained in: summary.json's resolved one, else config.json's if not
     `auto`."""
-    try:
-        p = json.loads((Path(run) / "summary.json").read_text()).get("precision")
-    except (OSError, ValueError):
-        p = None
+    p = (records.read_summary(Path(run)) or {}).get("precision")
     asked = record.get("train", {}).get("precision")
     return p or (asked if asked != "auto" else None)
 

@@ -24,6 +24,7 @@ from pipeline.devices import autocast, resolve_device, run_precision
 from pipeline.errors import UserError
 from pipeline.loader import CaptionTokens, FeatureSource, Loader, split_positions
 from pipeline.ngram import fit_baseline, warning as ngram_warning
+from pipeline.osutil import printable
 from pipeline.progress import console, make_progress
 from pipeline.runlog import MetricsLog, plot_loss
 from pipeline.store import FeatureStore, StoreIndex
@@ -303,13 +304,27 @@ def write_figures(result: dict, data: EvalSplit, out_dir: Path, cfg: EvalConfig)
     rows = [int(data.index.rows[i]) for i in data.val_pos[:n]]
     shards_dir = Path(cfg.shards or store.attrs.get("shards_dir") or FetchConfig.shards)
     keys = [s["key"] for s in result["samples"][:n]]
+    samples = [{"caption": data.index.captions[i], "url": _url(data.index.meta[i])} for i in data.val_pos[:n]]
     images, sources = report.load_images(keys, rows, store.shards, store.shard_capacity, shards_dir,
-                                         data.attrs[:n])
+                                         data.attrs[:n], samples)
     result["grid_images"] = {"shards_dir": str(shards_dir),
-                             **{k: sources.count(k) for k in ("shard", "redrawn", "missing")}}
+                             **{k: sources.count(k) for k in ("shard", "redrawn", "other", "missing")}}
+    if result["grid_images"]["other"]:
+        console.print(f"[yellow]warning:[/] {result['grid_images']['other']} grid image(s) in "
+                      f"{escape(printable(str(shards_dir)))} are other samples than the store encoded under those "
+                      "keys (another fetch?): not drawn from there", highlight=False)
     report.plot_grid(result["samples"][:n], images, out_dir / "samples.png")
     return {"loss curves": "loss.png", "COCO metrics": "metrics.png",
             "validation samples": "samples.png"}
+
+
+def _url(meta: str) -> str | None:
+    """The url a sample's stored metadata records (None where it records none)."""
+    try:
+        url = json.loads(meta).get("url") if meta else None
+    except (ValueError, AttributeError):
+        return None
+    return url if isinstance(url, str) else None
 
 
 def _print_summary(res: dict, report_path: Path) -> None:

@@ -187,3 +187,43 @@ def cli_error(argv: list[str], capsys, monkeypatch) -> str:
 def test_cli_missing_run_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     line = cli_error(["eval", "--run", str(tmp_path / "nope")], capsys, monkeypatch)
     assert line.startswith("error: no run folder")
+
+
+def _retell(src, dst):
+    """Copies of `src`'s shards whose samples keep their keys and images but tell other captions:
+    what another fetch (other list or seed) writes under the same shard names and keys."""
+    import io
+    import tarfile
+
+    dst.mkdir()
+    for tar in sorted(src.glob("*.tar")):
+        with tarfile.open(tar) as old, tarfile.open(dst / tar.name, "w") as new:
+            for m in old:
+                data = old.extractfile(m).read() if m.isfile() else b""
+                if m.name.endswith(".txt"):
+                    data = b"another fetch's caption"
+                    m.size = len(data)
+                new.addfile(m, io.BytesIO(data))
+    return dst
+
+
+def test_eval_never_draws_another_fetchs_images_under_this_runs_keys(tiny_run, tiny_shards, tmp_path):
+    """`eval --shards OTHER`: shards named and keyed like the store's but holding other samples
+    are not drawn under this run's captions; the grid says how many and prints a warning."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    run = run_copy(tiny_run, tmp_path / "run")
+    other = _retell(tiny_shards, tmp_path / "other")
+    args = ["eval", "--run", str(run), "--shards", str(other), "--limit", "2", "--grid", "2",
+            "--beam-size", "1", "--zero-shot-limit", "0", "--max-new-tokens", "4",
+            "--device", "cpu", "--precision", "fp32"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    grid = json.loads((run / "eval" / "eval.json").read_text())["grid_images"]
+    assert grid["shard"] == 0 and grid["other"] == 2, grid
+    assert "other samples than the store encoded" in " ".join(res.output.split())  # rich wraps
+    res = CliRunner().invoke(app, [*args[:3], "--shards", str(tiny_shards), *args[5:]])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "eval" / "eval.json").read_text())["grid_images"]["shard"] == 2

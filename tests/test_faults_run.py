@@ -141,8 +141,6 @@ def test_resume_falls_back_from_a_corrupt_newest_checkpoint(tiny_store, runs, ca
     one_line(str(e.value), str(ckpts))
 
 
-@pytest.mark.xfail(strict=True, reason="needs pipeline/run.py's read_record to read through records.read_config "
-                   "(the lead applies it; then drop this mark)")
 def test_eval_refuses_a_config_that_is_a_json_list(runs):
     """Before: AttributeError in eval ('list' object has no attribute 'get')."""
     from pipeline.config import EvalConfig

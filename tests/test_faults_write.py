@@ -208,3 +208,14 @@ def test_eval_figures_draw_tex_like_captions_as_text(tmp_path):
                {"key": "0001", "reference": "$", "greedy": "$x$"}]
     report.plot_grid(samples, [Image.new("RGB", (32, 32)), None], tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size[0] > 100
+
+
+def test_loss_plot_of_a_run_named_like_tex_is_drawn(tmp_path):
+    """A run folder named `r$\\x$` gave matplotlib's mathtext a ParseFatalException when loss.png was
+    written after training; the title is plain text."""
+    from pipeline.runlog import plot_loss
+
+    entries = [{"kind": "train", "step": s, "loss_ar": 3.0 / s, "loss_par": 4.0 / s} for s in (1, 2, 3)]
+    plot_loss(entries, tmp_path / "loss.png", title="run r$\\x$ and $$$")
+    plot_loss([], tmp_path / "empty.png", title="$\\frac{$")
+    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "empty.png").stat().st_size > 0
