@@ -1,4 +1,5 @@
-"""Caption decoding with a CaptionDecoder: greedy, beam search (finished pool, length penalty), CapPa parallel.
+"""Decoding with a CaptionDecoder, through its public API (`memory`, `hidden`, `parallel_hidden`, `head`):
+the KV cache, greedy, beam search (finished pool, length penalty), CapPa parallel, and scoring.
 
 Letters as in pipeline/model.py: B images, K beams, N = B*K text rows, T generated tokens, V vocabulary,
 Lp the parallel rows' fixed length. The length of a caption counts its EOS (a caption that runs to
@@ -9,10 +10,43 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
-from pipeline.model import KVCache
+from pipeline.objective import ARRows
+
+if TYPE_CHECKING:
+    from pipeline.model import CaptionDecoder
+
+
+class KVCache:
+    """Self-attention keys/values of the tokens generated so far, preallocated to the longest length."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.len, self.k, self.v = max_len, 0, None, None
+
+    def append(self, k, v):  # k, v [N, H, T, D/H] -> all keys/values so far [N, H, len, D/H]
+        if self.k is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[-1])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        t = k.shape[2]
+        self.k[:, :, self.len : self.len + t] = k
+        self.v[:, :, self.len : self.len + t] = v
+        self.len += t
+        return self.k[:, :, : self.len], self.v[:, :, : self.len]
+
+    def reorder(self, index):  # beam search: row i continues from row index[i]
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+def next_logp(model: CaptionDecoder, h):
+    """Hidden states [N, D] -> [N, V] float32 log-probs; [MASK] is never generated."""
+    logp = model.head(h).float()
+    logp[:, model.cfg.mask_id] = -math.inf
+    return logp.log_softmax(-1)
 
 
 class _Steps:
@@ -27,10 +61,10 @@ class _Steps:
     def __call__(self, seq, t: int):  # seq [N, 1+t] incl. BOS -> [N, V] float32 log-probs
         m = self.m
         if self.use_cache:
-            h = m._hidden(seq[:, -1:], self.kvs, start=t, caches=self.caches)[:, -1]  # [N, D]
+            h = m.hidden(seq[:, -1:], self.kvs, start=t, caches=self.caches)[:, -1]  # [N, D]
         else:
-            h = m._hidden(seq, m.memory(self.features), causal=True)[:, -1]  # [N, D]
-        return m._next_logp(h)
+            h = m.hidden(seq, m.memory(self.features), causal=True)[:, -1]  # [N, D]
+        return next_logp(m, h)
 
     def reorder(self, src):  # row i continues from row src[i]
         for c in self.caches or ():
@@ -184,7 +218,7 @@ def parallel(model, features, *, refine_steps: int = 0):
     cfg, lp = model.cfg, model.parallel_len
     b = features.shape[0]
     kvs = model.memory(features)
-    logp = model._next_logp(model._parallel_hidden(kvs).flatten(0, 1)).view(b, lp, -1)  # [B, Lp, V]
+    logp = next_logp(model, model.parallel_hidden(kvs).flatten(0, 1)).view(b, lp, -1)  # [B, Lp, V]
     conf, tokens = logp.max(-1)  # [B, Lp]
     pos = torch.arange(lp, device=features.device)
     for s in range(refine_steps):
@@ -194,7 +228,39 @@ def parallel(model, features, *, refine_steps: int = 0):
         inside = pos[None] < n[:, None]  # [B, Lp]
         order = conf.masked_fill(~inside, math.inf).argsort(1).argsort(1)  # 0 = least confident
         redo = (order < n_mask[:, None]) & inside
-        h = model._hidden(tokens.masked_fill(redo, cfg.mask_id), kvs)  # full attention over Lp
-        new_conf, new_tok = model._next_logp(h.flatten(0, 1)).view(b, lp, -1).max(-1)
+        h = model.hidden(tokens.masked_fill(redo, cfg.mask_id), kvs)  # full attention over Lp
+        new_conf, new_tok = next_logp(model, h.flatten(0, 1)).view(b, lp, -1).max(-1)
         tokens, conf = torch.where(redo, new_tok, tokens), torch.where(redo, new_conf, conf)
     return cut_at_eos(tokens, cfg.eos_id)
+
+
+@torch.no_grad()
+def generate(model: CaptionDecoder, features, *, max_new_tokens: int, beam_size: int = 1,
+             length_penalty: float = 1.0, use_cache: bool = True):
+    """Autoregressive captions -> ids [B, T], T <= max_new_tokens; rows padded with EOS after they end.
+
+    beam_size=1: greedy. Else beam search (`beam_search`): K alive hypotheses per image, finished ones
+    kept in a pool of the best K, ranked by summed log-prob / length**length_penalty.
+    use_cache=False re-runs the whole prefix (and image K/V) every step: the naive baseline.
+    """
+    if beam_size == 1:
+        return greedy(model, features, max_new_tokens=max_new_tokens, use_cache=use_cache)
+    return beam_search(model, features, max_new_tokens=max_new_tokens, beam_size=beam_size,
+                       length_penalty=length_penalty, use_cache=use_cache).best()
+
+
+@torch.no_grad()
+def score(model: CaptionDecoder, features, targets, target_mask):
+    """Summed AR log-likelihood of each caption -> [N] float32 (zero-shot ranking of candidates).
+
+    features [B, P, E]; targets / target_mask [N, L] with N = B*C: rows i*C .. i*C+C-1 are the C
+    candidate captions of image i (the image's K/V are shared, not copied).
+    """
+    n = targets.shape[0]
+    if n % features.shape[0]:
+        raise ValueError("targets rows must be a multiple of the images")
+    tokens, mask = ARRows.inputs(model, targets, target_mask)
+    h = model.hidden(tokens, model.memory(features), mask)[target_mask]  # [T_real, D]: real tokens only
+    nll = F.cross_entropy(model.head(h).float(), targets[target_mask], reduction="none")  # [T_real]
+    row = torch.arange(n, device=targets.device)[:, None].expand_as(target_mask)[target_mask]  # [T_real]
+    return torch.zeros(n, device=targets.device).index_add_(0, row, -nll)

@@ -12,18 +12,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from pipeline.objective import expected_objective
+
 BEST_WEIGHTS = "best.safetensors"
 BEST_INFO = "best.json"
 
 
 def val_objective(entry: dict, parallel_fraction: float) -> Optional[float]:
-    """The validation estimate of the training objective: both modes' losses mixed as training mixes them."""
-    ar, par = entry.get("loss_ar"), entry.get("loss_par")
-    if parallel_fraction <= 0.0 or par is None:
-        return ar
-    if parallel_fraction >= 1.0 or ar is None:
-        return par
-    return (1.0 - parallel_fraction) * ar + parallel_fraction * par
+    """The validation estimate of the training objective (`objective.expected_objective`)."""
+    return expected_objective(entry.get("loss_ar"), entry.get("loss_par"), parallel_fraction)
 
 
 class EarlyStop:

@@ -1,4 +1,4 @@
-"""Batches of (features, caption tokens, mode flags) from the feature store: held in memory or streamed in slabs.
+"""Batches of (features, caption tokens, kind flags) from the feature store: held in memory or streamed.
 
 Letters: N samples in the store index, B global batch, b this rank's share, P image tokens, E encoder width,
 L caption tokens of the batch (dynamic padding).
@@ -9,8 +9,8 @@ permuted. With one group covering everything this is a uniform permutation (the 
 streamed epoch reads one group at a time, so memory stays bounded. With `length_buckets` = k, each window of
 k global batches (cut again at group edges) is then grouped by caption length, so a batch is padded to about
 its own rows' length instead of the longest of 32 random captions; the window's batches run in a random order.
-Training modes (parallel / AR) are drawn for the whole epoch from a generator seeded by (seed, epoch), so a
-resumed run only needs (epoch, batch).
+Each row's kind (parallel / AR, `objective.RowMix`) is drawn for the whole epoch from a generator seeded by
+(seed, epoch), so a resumed run only needs (epoch, batch).
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-# Stream tags of the per-epoch generators, so order and mode draws never share random numbers.
-_ORDER, _MODES, _BUCKETS = 1, 2, 3
+from pipeline.objective import RowMix
+
+# Stream tags of the per-epoch generators, so order and kind draws never share random numbers.
+_ORDER, _KINDS, _BUCKETS = 1, 2, 3
 _SPLIT_SALT = b"cappa-val-split-v1"  # changing it changes every run's validation split
 
 
@@ -75,27 +77,30 @@ def ram_bytes() -> int:
 
 
 class FeatureSource:
-    """The store's features for index positions: `held` (one fp16 tensor, on the device) or streamed slabs."""
+    """The store's features for index positions: `held` (one fp16 tensor, on the device) or streamed slabs.
+    `placement` is where they live: "memory" or "stream" (--features)."""
 
-    def __init__(self, store, rows: np.ndarray, *, device: torch.device, mode: str = "auto",
+    def __init__(self, store, rows: np.ndarray, *, device: torch.device, placement: str = "auto",
                  budget_fraction: float = 0.4, slab_rows: int = 256, progress=None):
         self.store, self.rows, self.device = store, np.asarray(rows, dtype=np.int64), device
         self.tokens, self.width = int(store.tokens), int(store.width)
         chunk = int(getattr(store, "chunk_rows", 8) or 8)
         self.slab_rows = max(chunk, slab_rows // chunk * chunk)  # whole chunks: no chunk is read twice
         self.nbytes = len(self.rows) * self.tokens * self.width * 2
-        self.mode = mode = self.resolve_mode(mode, self.nbytes, device, budget_fraction)
+        self.placement = self.resolve_placement(placement, self.nbytes, device, budget_fraction)
         self.held: Optional[torch.Tensor] = None
-        if mode == "memory":
+        if self.placement == "memory":
             self.held = self._load_all(progress)
 
     @staticmethod
-    def resolve_mode(mode: str, nbytes: int, device: torch.device, budget_fraction: float = 0.4) -> str:
-        """auto -> memory if `nbytes` fit in `budget_fraction` of RAM (and of GPU memory on CUDA), else stream."""
-        if mode not in ("auto", "memory", "stream"):
-            raise ValueError(f"features mode must be auto, memory or stream, got {mode!r}")
-        if mode != "auto":
-            return mode
+    def resolve_placement(placement: str, nbytes: int, device: torch.device,
+                          budget_fraction: float = 0.4) -> str:
+        """auto -> memory if `nbytes` fit in `budget_fraction` of RAM (and of GPU memory on CUDA), else
+        stream."""
+        if placement not in ("auto", "memory", "stream"):
+            raise ValueError(f"features must be auto, memory or stream, got {placement!r}")
+        if placement != "auto":
+            return placement
         budget = budget_fraction * ram_bytes()
         if device.type == "cuda":
             budget = min(budget, budget_fraction * torch.cuda.get_device_properties(device).total_memory)
@@ -131,7 +136,7 @@ class FeatureSource:
         return out
 
     def read_positions(self, pos: np.ndarray, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """fp16 [k, P, E] for index positions `pos`, in that order (host memory in stream mode), written into
+        """fp16 [k, P, E] for index positions `pos`, in that order (host memory when streamed), written into
         the first k rows of `buffer` when one with room is given (fresh pages cost ~0.3 s/GB to fault in)."""
         if self.held is not None:
             return self.held.index_select(0, torch.from_numpy(np.asarray(pos, dtype=np.int64)).to(self.device))
@@ -148,46 +153,37 @@ class Batch:
     features: torch.Tensor  # [b, P, E] float32 on the device
     targets: torch.Tensor  # [b, L] int64
     target_mask: torch.Tensor  # [b, L] bool, True = real token (EOS included)
-    parallel: torch.Tensor  # [b] bool, True = parallel-prediction row
+    parallel: torch.Tensor  # [b] bool, True = parallel-prediction row (the row's kind id)
     positions: np.ndarray  # [b] index positions of the rows
-    tokens_ar: int  # real tokens in AR rows of the GLOBAL batch (all ranks), for exact DDP loss scaling
+    tokens_ar: int  # scored tokens in AR rows of the GLOBAL batch (all ranks), for exact DDP loss scaling
     tokens_par: int
-    local_tokens: dict  # {"ar": int, "par": int}: real tokens of this rank's rows, known without a device sync
     size: int  # samples in the global batch
 
     @classmethod
     def of(cls, features, targets, target_mask, parallel, parallel_len: Optional[int] = None) -> "Batch":
-        """A one-process batch of given tensors (benchmarks, tests): its token counts are read from the mask
-        (a parallel row counts at most `parallel_len` tokens, as the loss scores them)."""
-        counts = target_mask.sum(1).cpu()
-        par = parallel.cpu()
-        if parallel_len:
-            counts = torch.where(par, counts.clamp(max=parallel_len), counts)
-        local = {"ar": int(counts[~par].sum()), "par": int(counts[par].sum())}
-        return cls(features, targets, target_mask, parallel, np.arange(len(targets)), local["ar"], local["par"],
-                   local, len(targets))
+        """A one-process batch of given tensors (benchmarks, tests): its token counts are read from the
+        mask (a parallel row counts at most `parallel_len` tokens, as the loss scores them)."""
+        ar, par = RowMix(parallel_len=parallel_len).scored_tokens(target_mask.sum(1).cpu(), parallel.cpu())
+        return cls(features, targets, target_mask, parallel, np.arange(len(targets)), ar, par, len(targets))
 
 
 class Loader:
     """Epochs of batches over `positions`; rank r of `world` takes its contiguous slice of each global batch."""
 
-    def __init__(self, source: FeatureSource, tokens: CaptionTokens, positions: np.ndarray, batch_size: int, *,
-                 seed: int = 0, parallel_fraction: float = 0.75, mixing: str = "per-example", shuffle: bool = True,
-                 buffer_slabs: Optional[int] | str = "auto", length_buckets: int = 0, rank: int = 0, world: int = 1,
-                 prefetch: int = 2, parallel_len: Optional[int] = None):
-        if mixing not in ("per-example", "per-batch"):
-            raise ValueError(f"mixing must be per-example or per-batch, got {mixing!r}")
+    def __init__(self, source: FeatureSource, tokens: CaptionTokens, positions: np.ndarray,
+                 batch_size: int, *, seed: int = 0, mix: RowMix = RowMix(), shuffle: bool = True,
+                 buffer_slabs: Optional[int] | str = "auto", length_buckets: int = 0, rank: int = 0,
+                 world: int = 1, prefetch: int = 2):
         self.source, self.tokens = source, tokens
         self.positions = np.sort(np.asarray(positions, dtype=np.int64))
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.parallel_fraction, self.mixing = parallel_fraction, mixing
+        self.mix = mix  # which kind each row is, and the tokens each kind scores
         self.rank, self.world, self.prefetch = rank, world, prefetch
-        self.parallel_len = parallel_len  # a parallel row scores only its first parallel_len tokens
         # Shuffle group in slabs; None = one group = a uniform shuffle. It fixes the data order, whichever way
         # the features are read (a streamed epoch holds one group at a time, so stream with a bounded one);
         # "auto" = 8 when streaming, else None.
         if buffer_slabs == "auto":
-            buffer_slabs = 8 if source.mode == "stream" else None
+            buffer_slabs = 8 if source.placement == "stream" else None
         self.buffer_slabs = buffer_slabs
         if length_buckets < 0:
             raise ValueError(f"length_buckets must be >= 0, got {length_buckets}")
@@ -250,14 +246,10 @@ class Loader:
                 taken += size
         return out
 
-    def modes(self, epoch: int) -> np.ndarray:
-        """Parallel flag per epoch slot [n]: per example, or one draw per global batch."""
-        rng = np.random.default_rng([self.seed, epoch, _MODES])
-        n = len(self.positions)
-        if self.mixing == "per-example":
-            return rng.random(n) < self.parallel_fraction
-        per_batch = rng.random(-(-n // self.batch_size)) < self.parallel_fraction
-        return np.repeat(per_batch, self.batch_size)[:n]
+    def kinds(self, epoch: int) -> np.ndarray:
+        """Parallel flag per epoch slot [n] bool (`RowMix.draw`)."""
+        rng = np.random.default_rng([self.seed, epoch, _KINDS])
+        return self.mix.draw(rng, len(self.positions), self.batch_size)
 
     # -- iteration ----------------------------------------------------------------------------------------------
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
@@ -266,7 +258,7 @@ class Loader:
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         order, starts = self.order(epoch)
-        modes = self.modes(epoch)
+        kinds = self.kinds(epoch)
         stream = None if self.source.held is not None else _GroupStream(self.source, order, starts)
         dev = self.source.device
         B = self.batch_size
@@ -275,15 +267,11 @@ class Loader:
             cuts = np.linspace(glo, ghi, self.world + 1).astype(np.int64)  # near-equal contiguous slices
             lo, hi = int(cuts[self.rank]), int(cuts[self.rank + 1])
             pos = order[lo:hi]
-            gpos = torch.from_numpy(order[glo:ghi])
-            gpar = torch.from_numpy(modes[glo:ghi])
-            counts = self.tokens.count[gpos]
-            if self.parallel_len:
-                counts = torch.where(gpar, counts.clamp(max=self.parallel_len), counts)
-            lpar, lcounts = gpar[lo - glo:hi - glo], counts[lo - glo:hi - glo]
+            counts = self.tokens.count[torch.from_numpy(order[glo:ghi])]
+            tokens_ar, tokens_par = self.mix.scored_tokens(counts, torch.from_numpy(kinds[glo:ghi]))
             feats = self.source.read_positions(pos) if stream is None else stream.take(lo, hi)
             targets, mask = self.tokens.batch(torch.from_numpy(pos))
-            par = torch.from_numpy(modes[lo:hi].copy())
+            par = torch.from_numpy(kinds[lo:hi].copy())
             if dev.type == "cuda":  # page-locked copies, so the host-to-device copies below run asynchronously
                 feats, targets, mask, par = (_pinned(t) for t in (feats, targets, mask, par))
             yield Batch(
@@ -292,9 +280,8 @@ class Loader:
                 target_mask=mask.to(dev, non_blocking=True),
                 parallel=par.to(dev, non_blocking=True),
                 positions=pos,
-                tokens_ar=int(counts[~gpar].sum()),
-                tokens_par=int(counts[gpar].sum()),
-                local_tokens={"ar": int(lcounts[~lpar].sum()), "par": int(lcounts[lpar].sum())},
+                tokens_ar=tokens_ar,
+                tokens_par=tokens_par,
                 size=ghi - glo,
             )
 

@@ -20,8 +20,27 @@ RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "device", "precision", "co
                      "store", "run"}  # a moved folder is the same run
 
 
-# What a run recorded before a setting existed trained as: a config.json without the key means this value.
-SETTINGS_BEFORE_THEY_EXISTED = {"image_pos_emb": False}
+# Old runs: what a config.json without a key trained as, per section, and keys since renamed (old key ->
+# function of the old value giving the new keys). Applied when a record is read back (resume, eval).
+SETTINGS_BEFORE_THEY_EXISTED = {
+    "train": {"image_pos_emb": False},
+    "decoder": {"tie_embeddings": False, "image_pos_emb": False},
+}
+RENAMED = {"decoder": {"image_positions": lambda p: {"image_pos_emb": p is not None, "image_tokens": p}}}
+
+
+def upgrade(record: dict, section: str) -> dict:
+    """One section of a config.json with its old keys renamed and missing settings filled in."""
+    old = dict(record.get(section) or {})
+    for key, new in RENAMED.get(section, {}).items():
+        if key in old:
+            old.update(new(old.pop(key)))
+    return {**SETTINGS_BEFORE_THEY_EXISTED.get(section, {}), **old}
+
+
+def decoder_of(record: dict) -> DecoderConfig:
+    """The DecoderConfig a config.json records (old records upgraded)."""
+    return DecoderConfig(**upgrade(record, "decoder"))
 
 
 def data_digest(keys: list[str]) -> str:
@@ -87,15 +106,16 @@ def check_resume(old: dict, new: dict) -> None:
     if o.get("data_digest") != n["data_digest"]:
         raise UserError(f"--resume: the store's samples changed since this run started ({o.get('samples')} -> "
                         f"{n['samples']}); use a new --run")
-    was, now = ({**SETTINGS_BEFORE_THEY_EXISTED, **r["train"]} for r in (old, new))
+    was, now = (upgrade(r, "train") for r in (old, new))
     diffs = [k for k in sorted(set(was) | set(now)) if k not in RESUMABLE_CHANGES and was.get(k) != now.get(k)]
     if diffs:
         k = diffs[0]
         raise UserError(f"--resume: this run was started with {k}={was.get(k)!r}, now {now.get(k)!r}; "
                         "use the same settings or a new --run")
     for part, what in (("decoder", "decoder config"), ("tokenizer", "tokenizer")):
-        if old.get(part) != new[part]:
-            raise UserError(f"--resume: the {what} differs from the run's ({old.get(part)} vs {new[part]}); use a new --run")
+        was, now = (upgrade(r, part) if part == "decoder" else r.get(part) for r in (old, new))
+        if was != now:
+            raise UserError(f"--resume: the {what} differs from the run's ({was} vs {now}); use a new --run")
 
 
 def read_record(run: Path) -> dict:
@@ -149,7 +169,7 @@ def load_run(run: Path, device) -> LoadedRun:
 
     record = read_record(run)
     tok = check_tokenizer(record)
-    dec_cfg = DecoderConfig(**record["decoder"])
+    dec_cfg = decoder_of(record)
     if (dec_cfg.vocab_size, dec_cfg.mask_id, dec_cfg.eos_id) != (tok.vocab_size, tok.mask_id, tok.eos_id):
         raise UserError(f"the run's decoder expects {dec_cfg.vocab_size} ids (mask {dec_cfg.mask_id}), its tokenizer "
                         f"gives {tok.vocab_size} (mask {tok.mask_id})")

@@ -13,7 +13,7 @@ import torch
 from pipeline.devices import autocast
 from pipeline.errors import UserError
 from pipeline.dist import Dist
-from pipeline.model import LossSums
+from pipeline.objective import KINDS, LossSums, objective
 
 
 def make_optimizer(decoder: torch.nn.Module, *, lr: float, weight_decay: float,
@@ -88,15 +88,6 @@ class StepResult:
     lr: float  # the learning rate the step used
 
 
-def objective(sums: LossSums, batch, world: int) -> torch.Tensor:
-    """Mean cross-entropy over the GLOBAL batch's real tokens, as this rank's share.
-
-    DDP averages gradients over ranks; scaling this rank's summed loss by world / global tokens makes that
-    average the exact token mean of the whole batch, whatever each rank's caption lengths.
-    """
-    return (sums.sum_ar + sums.sum_par) * (world / (batch.tokens_ar + batch.tokens_par))
-
-
 def train_step(state: TrainState, batch) -> StepResult:
     """One optimizer step on a loader `Batch`: autocast forward, loss, backward, clip, AdamW, lr schedule.
 
@@ -106,7 +97,7 @@ def train_step(state: TrainState, batch) -> StepResult:
     lr = state.optimizer.param_groups[0]["lr"]
     with autocast(batch.features.device, state.precision):
         sums = state.net(batch.features, batch.targets, batch.target_mask, batch.parallel)
-        loss = objective(sums, batch, state.dist.world)
+        loss = objective(sums, batch.tokens_ar + batch.tokens_par, state.dist.world)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     state.scaler.unscale_(state.optimizer)
@@ -230,9 +221,10 @@ def validate(decoder, loader, precision: str, dist: Dist | None = None) -> dict:
     tally = LossTally(next(decoder.parameters()).device)
     try:
         for b in loader.epoch(0):
-            for parallel in (False, True):
+            for kind in range(len(KINDS)):  # every row as every kind of row
+                every = torch.full_like(b.parallel, kind)
                 with autocast(b.features.device, precision):
-                    tally.add(decoder.loss(b.features, b.targets, b.target_mask, torch.full_like(b.parallel, parallel)))
+                    tally.add(decoder.loss(b.features, b.targets, b.target_mask, every))
     finally:
         decoder.train(was_training)
     means = tally.read(dist) or {}

@@ -105,7 +105,7 @@ def run(cfg: EvalConfig) -> dict:
     # -- validation loss of both modes, on the whole validation split -----------------------------------------
     t = time.perf_counter()
     vcap = [index.captions[i] for i in val_pos]
-    source = FeatureSource(store, index.rows[val_pos], device=device, mode="auto",
+    source = FeatureSource(store, index.rows[val_pos], device=device, placement="auto",
                            slab_rows=store.shard_capacity)
     tokens = CaptionTokens(tok, vcap, max_len)
     loader = Loader(source, tokens, np.arange(len(val_pos)), cfg.batch_size, shuffle=False, prefetch=1,
