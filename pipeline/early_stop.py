@@ -1,8 +1,10 @@
-"""Early stopping on validation loss and the best epoch's weights (`best.safetensors`), kept for eval.
+"""Early stopping on validation loss and the best epoch's weights (`best.safetensors`), kept for
+eval.
 
-The state is derived from the run's own records, never kept beside them: the best value and the count of
-validations since it are recomputed from `metrics.jsonl`'s epoch-end val entries, which `--resume` has
-already cut back to its checkpoint. So a resumed run makes the same decisions as an uninterrupted one.
+The state is derived from the run's own records, never kept beside them: the best value and the
+count of validations since it are recomputed from `metrics.jsonl`'s epoch-end val entries, which
+`--resume` has already cut back to its checkpoint. So a resumed run makes the same decisions as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def val_objective(entry: dict, parallel_fraction: float) -> Optional[float]:
 
 
 class EarlyStop:
-    """Best validation objective so far and the epoch-end validations since it; `patience` 0 (or None) = never."""
+    """Best validation objective so far and the epoch-end validations since it; `patience` 0 (or
+    None) = never."""
 
     def __init__(self, patience: Optional[int], parallel_fraction: float, entries: list[dict] = ()):
         self.patience, self.pf = patience, parallel_fraction
@@ -32,7 +35,8 @@ class EarlyStop:
         self.best_step: Optional[int] = None
         self.best_entry: dict = {}
         self.since = 0
-        for e in entries:  # epoch-end validations only (an interrupted run's "stop" entries are not epochs)
+        # epoch-end validations only (an interrupted run's "stop" entries are not epochs)
+        for e in entries:
             if e.get("kind") == "val" and not e.get("stop"):
                 self.update(e)
 
@@ -52,17 +56,21 @@ class EarlyStop:
         return bool(self.patience) and self.since >= self.patience
 
     def record(self) -> dict:
-        return {"criterion": f"val loss, {1 - self.pf:.2f} x autoregressive + {self.pf:.2f} x parallel",
-                "best": self.best, "best_step": self.best_step, "validations_since_best": self.since,
-                "best_loss_ar": self.best_entry.get("loss_ar"), "best_loss_par": self.best_entry.get("loss_par"),
+        best = self.best_entry
+        mix = f"{1 - self.pf:.2f} x autoregressive + {self.pf:.2f} x parallel"
+        return {"criterion": f"val loss, {mix}", "best": self.best, "best_step": self.best_step,
+                "validations_since_best": self.since,
+                "best_loss_ar": best.get("loss_ar"), "best_loss_par": best.get("loss_par"),
                 "patience": self.patience, "stopped_early": self.exhausted}
 
 
 def save_best(run_dir: Path, model, info: dict) -> None:
-    """best.safetensors (the decoder's weights) and best.json, each written to a temp file and renamed.
+    """best.safetensors (the decoder's weights) and best.json, each written to a temp file and
+    renamed.
 
-    Weights first: a crash between the two leaves best.json naming the previous best, whose step differs from
-    the new weights' metadata, and `best_checkpoint` then refuses the pair instead of mixing them."""
+    Weights first: a crash between the two leaves best.json naming the previous best, whose step
+    differs from the new weights' metadata, and `best_checkpoint` then refuses the pair instead of
+    mixing them."""
     from pipeline.checkpoint import atomic_write_text, save_file
 
     tmp = run_dir / f".{BEST_WEIGHTS}.tmp"
@@ -73,7 +81,8 @@ def save_best(run_dir: Path, model, info: dict) -> None:
 
 
 def best_checkpoint(run_dir: Path) -> Optional[tuple[Path, dict]]:
-    """(weights path, info) of the run's best epoch, or None when there is none or it is not consistent."""
+    """(weights path, info) of the run's best epoch, or None when there is none or it is not
+    consistent."""
     from safetensors import safe_open
 
     path, info_path = Path(run_dir) / BEST_WEIGHTS, Path(run_dir) / BEST_INFO

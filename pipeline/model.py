@@ -1,11 +1,11 @@
-"""The CapPa caption decoder network: pre-LN self-attention / cross-attention / MLP blocks over cached
-image tokens, and the vocab head. The objective is pipeline/objective.py, decoding pipeline/decoding.py,
-the cost model pipeline/cost.py.
+"""The CapPa caption decoder network: pre-LN self-attention / cross-attention / MLP blocks over
+cached image tokens, and the vocab head. The objective is pipeline/objective.py, decoding
+pipeline/decoding.py, the cost model pipeline/cost.py.
 
 Dimension letters used in shape comments:
-  B: batch (images)            L: text length (tokens)      P: image tokens (patches, 197 for ViT-B/16)
-  E: encoder (feature) width   D: decoder width             V: vocabulary (50,258 = GPT-2 + [MASK])
-  H: attention heads           K: beams                     N: text rows (B, or B*K / B*C rows per image)
+  B: batch (images)           L: text length (tokens)   P: image tokens (patches, 197 for ViT-B/16)
+  E: encoder (feature) width  D: decoder width          V: vocabulary (50,258 = GPT-2 + [MASK])
+  H: attention heads          K: beams                  N: text rows (B, or B*K / B*C per image)
   Lp: the parallel rows' length
 """
 
@@ -52,15 +52,16 @@ class SelfAttention(nn.Module):
 
 
 class ImageKV(NamedTuple):
-    """What a cross-attention layer reads in the standard form: the image tokens' keys and values, computed
-    once per image (generation reuses them at every step)."""
+    """What a cross-attention layer reads in the standard form: the image tokens' keys and values,
+    computed once per image (generation reuses them at every step)."""
 
     k: torch.Tensor  # [B, H, P, D/H]
     v: torch.Tensor  # [B, H, P, D/H]
 
 
 class ImageTokens(NamedTuple):
-    """What a cross-attention layer reads in the absorbed form: the (projected) image tokens themselves."""
+    """What a cross-attention layer reads in the absorbed form: the (projected) image tokens
+    themselves."""
 
     x: torch.Tensor  # [B, P, D]
 
@@ -73,10 +74,10 @@ class CrossAttention(nn.Module):
     """Text queries attend to the image tokens, in one of two forms that compute the same function:
 
     - "kv" (`ImageKV` memory): K/V projections on the P image tokens, once per image.
-    - "absorbed" (`ImageTokens` memory): per head, scores q_h (W_k,h img)^T = (q_h W_k,h) img^T and output
-      A (img W_v,h^T) = (A img) W_v,h^T, so the D x D projections run on the T text tokens instead of the P
-      image tokens, for an extra 2*T*P*D*H multiply-adds in the attention itself. Cheaper when T is short
-      (training: a caption of ~20 tokens against 197 image tokens).
+    - "absorbed" (`ImageTokens` memory): per head, scores q_h (W_k,h img)^T = (q_h W_k,h) img^T and
+      output A (img W_v,h^T) = (A img) W_v,h^T, so the D x D projections run on the T text tokens
+      instead of the P image tokens, for an extra 2*T*P*D*H multiply-adds in the attention itself.
+      Cheaper when T is short (training: a caption of ~20 tokens against 197 image tokens).
     pipeline/cost.py counts both forms' FLOPs and picks the cheaper one for a text length.
     """
 
@@ -92,8 +93,8 @@ class CrossAttention(nn.Module):
         return ImageKV(_heads(k, self.h), _heads(v, self.h))
 
     def forward(self, x, memory: ImageMemory):
-        """x [N, T, D] (N = G rows per image), or [1, T, D]: one query row shared by all B images (parallel
-        rows' first layer: their queries are computed once) -> [max(N, B), T, D]."""
+        """x [N, T, D] (N = G rows per image), or [1, T, D]: one query row shared by all B images
+        (parallel rows' first layer: their queries are computed once) -> [max(N, B), T, D]."""
         if isinstance(memory, ImageTokens):
             return self._absorbed(x, memory.x)
         k, v = memory  # [B, H, P, D/H]
@@ -103,10 +104,12 @@ class CrossAttention(nn.Module):
         if n == 1 < b:
             q = q.expand(b, -1, -1, -1)  # [B, H, T, D/H]
         elif g > 1:
-            q = q.view(b, g, self.h, t, -1).transpose(1, 2).reshape(b, self.h, g * t, -1)  # [B, H, G*T, D/H]
+            q = q.view(b, g, self.h, t, -1).transpose(1, 2)  # [B, H, G, T, D/H]
+            q = q.reshape(b, self.h, g * t, -1)  # [B, H, G*T, D/H]
         y = F.scaled_dot_product_attention(q, k, v)
         if g > 1:
-            y = y.view(b, self.h, g, t, -1).transpose(1, 2).reshape(n, self.h, t, -1)  # [N, H, T, D/H]
+            y = y.view(b, self.h, g, t, -1).transpose(1, 2)  # [B, G, H, T, D/H]
+            y = y.reshape(n, self.h, t, -1)  # [N, H, T, D/H]
         return self.out(_merge(y))
 
     def _absorbed(self, x, img):
@@ -115,7 +118,8 @@ class CrossAttention(nn.Module):
         b, p = img.shape[:2]
         h, hd = self.h, d // self.h
         wk, wv = self.kv.weight.view(2, h, hd, d).unbind(0)  # [H, D/H, D] each
-        # Head-major [H, N*T, .] layouts, so the per-head weights are bmm operands as they are (no copies).
+        # Head-major [H, N*T, .] layouts, so the per-head weights are bmm operands as they are (no
+        # copies).
         q = (self.q(x) * hd**-0.5).view(n * t, h, hd).transpose(0, 1)  # [H, N*T, D/H]
         qk = torch.bmm(q, wk).view(h, n, t, d).transpose(0, 1).reshape(n, h * t, d)  # [N, H*T, D]
         if n == 1 < b:  # one shared query row: its scores against every image are one matmul
@@ -145,8 +149,8 @@ class Block(nn.Module):
 
 
 class CaptionDecoder(nn.Module):
-    """The CapPa decoder: `hidden` runs text rows against an image memory, `parallel_hidden` the all-[MASK]
-    rows, `head` turns hidden states into logits. Which rows exist and what they score is
+    """The CapPa decoder: `hidden` runs text rows against an image memory, `parallel_hidden` the
+    all-[MASK] rows, `head` turns hidden states into logits. Which rows exist and what they score is
     pipeline/objective.py; `forward` is its loss, the call DDP and torch.compile wrap."""
 
     def __init__(self, cfg: DecoderConfig):
@@ -154,7 +158,8 @@ class CaptionDecoder(nn.Module):
         self.cfg = cfg
         d = cfg.width
         if not 1 <= self.parallel_len <= cfg.max_len:
-            raise ValueError(f"parallel_len must be in 1..max_len={cfg.max_len}, got {cfg.parallel_len}")
+            raise ValueError(f"parallel_len must be in 1..max_len={cfg.max_len}, "
+                             f"got {cfg.parallel_len}")
         enc = cfg.encoder_width
         self.img_proj = nn.Linear(enc, d, bias=False) if enc != d else nn.Identity()
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
@@ -168,9 +173,10 @@ class CaptionDecoder(nn.Module):
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight  # [V, D], one matrix
-        # Which cross-attention form the passes of `pass_memory` run: "auto" = the cheaper one for each
-        # pass's text length (`cost.cheaper_form`, weighted by `absorbed_discount`) | "kv" | "absorbed".
-        # Generation and scoring use `memory` ("kv"): their image K/V are reused across steps / rows.
+        # Which cross-attention form the passes of `pass_memory` run: "auto" = the cheaper one for
+        # each pass's text length (`cost.cheaper_form`, weighted by `absorbed_discount`) | "kv" |
+        # "absorbed". Generation and scoring use `memory` ("kv"): their image K/V are reused across
+        # steps / rows.
         self.cross_attention = "auto"
         self.absorbed_discount = cost.ABSORBED_DISCOUNT
         causal = torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool).tril()  # [L, L]
@@ -190,18 +196,20 @@ class CaptionDecoder(nn.Module):
         nn.init.normal_(self.pos_emb, std=0.02)
         if self.img_pos_emb is not None:
             nn.init.normal_(self.img_pos_emb, std=0.02)
-        for b in self.blocks:  # GPT-2: residual writes scaled so the stream's variance stays O(1) with depth
+        # GPT-2: residual writes scaled so the stream's variance stays O(1) with depth
+        for b in self.blocks:
             for w in (b.attn.out.weight, b.cross.out.weight, b.proj.weight):
                 nn.init.normal_(w, std=0.02 / math.sqrt(2 * self.cfg.layers))
-        # big_vision CapPa zero-initialises the logits layer: uniform first prediction, loss = ln V exactly.
-        # A tied one is the embedding matrix and keeps its N(0, 0.02) init (near-uniform first prediction).
+        # big_vision CapPa zero-initialises the logits layer: uniform first prediction, loss = ln V
+        # exactly. A tied one is the embedding matrix and keeps its N(0, 0.02) init (near-uniform
+        # first prediction).
         if not self.cfg.tie_embeddings:
             nn.init.zeros_(self.head.weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # ---- the image side ------------------------------------------------------------------------------
+    # ---- the image side --------------------------------------------------------------------------
     def image_tokens(self, features):
         """features [B, P, E] (fp16 store) -> image tokens [B, P, D] in the parameters' dtype."""
         img = self.img_proj(features.to(self.pos_emb.dtype))
@@ -213,7 +221,8 @@ class CaptionDecoder(nn.Module):
         return img + self.img_pos_emb  # [B, P, D]
 
     def memory(self, features) -> list[ImageKV]:
-        """features [B, P, E] -> per-layer cross-attention K/V ("kv" form), computed once per image."""
+        """features [B, P, E] -> per-layer cross-attention K/V ("kv" form), computed once per
+        image."""
         img = self.image_tokens(features)
         return [b.cross.memory(img) for b in self.blocks]
 
@@ -223,21 +232,23 @@ class CaptionDecoder(nn.Module):
             return cost.cheaper_form(self.cfg, text_len, image_tokens, self.absorbed_discount)
         if self.cross_attention in ("kv", "absorbed"):
             return self.cross_attention
-        raise ValueError(f"cross_attention must be auto, kv or absorbed, got {self.cross_attention!r}")
+        raise ValueError(f"cross_attention must be auto, kv or absorbed, "
+                         f"got {self.cross_attention!r}")
 
     def pass_memory(self, features, text_len: int) -> list[ImageMemory]:
-        """Each layer's cross-attention memory for one pass over [B, text_len] text, in `cross_form`."""
+        """Each layer's cross-attention memory for one pass over [B, text_len] text, in
+        `cross_form`."""
         if self.cross_form(text_len, features.shape[1]) == "kv":
             return self.memory(features)
         return [ImageTokens(self.image_tokens(features))] * len(self.blocks)
 
-    # ---- the text side -------------------------------------------------------------------------------
+    # ---- the text side ---------------------------------------------------------------------------
     def hidden(self, tokens, memory: list[ImageMemory], mask=None, start: int = 0,
                caches: list[KVCache] | None = None, causal: bool = False):
         """tokens [N, T] at positions start.. -> final hidden states [N, T, D].
 
-        mask [N, 1, T, S] bool (None: full attention, or causal=True); caches: one per block, appended to
-        (generation feeds one new token per call at position `start`)."""
+        mask [N, 1, T, S] bool (None: full attention, or causal=True); caches: one per block,
+        appended to (generation feeds one new token per call at position `start`)."""
         t = tokens.shape[1]
         x = self.tok_emb(tokens) + self.pos_emb[start : start + t]  # [N, T, D]
         for i, b in enumerate(self.blocks):
@@ -248,8 +259,9 @@ class CaptionDecoder(nn.Module):
         """All-[MASK] rows of length Lp against the images of `memory` -> [B, Lp, D].
 
         Every such row enters the first block as the same [MASK] + position embeddings, so block 0's
-        self-attention (and its cross-attention queries) run once on one [1, Lp, D] row; the row fans out
-        to the B images in block 0's cross-attention. Same function as `hidden` on [MASK] tokens.
+        self-attention (and its cross-attention queries) run once on one [1, Lp, D] row; the row
+        fans out to the B images in block 0's cross-attention. Same function as `hidden` on [MASK]
+        tokens.
         """
         lp = self.parallel_len
         x = (self.tok_emb.weight[self.cfg.mask_id] + self.pos_emb[:lp])[None]  # [1, Lp, D]
@@ -257,7 +269,7 @@ class CaptionDecoder(nn.Module):
             x = b(x, memory[i])  # block 0: [1, Lp, D] -> [B, Lp, D]
         return self.ln_f(x)
 
-    # ---- the interface: training (pipeline/objective.py) and decoding (pipeline/decoding.py) ------------
+    # ---- the interface: training (pipeline/objective.py) and decoding (pipeline/decoding.py) -----
     def forward(self, features, targets, target_mask, parallel) -> LossSums:
         """The training loss sums (`objective.loss_sums`): what DDP and torch.compile wrap."""
         from pipeline import objective
@@ -265,22 +277,23 @@ class CaptionDecoder(nn.Module):
         return objective.loss_sums(self, features, targets, target_mask, parallel)
 
     def loss(self, features, targets, target_mask, parallel) -> LossSums:
-        """features [B, P, E], targets / target_mask [B, L], parallel [B] bool -> `objective.LossSums`."""
+        """features [B, P, E], targets / target_mask [B, L], parallel [B] bool ->
+        `objective.LossSums`."""
         from pipeline import objective
 
         return objective.loss_sums(self, features, targets, target_mask, parallel)
 
     def logits(self, features, targets, target_mask, parallel):
-        """features [B, P, E], targets [B, L] int64, target_mask [B, L] bool, parallel [B] bool -> [B, L, V]
-        (`objective.logits`: a parallel row's columns >= Lp are 0)."""
+        """features [B, P, E], targets [B, L] int64, target_mask [B, L] bool, parallel [B] bool ->
+        [B, L, V] (`objective.logits`: a parallel row's columns >= Lp are 0)."""
         from pipeline import objective
 
         return objective.logits(self, features, targets, target_mask, parallel)
 
     @torch.no_grad()
     def score(self, features, targets, target_mask):
-        """Summed AR log-likelihood of each caption -> [N] float32; targets [N, L], N = B*C candidates
-        (rows i*C .. i*C+C-1 belong to image i). `decoding.score`."""
+        """Summed AR log-likelihood of each caption -> [N] float32; targets [N, L], N = B*C
+        candidates (rows i*C .. i*C+C-1 belong to image i). `decoding.score`."""
         from pipeline import decoding
 
         return decoding.score(self, features, targets, target_mask)

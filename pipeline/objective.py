@@ -1,17 +1,20 @@
-"""The CapPa training objective: which kind each row is, how each kind's rows are built, which tokens carry
-loss, the loss sums and the one objective formula that training, validation, early stopping and the bench
-share.
+"""The CapPa training objective: which kind each row is, how each kind's rows are built, which
+tokens carry loss, the loss sums and the one objective formula that training, validation, early
+stopping and the bench share.
 
-Letters as in pipeline/model.py: B rows, L caption length, Lp the parallel rows' length, D width, V vocab.
+Letters as in pipeline/model.py: B rows, L caption length, Lp the parallel rows' length, D width, V
+vocab.
 
 Kinds of rows (`KINDS`; a row's kind id indexes it, so a bool `parallel` flag is kind 0 or 1):
-  "ar"   autoregressive: inputs BOS + targets shifted right, causal attention, padded keys masked (a row's
-         logits never depend on the batch's padding); loss on every real token.
-  "par"  parallel (big_vision's masking ratio 1): inputs [MASK] at every position 0..Lp-1, full attention;
-         loss on the caption's first Lp real tokens. Nothing tells the model the caption's length: it must
-         predict where EOS goes, so a parallel row's logits are a function of the image alone.
-Another kind (a teacher-forced prefix with no loss, then a target) is one more class with `rows` and an
-entry in `KINDS` and in `LossSums`.
+  "ar"   autoregressive: inputs BOS + targets shifted right, causal attention, padded keys masked
+         (a row's logits never depend on the batch's padding); loss on every real token.
+  "par"  parallel (big_vision's masking ratio 1): inputs [MASK] at every position 0..Lp-1, full
+  attention;
+         loss on the caption's first Lp real tokens. Nothing tells the model the caption's length:
+         it must predict where EOS goes, so a parallel row's logits are a function of the image
+         alone.
+Another kind (a teacher-forced prefix with no loss, then a target) is one more class with `rows` and
+an entry in `KINDS` and in `LossSums`.
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ if TYPE_CHECKING:
 MIXINGS = ("per-example", "per-batch")
 
 
-# --- which kind each row is ---------------------------------------------------------------------------
+# --- which kind each row is -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class RowMix:
     """How rows are split between the kinds: each row (per-example, big_vision) or each global batch
-    (per-batch) is parallel with odds `parallel_fraction`; a parallel row scores at most `parallel_len`
-    tokens (None: all of them)."""
+    (per-batch) is parallel with odds `parallel_fraction`; a parallel row scores at most
+    `parallel_len` tokens (None: all of them)."""
 
     parallel_fraction: float = 0.75
     mixing: str = "per-example"
@@ -52,26 +55,28 @@ class RowMix:
         return np.repeat(per_batch, batch_size)[:n]
 
     def scored_tokens(self, counts: torch.Tensor, parallel: torch.Tensor) -> tuple[int, int]:
-        """Real tokens per row [n] and parallel flags [n] (CPU) -> the tokens the loss scores, (AR, parallel)."""
+        """Real tokens per row [n] and parallel flags [n] (CPU) -> the tokens the loss scores, (AR,
+        parallel)."""
         if self.parallel_len:
             counts = torch.where(parallel, counts.clamp(max=self.parallel_len), counts)
         return int(counts[~parallel].sum()), int(counts[parallel].sum())
 
 
 def split(kinds, b: int) -> list[torch.Tensor]:
-    """Kind ids [B] (or a bool parallel flag, or one for all rows) -> row indices of each of `KINDS`, on the
-    CPU (one device read of B ids)."""
+    """Kind ids [B] (or a bool parallel flag, or one for all rows) -> row indices of each of
+    `KINDS`, on the CPU (one device read of B ids)."""
     ids = torch.as_tensor(kinds).to("cpu", torch.long).expand(b)
     return [(ids == k).nonzero()[:, 0] for k in range(len(KINDS))]
 
 
-# --- building each kind's rows ------------------------------------------------------------------------
+# --- building each kind's rows --------------------------------------------------------------------
 class ARRows:
     name = "ar"
 
     @staticmethod
     def inputs(model: CaptionDecoder, targets, target_mask):
-        """targets / target_mask [B, L] -> input tokens [B, L] (BOS + shifted), attention mask [B, 1, L, L]."""
+        """targets / target_mask [B, L] -> input tokens [B, L] (BOS + shifted), attention mask [B,
+        1, L, L]."""
         cfg = model.cfg
         b, l = targets.shape
         if l > cfg.max_len:
@@ -98,7 +103,7 @@ class ParallelRows:
         lp, l = model.parallel_len, targets.shape[1]
         if l >= lp:
             return targets[:, :lp], target_mask[:, :lp]
-        return (F.pad(targets, (0, lp - l), value=model.cfg.eos_id), F.pad(target_mask, (0, lp - l)))
+        return F.pad(targets, (0, lp - l), value=model.cfg.eos_id), F.pad(target_mask, (0, lp - l))
 
     def rows(self, model: CaptionDecoder, features, targets, target_mask):
         """-> hidden states [B, Lp, D], targets [B, Lp], positions that carry loss [B, Lp]."""
@@ -109,11 +114,11 @@ class ParallelRows:
 KINDS = (ARRows(), ParallelRows())  # kind id 0 = AR (parallel flag False), 1 = parallel
 
 
-# --- the loss -----------------------------------------------------------------------------------------
+# --- the loss -------------------------------------------------------------------------------------
 @dataclass
 class LossSums:
-    """A batch's summed cross-entropy (nats, float32) and scored-token count (int64) per kind: sums, so
-    batches, ranks and log intervals add up exactly; the means are for reading."""
+    """A batch's summed cross-entropy (nats, float32) and scored-token count (int64) per kind: sums,
+    so batches, ranks and log intervals add up exactly; the means are for reading."""
 
     sum_ar: torch.Tensor  # [] autoregressive rows
     tokens_ar: torch.Tensor  # []
@@ -134,15 +139,18 @@ class LossSums:
         return self.sum_par / self.tokens_par.clamp(min=1)
 
     def detach(self) -> "LossSums":
-        return LossSums(self.sum_ar.detach(), self.tokens_ar, self.sum_par.detach(), self.tokens_par)
+        return LossSums(self.sum_ar.detach(), self.tokens_ar, self.sum_par.detach(),
+                        self.tokens_par)
 
 
 def loss_sums(model: CaptionDecoder, features, targets, target_mask, kinds) -> LossSums:
-    """Summed cross-entropy over the scored tokens (EOS included, padding excluded by the mask, never by
-    id) and their counts, per kind. features [B, P, E], targets / target_mask [B, L], kinds [B].
+    """Summed cross-entropy over the scored tokens (EOS included, padding excluded by the mask,
+    never by id) and their counts, per kind. features [B, P, E], targets / target_mask [B, L], kinds
+    [B].
 
-    Each kind's rows run as one sub-pass (AR at the batch's length L, parallel at Lp). The vocab head runs
-    once per batch, on every kind's scored positions only: one [V, D] weight gradient per step.
+    Each kind's rows run as one sub-pass (AR at the batch's length L, parallel at Lp). The vocab
+    head runs once per batch, on every kind's scored positions only: one [V, D] weight gradient per
+    step.
     """
     b = targets.shape[0]
     real_h, real_t = {}, {}  # kind -> [T_kind, D], [T_kind]
@@ -151,7 +159,8 @@ def loss_sums(model: CaptionDecoder, features, targets, target_mask, kinds) -> L
             continue
         whole = len(idx) == b  # a one-kind batch needs no row gather
         i = idx.to(targets.device)
-        f, t, m = (features, targets, target_mask) if whole else (features[i], targets[i], target_mask[i])
+        f, t, m = (features, targets, target_mask) if whole else \
+            (features[i], targets[i], target_mask[i])
         h, t, m = kind.rows(model, f, t, m)
         real_h[kind.name], real_t[kind.name] = h[m], t[m]
     logits = model.head(torch.cat(list(real_h.values())))  # [T, V]
@@ -160,13 +169,14 @@ def loss_sums(model: CaptionDecoder, features, targets, target_mask, kinds) -> L
     per_kind = dict(zip(real_t, ce.split([len(t) for t in real_t.values()])))
     none = ce[:0]  # a kind with no rows: sum 0, 0 tokens
     sums = {k.name: per_kind.get(k.name, none).sum() for k in KINDS}
-    counts = {k.name: torch.tensor(len(per_kind.get(k.name, none)), device=targets.device) for k in KINDS}
+    counts = {k.name: torch.tensor(len(per_kind.get(k.name, none)), device=targets.device)
+              for k in KINDS}
     return LossSums(sums["ar"], counts["ar"], sums["par"], counts["par"])
 
 
 def logits(model: CaptionDecoder, features, targets, target_mask, kinds):
-    """-> [B, L, V] in the head's dtype. A parallel row's logits come from its Lp-long pass: columns >= Lp
-    (longer batches) have no prediction and are 0 (a uniform distribution)."""
+    """-> [B, L, V] in the head's dtype. A parallel row's logits come from its Lp-long pass: columns
+    >= Lp (longer batches) have no prediction and are 0 (a uniform distribution)."""
     b, l = targets.shape
     out = model.head.weight.new_zeros(b, l, model.cfg.vocab_size)  # [B, L, V]
     for kind, idx in zip(KINDS, split(kinds, b)):
@@ -178,21 +188,22 @@ def logits(model: CaptionDecoder, features, targets, target_mask, kinds):
     return out
 
 
-# --- the objective ------------------------------------------------------------------------------------
+# --- the objective --------------------------------------------------------------------------------
 def objective(sums: LossSums, tokens, world: int = 1) -> torch.Tensor:
-    """The training objective: mean cross-entropy over the GLOBAL batch's `tokens` scored tokens, of every
-    kind, as this rank's share.
+    """The training objective: mean cross-entropy over the GLOBAL batch's `tokens` scored tokens, of
+    every kind, as this rank's share.
 
-    DDP averages gradients over ranks; scaling this rank's summed loss by world / global tokens makes that
-    average the exact token mean of the whole batch, whatever each rank's caption lengths.
+    DDP averages gradients over ranks; scaling this rank's summed loss by world / global tokens
+    makes that average the exact token mean of the whole batch, whatever each rank's caption
+    lengths.
     """
     return (sums.sum_ar + sums.sum_par) * (world / tokens)
 
 
 def expected_objective(loss_ar: Optional[float], loss_par: Optional[float],
                        parallel_fraction: float) -> Optional[float]:
-    """The objective's expectation over the kind draw, from each kind's mean loss (validation runs every
-    row as every kind): the kinds' losses mixed as training draws them."""
+    """The objective's expectation over the kind draw, from each kind's mean loss (validation runs
+    every row as every kind): the kinds' losses mixed as training draws them."""
     if parallel_fraction <= 0.0 or loss_par is None:
         return loss_ar
     if parallel_fraction >= 1.0 or loss_ar is None:

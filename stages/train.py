@@ -1,4 +1,5 @@
-"""Train stage: the CapPa dual-mode caption decoder on cached features, resumable, on one process or DDP."""
+"""Train stage: the CapPa dual-mode caption decoder on cached features, resumable, on one process or
+DDP."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from pipeline.training import (Clock, LossTally, NonFiniteStep, Position, StepRe
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train the decoder on the store's training split; returns (and writes, on rank 0) the run's summary."""
+    """Train the decoder on the store's training split; returns (and writes, on rank 0) the run's
+    summary."""
     dist = Dist()
     check_train_config(cfg, dist.world)
     device = dist.init(resolve_device(cfg.device))
@@ -49,7 +51,7 @@ def run(cfg: TrainConfig) -> dict:
         dist.close()
 
 
-# --- the loop ----------------------------------------------------------------------------------------
+# --- the loop -------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
     """The stage on this rank: set up (data, run folder, model, resume), the loop, the summary."""
     t0 = time.perf_counter()
@@ -64,7 +66,7 @@ def train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
         batch: Optional[Batch] = None  # the last step's
         r.clock = Clock()
         while True:
-            # -- once in a while, after a step: log, epoch end, stop request, checkpoint ---------------
+            # -- once in a while, after a step: log, epoch end, stop request, checkpoint -----------
             if batch is not None:
                 if pos.step % cfg.log_every == 0:
                     r.log_train()
@@ -106,8 +108,8 @@ def train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
 
 
 def batches_from(loader: Loader, pos: Position) -> Iterator[Batch]:
-    """Training batches from `pos` on, epoch after epoch; `pos` names the next epoch once one ends (each
-    epoch's prefetching thread is stopped when it is left)."""
+    """Training batches from `pos` on, epoch after epoch; `pos` names the next epoch once one ends
+    (each epoch's prefetching thread is stopped when it is left)."""
     while True:
         epoch = loader.epoch(pos.epoch, pos.batch_idx)
         try:
@@ -118,7 +120,8 @@ def batches_from(loader: Loader, pos: Position) -> Iterator[Batch]:
 
 @dataclass
 class TrainRun:
-    """Everything the loop reads and writes: the run's data, model state and position, and what it logged."""
+    """Everything the loop reads and writes: the run's data, model state and position, and what it
+    logged."""
 
     cfg: TrainConfig
     data: Data
@@ -162,8 +165,8 @@ class TrainRun:
         if len(self.val_loader) == 0:
             return None
         val = validate(self.state.decoder, self.val_loader, self.state.precision, self.state.dist)
-        entry = {"kind": "val", "step": self.position.step, "epoch": self.position.epoch_of_last_step,
-                 **val}
+        pos = self.position
+        entry = {"kind": "val", "step": pos.step, "epoch": pos.epoch_of_last_step, **val}
         if stop:
             entry["stop"] = True
         self.folder.log(entry)
@@ -171,17 +174,18 @@ class TrainRun:
         return entry
 
     def end_epoch(self, say) -> None:
-        """Validate, keep the best weights (before the checkpoint: a crash between them redoes both),
-        decide on early stopping, and move on to the next epoch."""
+        """Validate, keep the best weights (before the checkpoint: a crash between them redoes
+        both), decide on early stopping, and move on to the next epoch."""
         pos = self.position
         val = self.validate()
         if val is not None:
             say(f"epoch {pos.epoch + 1}/{self.cfg.epochs} (step {pos.step}): val loss ar "
                 f"{_f(val['loss_ar'])} par {_f(val['loss_par'])}", highlight=False)
-        improved = val is not None and self.early.update(val)  # rank 0's answer is the one that counts:
+        # Rank 0's answer is the one that counts: every rank calls keep_best, so all take part in
+        # its agreement.
+        improved = val is not None and self.early.update(val)
         best = {"step": pos.step, "epoch": pos.epoch + 1,
-                **{k: (val or {}).get(k) for k in ("loss_ar", "loss_par")},
-                **self.early.record()}  # every rank calls keep_best, so all take part in its agreement
+                **{k: (val or {}).get(k) for k in ("loss_ar", "loss_par")}, **self.early.record()}
         self.folder.keep_best(self.state.decoder, best if improved else None)
         self.stopped_early = not self.state.dist.all_ok(not self.early.exhausted)
         pos.epoch, pos.batch_idx = pos.epoch + 1, 0
@@ -191,11 +195,13 @@ class TrainRun:
         return self.position.epoch * n + min(self.position.batch_idx * self.cfg.batch_size, n)
 
     def samples_left(self) -> int:
-        n, per_epoch, bs = len(self.train_loader.positions), len(self.train_loader), self.cfg.batch_size
-        return sum(min(bs, n - (s % per_epoch) * bs) for s in range(self.position.step, self.stop_at))
+        n, per_epoch = len(self.train_loader.positions), len(self.train_loader)
+        bs = self.cfg.batch_size
+        steps = range(self.position.step, self.stop_at)
+        return sum(min(bs, n - (s % per_epoch) * bs) for s in steps)
 
 
-# --- before the loop ---------------------------------------------------------------------------------
+# --- before the loop ------------------------------------------------------------------------------
 @dataclass
 class Data:
     """The store's samples as this run sees them: split, tokenised, and the decoder they define."""
@@ -215,8 +221,8 @@ class Data:
 @dataclass
 class DataOrder:
     """What fixes the data order, decided when a run starts and kept on resume (config.json's
-    `data_order`): the shuffle group in slabs (None: the whole split, as when the features are held in
-    memory) and the slab's rows."""
+    `data_order`): the shuffle group in slabs (None: the whole split, as when the features are held
+    in memory) and the slab's rows."""
 
     shuffle_group_slabs: Optional[int]
     slab_rows: int
@@ -226,18 +232,21 @@ class DataOrder:
 
 
 def setup(cfg: TrainConfig, dist: Dist, device: torch.device) -> TrainRun:
-    """Data, run folder, loaders, model and optimizer (resumed from the last checkpoint with --resume)."""
+    """Data, run folder, loaders, model and optimizer (resumed from the last checkpoint with
+    --resume)."""
     say = console.print if dist.main else _silent
     precision = train_precision(cfg, device)
     data = prepare_data(cfg, dist)
     cfg, store = data.cfg, data.store
     if store.is_random_init:
-        say(f"[bold red]warning:[/] [red]{cfg.store} was encoded with RANDOM-INIT encoder weights (no "
-            "pretrained weights were available): captions learned from these features are meaningless. "
-            "Encode with real weights (--weights hub or a file) for a useful model.[/]", highlight=False)
+        say(f"[bold red]warning:[/] [red]{cfg.store} was encoded with RANDOM-INIT encoder weights "
+            "(no pretrained weights were available): captions learned from these features are "
+            "meaningless. Encode with real weights (--weights hub or a file) for a useful "
+            "model.[/]", highlight=False)
     folder = RunFolder(cfg.run, dist)
     previous, order, placement = start_folder(folder, data, device, say)
-    # The text-only baseline the decoder must beat: a trigram LM counted on the training captions (~1 s).
+    # The text-only baseline the decoder must beat: a trigram LM counted on the training captions
+    # (~1 s).
     baseline = None
     if dist.main and len(data.val_pos):
         caps = data.index.captions
@@ -247,33 +256,39 @@ def setup(cfg: TrainConfig, dist: Dist, device: torch.device) -> TrainRun:
     total = cfg.epochs * len(train_loader)
     # The same seed on every rank, so every rank starts from the same weights.
     torch.manual_seed(cfg.seed)
-    state = TrainState.create(CaptionDecoder(data.decoder).to(device), cfg, total, precision, dist, device)
+    decoder = CaptionDecoder(data.decoder).to(device)
+    state = TrainState.create(decoder, cfg, total, precision, dist, device)
     stop_at = min(total, cfg.max_steps or total)
     position, tally = Position(), LossTally(device)
     if previous is not None:
         position, tally = resume(folder, state, previous, stop_at, device, say)
-    say(f"train: {len(data.train_pos)} train / {len(data.val_pos)} val samples, {len(train_loader)} "
-        f"steps/epoch x {cfg.epochs} epochs, features {source.placement} ({source.nbytes / 2**30:.2f} "
-        f"GiB), {device.type} {precision}, {dist.world} process{'es' if dist.world > 1 else ''}",
-        highlight=False)
-    # Early stopping and the best epoch's weights: state derived from metrics.jsonl (cut back on resume).
-    early = EarlyStop(cfg.patience, cfg.parallel_fraction, folder.metrics.read() if dist.main else [])
-    extras = {"tokenize_s": data.tokenize_s, "features_load_s": load_s, "features": source.placement,
-              "device": str(device), "precision": precision}
-    return TrainRun(cfg, data, folder, state, train_loader, val_loader, early, position, tally, stop_at,
-                    total, extras, baseline, start_step=position.step,
-                    stopped_early=not dist.all_ok(not early.exhausted))  # a rerun of a stopped run
+    say(f"train: {len(data.train_pos)} train / {len(data.val_pos)} val samples, "
+        f"{len(train_loader)} steps/epoch x {cfg.epochs} epochs, features {source.placement} "
+        f"({source.nbytes / 2**30:.2f} GiB), {device.type} {precision}, "
+        f"{dist.world} process{'es' if dist.world > 1 else ''}", highlight=False)
+    # Early stopping and the best epoch's weights: state derived from metrics.jsonl (cut back on
+    # resume).
+    early = EarlyStop(cfg.patience, cfg.parallel_fraction,
+                      folder.metrics.read() if dist.main else [])
+    extras = {"tokenize_s": data.tokenize_s, "features_load_s": load_s,
+              "features": source.placement, "device": str(device), "precision": precision}
+    stopped = not dist.all_ok(not early.exhausted)  # a rerun of a run that stopped early
+    return TrainRun(cfg, data, folder, state, train_loader, val_loader, early, position, tally,
+                    stop_at, total, extras, baseline, start_step=position.step,
+                    stopped_early=stopped)
 
 
-def start_folder(folder: RunFolder, data: Data, device, say) -> tuple[Optional[Path], DataOrder, str]:
-    """Check the run folder against this run (resume or new) and write config.json; -> (checkpoint to
-    resume from or None, the data order, where the features go: "memory" | "stream")."""
+def start_folder(folder: RunFolder, data: Data, device,
+                 say) -> tuple[Optional[Path], DataOrder, str]:
+    """Check the run folder against this run (resume or new) and write config.json; -> (checkpoint
+    to resume from or None, the data order, where the features go: "memory" | "stream")."""
     cfg, store = data.cfg, data.store
     previous, old_record = folder.previous(cfg.resume, data.record)
     nbytes = len(data.index) * store.tokens * store.width * 2
     placement = FeatureSource.resolve_placement(cfg.features, nbytes, device)
     # The data order depends on the shuffle group; it is fixed when the run starts (uniform when the
-    # features are held, `stream_buffer_slabs` when streamed) and kept on resume, however features are read.
+    # features are held, `stream_buffer_slabs` when streamed) and kept on resume, however features
+    # are read.
     old = (old_record or {}).get("data_order")
     order = DataOrder(**old) if old else DataOrder(
         cfg.stream_buffer_slabs if placement == "stream" else None, store.shard_capacity)
@@ -292,7 +307,7 @@ def resume(folder: RunFolder, state: TrainState, previous: Path, stop_at: int, d
     loss sums it had not logged yet."""
     saved = folder.load(previous, state, device)
     position = Position(saved["step"], saved["epoch"], saved["batch"])
-    if position.step < stop_at:  # entries after the checkpoint (or at an interrupting stop) are redone
+    if position.step < stop_at:  # entries after the checkpoint (or at an interrupting stop): redone
         folder.cut_log(position.step)
     say(f"resuming {folder.path} at step {position.step} (epoch {position.epoch + 1}, batch "
         f"{position.batch_idx})", highlight=False)
@@ -308,13 +323,15 @@ def prepare_data(cfg: TrainConfig, dist: Dist) -> Data:
     index = store.index()
     train_pos, val_pos = split_positions(index.keys, cfg.val_fraction)
     if len(train_pos) < dist.world:
-        raise UserError(f"feature store {cfg.store} has {len(train_pos)} training samples: too few to train")
+        raise UserError(f"feature store {cfg.store} has {len(train_pos)} training samples: too few "
+                        "to train")
     tok = load_tokenizer(cfg.tokenizer)
     t = time.perf_counter()
     tokens = CaptionTokens(tok, index.captions, cfg.max_len)
     t = time.perf_counter() - t
-    if cfg.parallel_len is None:  # parallel rows' fixed length: the longest training caption, EOS included;
-        # recorded resolved, so a resumed run (same data) keeps it and another length is refused
+    # Parallel rows' fixed length: the longest training caption, EOS included; recorded resolved, so
+    # a resumed run (same data) keeps it and another length is refused.
+    if cfg.parallel_len is None:
         cfg = replace(cfg, parallel_len=int(tokens.count[torch.from_numpy(train_pos)].max()))
     dec = decoder_config(cfg, store.tokens, store.width, tok)
     record = run_record(cfg, dec, tok, store, index, (train_pos, val_pos))
@@ -322,7 +339,8 @@ def prepare_data(cfg: TrainConfig, dist: Dist) -> Data:
 
 
 def make_loaders(data: Data, order: DataOrder, placement: str, dist: Dist, device):
-    """The features (held in memory or streamed, with a progress bar while loading) and the two loaders."""
+    """The features (held in memory or streamed, with a progress bar while loading) and the two
+    loaders."""
     cfg = data.cfg
     t = time.perf_counter()
     with make_progress() if dist.main else nullcontext() as bar:
@@ -345,8 +363,8 @@ def make_loaders(data: Data, order: DataOrder, placement: str, dist: Dist, devic
 
 
 def train_precision(cfg: TrainConfig, device) -> str:
-    """The precision training runs in (`auto`: bf16 where the hardware is fast at it); TF32 matmuls on
-    CUDA."""
+    """The precision training runs in (`auto`: bf16 where the hardware is fast at it); TF32 matmuls
+    on CUDA."""
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cpu" and precision == "fp16":
         raise UserError("--precision fp16 is for CUDA; use bf16 or fp32 on a CPU")
@@ -356,17 +374,19 @@ def train_precision(cfg: TrainConfig, device) -> str:
     return precision
 
 
-# --- after the loop ----------------------------------------------------------------------------------
+# --- after the loop -------------------------------------------------------------------------------
 def finish(r: TrainRun, stage_wall_s: float) -> dict:
     """Write summary.json (and print it on rank 0); an interrupted run then exits with its line."""
     pos, dist = r.position, r.state.dist
     summary = {
-        "steps": pos.step, "total_steps": r.total, "complete": pos.step >= r.total or r.stopped_early,
+        "steps": pos.step, "total_steps": r.total,
+        "complete": pos.step >= r.total or r.stopped_early,
         "steps_this_run": pos.step - r.start_step, "early_stopping": r.early.record(),
         "ngram_baseline": r.baseline, "stage_wall_s": stage_wall_s, **r.clock.summary(),
         "tokenize_s": r.extras["tokenize_s"], "features_load_s": r.extras["features_load_s"],
         "features": r.extras["features"], "device": r.extras["device"],
-        "precision": r.extras["precision"], "world_size": dist.world, "batch_size": r.cfg.batch_size,
+        "precision": r.extras["precision"], "world_size": dist.world,
+        "batch_size": r.cfg.batch_size,
         "last_train": r.last_train, "last_val": r.last_val,
         "encoder_random_init": bool(r.data.store.is_random_init), "interrupted": r.interrupted,
     }
@@ -383,16 +403,20 @@ def print_summary(summary: dict, early, baseline, folder: RunFolder, random_init
     say, step, total = console.print, summary["steps"], summary["total_steps"]
     if summary["samples_this_run"]:
         lt, lv = summary["last_train"] or {}, summary["last_val"] or {}
-        say(f"trained to step {step}/{total} in {summary['train_wall_s']:.1f} s ({summary['samples_per_s']:.1f} "
-            f"samples/s); train loss ar {_f(lt.get('loss_ar'))} par {_f(lt.get('loss_par'))}; val ar "
-            f"{_f(lv.get('loss_ar'))} par {_f(lv.get('loss_par'))} -> {folder.path}", highlight=False)
+        say(f"trained to step {step}/{total} in {summary['train_wall_s']:.1f} s "
+            f"({summary['samples_per_s']:.1f} samples/s); train loss ar {_f(lt.get('loss_ar'))} "
+            f"par {_f(lt.get('loss_par'))}; val ar {_f(lv.get('loss_ar'))} "
+            f"par {_f(lv.get('loss_par'))} -> {folder.path}", highlight=False)
     else:
-        say(f"{folder.path} is already trained to step {step}/{total}: nothing to do", highlight=False)
+        say(f"{folder.path} is already trained to step {step}/{total}: nothing to do",
+            highlight=False)
     if random_init:
-        say("[bold red]warning:[/] [red]trained on features from a RANDOM-INIT encoder[/]", highlight=False)
+        say("[bold red]warning:[/] [red]trained on features from a RANDOM-INIT encoder[/]",
+            highlight=False)
     beaten = ngram_warning(early.best_entry.get("loss_ar"), baseline)
     if beaten:
-        say(f"[bold red]warning:[/] [red]{beaten} (train longer or with a higher learning rate)[/]", highlight=False)
+        say(f"[bold red]warning:[/] [red]{beaten} (train longer or with a higher learning rate)[/]",
+            highlight=False)
 
 
 def _silent(*args, **kwargs) -> None:  # what ranks other than 0 print
