@@ -88,9 +88,9 @@ class EncodeConfig:
 
 @dataclass
 class DecoderConfig:
-    """The caption decoder's shape and special ids (pipeline/model.py); recorded as config.json's `decoder`.
-    A run derives it from its TrainConfig (`decoder_config`); old records load through pipeline/run.py's
-    table of what a missing key meant."""
+    """The caption decoder's shape and special ids (pipeline/model.py); config.json's `decoder`.
+    A run derives it from its TrainConfig (`decoder_config`); old records load through
+    pipeline/run.py's table of what a missing key meant."""
 
     layers: int = 6
     width: int = 768
@@ -105,13 +105,15 @@ class DecoderConfig:
     # Length Lp of every parallel row (all [MASK], full attention): the longest training caption in tokens
     # (EOS included) when a run starts. None = max_len.
     parallel_len: int | None = None
-    # The logits layer shares the token embedding matrix (GPT-2 style). Every caption token then trains
-    # its embedding from both ends, which learns several times faster per token on small caption sets
-    # (docs/TRAINING.md). False = a separate, zero-initialised logits layer (big_vision).
+    # The logits layer shares the token embedding matrix (GPT-2 style). Every caption token then
+    # trains its embedding from both ends, which learns several times faster per token on small
+    # caption sets (docs/TRAINING.md). False = a separate, zero-initialised logits layer
+    # (big_vision).
     tie_embeddings: bool = True
-    # A learned position embedding [P, D] added to the P = `image_tokens` image tokens. The decoder's
-    # cross-attention sees only what a token holds, not where it sits; a random-init ViT's tokens barely
-    # keep their position, so without this the decoder cannot learn "top left" (docs/TRAINING.md).
+    # A learned position embedding [P, D] added to the P = `image_tokens` image tokens. The
+    # decoder's cross-attention sees only what a token holds, not where it sits; a random-init ViT's
+    # tokens barely keep their position, so without this the decoder cannot learn "top left"
+    # (docs/TRAINING.md).
     image_pos_emb: bool = True
     image_tokens: int | None = None  # P of the features it reads: with image_pos_emb only
 
@@ -136,10 +138,11 @@ class TrainConfig:
     # Stop once the validation loss (the training objective's mix of both modes) has not improved for this many
     # epoch-end validations; the best epoch's weights are kept as best.safetensors for eval. 0 = never stop early.
     patience: int = knob(2, "stop after N epoch-end validations without improvement (keeps the best); 0 = never")
+    # Why both default on: see DecoderConfig.
     tie_embeddings: bool = knob(DecoderConfig.tie_embeddings,
-                                "logits layer shares the token embedding matrix")  # see DecoderConfig
+                                "logits layer shares the token embedding matrix")
     image_pos_emb: bool = knob(DecoderConfig.image_pos_emb,
-                               "add a learned position embedding to the image tokens")  # see DecoderConfig
+                               "add a learned position embedding to the image tokens")
     # The RECIPES entry these values came from (recorded; see train_config). On the command line it is applied
     # first and only the options given explicitly override it.
     recipe: str = knob("default", "default | seed (the original 3-epoch lr 1e-4 recipe); explicit options win")
@@ -181,13 +184,16 @@ class TrainConfig:
                                        "each")
 
 
-def decoder_config(cfg: TrainConfig, image_tokens: int, image_width: int, tokenizer=None) -> DecoderConfig:
-    """The decoder a TrainConfig trains on features [image_tokens, image_width]: its shape knobs, the
-    tokenizer's ids (None: DecoderConfig's, GPT-2 + [MASK]) and the resolved parallel_len."""
-    ids = {} if tokenizer is None else {"vocab_size": tokenizer.vocab_size, "mask_id": tokenizer.mask_id,
-                                        "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+def decoder_config(cfg: TrainConfig, image_tokens: int, image_width: int,
+                   tokenizer=None) -> DecoderConfig:
+    """The decoder a TrainConfig trains on features [image_tokens, image_width]: its shape knobs,
+    the tokenizer's ids (None: DecoderConfig's, GPT-2 + [MASK]) and the resolved parallel_len."""
+    ids = {} if tokenizer is None else {
+        "vocab_size": tokenizer.vocab_size, "mask_id": tokenizer.mask_id,
+        "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
     return DecoderConfig(layers=cfg.layers, width=cfg.width, heads=cfg.heads, mlp_dim=cfg.mlp_dim,
-                         max_len=cfg.max_len, encoder_width=image_width, parallel_len=cfg.parallel_len,
+                         max_len=cfg.max_len, encoder_width=image_width,
+                         parallel_len=cfg.parallel_len,
                          tie_embeddings=cfg.tie_embeddings, image_pos_emb=cfg.image_pos_emb,
                          image_tokens=image_tokens if cfg.image_pos_emb else None, **ids)
 

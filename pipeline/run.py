@@ -20,13 +20,16 @@ RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "device", "precision", "co
                      "store", "run"}  # a moved folder is the same run
 
 
-# Old runs: what a config.json without a key trained as, per section, and keys since renamed (old key ->
-# function of the old value giving the new keys). Applied when a record is read back (resume, eval).
+# Old runs: what a config.json without a key trained as, per section, and keys since renamed (old
+# key -> function of the old value giving the new keys). Applied when a record is read back (resume,
+# eval).
 SETTINGS_BEFORE_THEY_EXISTED = {
     "train": {"image_pos_emb": False},
     "decoder": {"tie_embeddings": False, "image_pos_emb": False},
 }
-RENAMED = {"decoder": {"image_positions": lambda p: {"image_pos_emb": p is not None, "image_tokens": p}}}
+RENAMED = {
+    "decoder": {"image_positions": lambda p: {"image_pos_emb": p is not None, "image_tokens": p}},
+}
 
 
 def upgrade(record: dict, section: str) -> dict:
@@ -115,7 +118,8 @@ def check_resume(old: dict, new: dict) -> None:
     for part, what in (("decoder", "decoder config"), ("tokenizer", "tokenizer")):
         was, now = (upgrade(r, part) if part == "decoder" else r.get(part) for r in (old, new))
         if was != now:
-            raise UserError(f"--resume: the {what} differs from the run's ({was} vs {now}); use a new --run")
+            raise UserError(f"--resume: the {what} differs from the run's ({was} vs {now}); use a "
+                            "new --run")
 
 
 def read_record(run: Path) -> dict:
