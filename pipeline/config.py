@@ -99,16 +99,9 @@ def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-# TrainConfig's decoder-shape options share their defaults with DecoderConfig; their rules live
-# here, by field name. max_len bounds the n-gram baseline's beam, whose work grows with its square.
-SHAPE_RULES = {"max_len": Allowed(ge=2, le=1024), "layers": Allowed(ge=1), "width": Allowed(ge=1),
-               "heads": Allowed(ge=1), "mlp_dim": Allowed(ge=1)}
-
-
 def allowed_of(f: dataclasses.Field) -> Allowed:
     """A config field's allowed values (ANY where it declares none)."""
-    own = f.metadata.get("allowed", ANY)
-    return own if own != ANY else SHAPE_RULES.get(f.name, ANY)
+    return f.metadata.get("allowed", ANY)
 
 
 def validate(cfg) -> None:
@@ -201,7 +194,9 @@ class EncodeConfig(StageConfig):
 
 @dataclass
 class DecoderConfig:
-    """The caption decoder's shape and special ids (pipeline/model.py); recorded as config.json's `decoder`."""
+    """The caption decoder's shape and special ids (pipeline/model.py); config.json's `decoder`.
+    A run derives it from its TrainConfig (`decoder_config`); old records load through
+    pipeline/run.py's table of what a missing key meant."""
 
     layers: int = 6
     width: int = 768
@@ -214,16 +209,19 @@ class DecoderConfig:
     bos_id: int = 50256
     eos_id: int = 50256
     # Length Lp of every parallel row (all [MASK], full attention): the longest training caption in tokens
-    # (EOS included) when a run starts. None (configs written before it existed) = max_len.
+    # (EOS included) when a run starts. None = max_len.
     parallel_len: int | None = None
-    # The logits layer shares the token embedding matrix (GPT-2 style). Every caption token then trains its
-    # embedding from both ends, which learns several times faster per token on small caption sets
-    # (docs/TRAINING.md). False = separate, zero-initialised logits layer (big_vision; configs from before).
-    tie_embeddings: bool = False
-    # A learned position embedding [P, D] added to the P image tokens (None: none; configs from before). The
-    # decoder's cross-attention sees only what a token holds, not where it sits; a random-init ViT's tokens
-    # barely keep their position, so without this the decoder cannot learn "top left" (docs/TRAINING.md).
-    image_positions: int | None = None
+    # The logits layer shares the token embedding matrix (GPT-2 style). Every caption token then
+    # trains its embedding from both ends, which learns several times faster per token on small
+    # caption sets (docs/TRAINING.md). False = a separate, zero-initialised logits layer
+    # (big_vision).
+    tie_embeddings: bool = True
+    # A learned position embedding [P, D] added to the P = `image_tokens` image tokens. The
+    # decoder's cross-attention sees only what a token holds, not where it sits; a random-init ViT's
+    # tokens barely keep their position, so without this the decoder cannot learn "top left"
+    # (docs/TRAINING.md).
+    image_pos_emb: bool = True
+    image_tokens: int | None = None  # P of the features it reads: with image_pos_emb only
 
 
 # Named training recipes: values that replace TrainConfig's defaults (which ARE the "default"
@@ -272,8 +270,11 @@ class TrainConfig(StageConfig):
     # eval.
     patience: int = knob(2, "stop after N epoch-end validations without improvement (keeps the "
                             "best); 0 = never", ge=0)
-    tie_embeddings: bool = knob(True, "logits layer shares the token embedding matrix")  # see DecoderConfig
-    image_pos_emb: bool = knob(True, "add a learned position embedding to the image tokens")  # see DecoderConfig
+    # Why both default on: see DecoderConfig.
+    tie_embeddings: bool = knob(DecoderConfig.tie_embeddings,
+                                "logits layer shares the token embedding matrix")
+    image_pos_emb: bool = knob(DecoderConfig.image_pos_emb,
+                               "add a learned position embedding to the image tokens")
     # The RECIPES entry these values came from (recorded; see train_config). On the command line it
     # is applied first and only the options given explicitly override it.
     recipe: str = knob("default", "default, or original: the original notebook's 3-epoch lr 1e-4 "
@@ -293,12 +294,13 @@ class TrainConfig(StageConfig):
     # their own rows' length (mean 20 vs 39 tokens on the default set); 0 = plain shuffled batches.
     length_buckets: int = knob(16, "sort each window of N batches by caption length (less "
                                    "padding); 0 = off", ge=0)
-    max_len: int = knob(DecoderConfig.max_len, "caption tokens incl. EOS")
+    # The n-gram baseline's beam is quadratic in it, and no caption data set needs more.
+    max_len: int = knob(DecoderConfig.max_len, "caption tokens incl. EOS", ge=2, le=1024)
     max_steps: Optional[int] = knob(None, "stop after this many steps", ge=1)
-    layers: int = knob(DecoderConfig.layers, "decoder layers")
-    width: int = knob(DecoderConfig.width, "decoder width")
-    heads: int = knob(DecoderConfig.heads, "attention heads")
-    mlp_dim: int = knob(DecoderConfig.mlp_dim, "MLP hidden size")
+    layers: int = knob(DecoderConfig.layers, "decoder layers", ge=1)
+    width: int = knob(DecoderConfig.width, "decoder width", ge=1)
+    heads: int = knob(DecoderConfig.heads, "attention heads", ge=1)
+    mlp_dim: int = knob(DecoderConfig.mlp_dim, "MLP hidden size", ge=1)
     warmup_steps: int = knob(50, "linear warm-up steps", ge=0)
     schedule: str = knob("cosine", "the lr after warm-up: constant, or cosine to 0",
                          choices=("constant", "cosine"))
@@ -326,6 +328,21 @@ class TrainConfig(StageConfig):
                          choices=("auto", "memory", "stream"))
     stream_buffer_slabs: int = knob(8, "streamed features: shuffle buffer, in slabs of one store "
                                        "shard (256 rows) each", ge=1)
+
+
+def decoder_config(cfg: TrainConfig, image_tokens: int, image_width: int,
+                   tokenizer=None) -> DecoderConfig:
+    """The decoder a TrainConfig trains on features [image_tokens, image_width]: its shape knobs,
+    the tokenizer's ids (None: DecoderConfig's, GPT-2 + [MASK]) and the resolved parallel_len."""
+    ids = {} if tokenizer is None else {
+        "vocab_size": tokenizer.vocab_size, "mask_id": tokenizer.mask_id,
+        "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    return DecoderConfig(layers=cfg.layers, width=cfg.width, heads=cfg.heads, mlp_dim=cfg.mlp_dim,
+                         max_len=cfg.max_len, encoder_width=image_width,
+                         parallel_len=cfg.parallel_len,
+                         tie_embeddings=cfg.tie_embeddings, image_pos_emb=cfg.image_pos_emb,
+                         image_tokens=image_tokens if cfg.image_pos_emb else None, **ids)
+
 
 
 def train_config(recipe: str = "default", **given) -> "TrainConfig":

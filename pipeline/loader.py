@@ -1,16 +1,18 @@
-"""Batches of (features, caption tokens, mode flags) from the feature store: held in memory or streamed in slabs.
+"""Batches of (features, caption tokens, kind flags) from the feature store: held in memory or
+streamed.
 
-Letters: N samples in the store index, B global batch, b this rank's share, P image tokens, E encoder width,
-L caption tokens of the batch (dynamic padding).
+Letters: N samples in the store index, B global batch, b this rank's share, P image tokens, E
+encoder width, L caption tokens of the batch (dynamic padding).
 
-Data order is a pure function of (seed, epoch): the slabs of the split (chunk-aligned row ranges of the
-store) are permuted, cut into shuffle groups of `buffer_slabs` slabs, and the rows of each group are
-permuted. With one group covering everything this is a uniform permutation (the in-memory default); a
-streamed epoch reads one group at a time, so memory stays bounded. With `length_buckets` = k, each window of
-k global batches (cut again at group edges) is then grouped by caption length, so a batch is padded to about
-its own rows' length instead of the longest of 32 random captions; the window's batches run in a random order.
-Training modes (parallel / AR) are drawn for the whole epoch from a generator seeded by (seed, epoch), so a
-resumed run only needs (epoch, batch).
+Data order is a pure function of (seed, epoch): the slabs of the split (chunk-aligned row ranges of
+the store) are permuted, cut into shuffle groups of `buffer_slabs` slabs, and the rows of each group
+are permuted. With one group covering everything this is a uniform permutation (the in-memory
+default); a streamed epoch reads one group at a time, so memory stays bounded. With `length_buckets`
+= k, each window of k global batches (cut again at group edges) is then grouped by caption length,
+so a batch is padded to about its own rows' length instead of the longest of 32 random captions; the
+window's batches run in a random order. Each row's kind (parallel / AR, `objective.RowMix`) is drawn
+for the whole epoch from a generator seeded by (seed, epoch), so a resumed run only needs (epoch,
+batch).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-# Stream tags of the per-epoch generators, so order and mode draws never share random numbers.
-_ORDER, _MODES, _BUCKETS = 1, 2, 3
+from pipeline.objective import RowMix
+
+# Stream tags of the per-epoch generators, so order and kind draws never share random numbers.
+_ORDER, _KINDS, _BUCKETS = 1, 2, 3
 _SPLIT_SALT = b"cappa-val-split-v1"  # changing it changes every run's validation split
 
 
@@ -47,7 +51,8 @@ def split_positions(keys: list[str], val_fraction: float) -> tuple[np.ndarray, n
 
 
 class CaptionTokens:
-    """Every caption tokenised once, up front: ids [N, Lmax] int32 and mask [N, Lmax] bool, kept on the CPU."""
+    """Every caption tokenised once, up front: ids [N, Lmax] int32 and mask [N, Lmax] bool, kept on
+    the CPU."""
 
     def __init__(self, tokenizer, captions: list[str], max_len: int, chunk: int = 65536):
         ids, masks = [], []
@@ -65,7 +70,8 @@ class CaptionTokens:
         self.count = self.mask.sum(1)  # real tokens per caption [N]
 
     def batch(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """targets [k, L] int64 and mask [k, L] bool, padded only to the longest caption among `pos`."""
+        """targets [k, L] int64 and mask [k, L] bool, padded only to the longest caption among
+        `pos`."""
         width = max(int(self.extent[pos].max()), 1) if len(pos) else 1
         return self.ids[pos, :width].long(), self.mask[pos, :width]
 
@@ -75,27 +81,30 @@ def ram_bytes() -> int:
 
 
 class FeatureSource:
-    """The store's features for index positions: `held` (one fp16 tensor, on the device) or streamed slabs."""
+    """The store's features for index positions: `held` (one fp16 tensor, on the device) or streamed
+    slabs. `placement` is where they live: "memory" or "stream" (--features)."""
 
-    def __init__(self, store, rows: np.ndarray, *, device: torch.device, mode: str = "auto",
+    def __init__(self, store, rows: np.ndarray, *, device: torch.device, placement: str = "auto",
                  budget_fraction: float = 0.4, slab_rows: int = 256, progress=None):
         self.store, self.rows, self.device = store, np.asarray(rows, dtype=np.int64), device
         self.tokens, self.width = int(store.tokens), int(store.width)
         chunk = int(getattr(store, "chunk_rows", 8) or 8)
         self.slab_rows = max(chunk, slab_rows // chunk * chunk)  # whole chunks: no chunk is read twice
         self.nbytes = len(self.rows) * self.tokens * self.width * 2
-        self.mode = mode = self.resolve_mode(mode, self.nbytes, device, budget_fraction)
+        self.placement = self.resolve_placement(placement, self.nbytes, device, budget_fraction)
         self.held: Optional[torch.Tensor] = None
-        if mode == "memory":
+        if self.placement == "memory":
             self.held = self._load_all(progress)
 
     @staticmethod
-    def resolve_mode(mode: str, nbytes: int, device: torch.device, budget_fraction: float = 0.4) -> str:
-        """auto -> memory if `nbytes` fit in `budget_fraction` of RAM (and of GPU memory on CUDA), else stream."""
-        if mode not in ("auto", "memory", "stream"):
-            raise ValueError(f"features mode must be auto, memory or stream, got {mode!r}")
-        if mode != "auto":
-            return mode
+    def resolve_placement(placement: str, nbytes: int, device: torch.device,
+                          budget_fraction: float = 0.4) -> str:
+        """auto -> memory if `nbytes` fit in `budget_fraction` of RAM (and of GPU memory on CUDA),
+        else stream."""
+        if placement not in ("auto", "memory", "stream"):
+            raise ValueError(f"features must be auto, memory or stream, got {placement!r}")
+        if placement != "auto":
+            return placement
         budget = budget_fraction * ram_bytes()
         if device.type == "cuda":
             budget = min(budget, budget_fraction * torch.cuda.get_device_properties(device).total_memory)
@@ -105,7 +114,8 @@ class FeatureSource:
         return rows // self.slab_rows
 
     def _read_rows(self, rows: np.ndarray, out: torch.Tensor, dest: np.ndarray, progress=None) -> None:
-        """out[dest[i]] = features of store row rows[i], reading each touched slab once, in row order."""
+        """out[dest[i]] = features of store row rows[i], reading each touched slab once, in row
+        order."""
         srt = np.argsort(rows, kind="stable")
         rows, dest = rows[srt], dest[srt]
         slab_ids = self.slabs(rows)
@@ -122,8 +132,9 @@ class FeatureSource:
                 out.index_copy_(0, torch.from_numpy(d).to(out.device), slab.to(out.device, non_blocking=True))
             if progress is not None:
                 progress(hi - lo)
-        # One thread: concurrent zarr reads from 2-4 threads measured 2.7-3.6x slower here than serial ones
-        # (0.23 s serial for six 77 MB slabs); a read runs at ~1.6 GB/s from the page cache.
+        # One thread: concurrent zarr reads from 2-4 threads measured 2.7-3.6x slower here than
+        # serial ones (0.23 s serial for six 77 MB slabs); a read runs at ~1.6 GB/s from the page
+        # cache.
 
     def _load_all(self, progress) -> torch.Tensor:
         out = torch.empty(len(self.rows), self.tokens, self.width, dtype=torch.float16, device=self.device)
@@ -131,8 +142,9 @@ class FeatureSource:
         return out
 
     def read_positions(self, pos: np.ndarray, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """fp16 [k, P, E] for index positions `pos`, in that order (host memory in stream mode), written into
-        the first k rows of `buffer` when one with room is given (fresh pages cost ~0.3 s/GB to fault in)."""
+        """fp16 [k, P, E] for index positions `pos`, in that order (host memory when streamed),
+        written into the first k rows of `buffer` when one with room is given (fresh pages cost ~0.3
+        s/GB to fault in)."""
         if self.held is not None:
             return self.held.index_select(0, torch.from_numpy(np.asarray(pos, dtype=np.int64)).to(self.device))
         if buffer is not None and len(buffer) >= len(pos):
@@ -148,58 +160,51 @@ class Batch:
     features: torch.Tensor  # [b, P, E] float32 on the device
     targets: torch.Tensor  # [b, L] int64
     target_mask: torch.Tensor  # [b, L] bool, True = real token (EOS included)
-    parallel: torch.Tensor  # [b] bool, True = parallel-prediction row
+    parallel: torch.Tensor  # [b] bool, True = parallel-prediction row (the row's kind id)
     positions: np.ndarray  # [b] index positions of the rows
-    tokens_ar: int  # real tokens in AR rows of the GLOBAL batch (all ranks), for exact DDP loss scaling
+    tokens_ar: int  # scored tokens in AR rows of the GLOBAL batch (all ranks), for exact DDP loss scaling
     tokens_par: int
-    local_tokens: dict  # {"ar": int, "par": int}: real tokens of this rank's rows, known without a device sync
     size: int  # samples in the global batch
 
     @classmethod
     def of(cls, features, targets, target_mask, parallel, parallel_len: Optional[int] = None) -> "Batch":
-        """A one-process batch of given tensors (benchmarks, tests): its token counts are read from the mask
-        (a parallel row counts at most `parallel_len` tokens, as the loss scores them)."""
-        counts = target_mask.sum(1).cpu()
-        par = parallel.cpu()
-        if parallel_len:
-            counts = torch.where(par, counts.clamp(max=parallel_len), counts)
-        local = {"ar": int(counts[~par].sum()), "par": int(counts[par].sum())}
-        return cls(features, targets, target_mask, parallel, np.arange(len(targets)), local["ar"], local["par"],
-                   local, len(targets))
+        """A one-process batch of given tensors (benchmarks, tests): its token counts are read from
+        the mask (a parallel row counts at most `parallel_len` tokens, as the loss scores them)."""
+        ar, par = RowMix(parallel_len=parallel_len).scored_tokens(target_mask.sum(1).cpu(), parallel.cpu())
+        return cls(features, targets, target_mask, parallel, np.arange(len(targets)), ar, par, len(targets))
 
 
 class Loader:
-    """Epochs of batches over `positions`; rank r of `world` takes its contiguous slice of each global batch."""
+    """Epochs of batches over `positions`; rank r of `world` takes its contiguous slice of each
+    global batch."""
 
-    def __init__(self, source: FeatureSource, tokens: CaptionTokens, positions: np.ndarray, batch_size: int, *,
-                 seed: int = 0, parallel_fraction: float = 0.75, mixing: str = "per-example", shuffle: bool = True,
-                 buffer_slabs: Optional[int] | str = "auto", length_buckets: int = 0, rank: int = 0, world: int = 1,
-                 prefetch: int = 2, parallel_len: Optional[int] = None):
-        if mixing not in ("per-example", "per-batch"):
-            raise ValueError(f"mixing must be per-example or per-batch, got {mixing!r}")
+    def __init__(self, source: FeatureSource, tokens: CaptionTokens, positions: np.ndarray,
+                 batch_size: int, *, seed: int = 0, mix: RowMix = RowMix(), shuffle: bool = True,
+                 buffer_slabs: Optional[int] | str = "auto", length_buckets: int = 0, rank: int = 0,
+                 world: int = 1, prefetch: int = 2):
         self.source, self.tokens = source, tokens
         self.positions = np.sort(np.asarray(positions, dtype=np.int64))
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.parallel_fraction, self.mixing = parallel_fraction, mixing
+        self.mix = mix  # which kind each row is, and the tokens each kind scores
         self.rank, self.world, self.prefetch = rank, world, prefetch
-        self.parallel_len = parallel_len  # a parallel row scores only its first parallel_len tokens
-        # Shuffle group in slabs; None = one group = a uniform shuffle. It fixes the data order, whichever way
-        # the features are read (a streamed epoch holds one group at a time, so stream with a bounded one);
-        # "auto" = 8 when streaming, else None.
+        # Shuffle group in slabs; None = one group = a uniform shuffle. It fixes the data order,
+        # whichever way the features are read (a streamed epoch holds one group at a time, so stream
+        # with a bounded one); "auto" = 8 when streaming, else None.
         if buffer_slabs == "auto":
-            buffer_slabs = 8 if source.mode == "stream" else None
+            buffer_slabs = 8 if source.placement == "stream" else None
         self.buffer_slabs = buffer_slabs
         if length_buckets < 0:
             raise ValueError(f"length_buckets must be >= 0, got {length_buckets}")
         self.length_buckets = length_buckets
         n = len(self.positions)
-        # A last global batch too small to give every rank a row is dropped (only ever with world > 1).
+        # A last global batch too small to give every rank a row is dropped (only ever with world >
+        # 1).
         self.num_batches = n // batch_size + (1 if n % batch_size >= max(world, 1) and n % batch_size else 0)
 
     def __len__(self) -> int:
         return self.num_batches
 
-    # -- the plan of an epoch: pure functions of (seed, epoch) -----------------------------------------------
+    # -- the plan of an epoch: pure functions of (seed, epoch) -------------------------------------
     def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions in epoch order [n], shuffle-group start offsets [G]) for this epoch."""
         pos = self.positions
@@ -222,13 +227,14 @@ class Loader:
         return order, starts
 
     def _bucket(self, order: np.ndarray, starts: np.ndarray, epoch: int) -> np.ndarray:
-        """Group each window of `length_buckets` global batches (cut at shuffle-group edges) by caption extent,
-        in a random batch order.
+        """Group each window of `length_buckets` global batches (cut at shuffle-group edges) by
+        caption extent, in a random batch order.
 
-        A window's slots fall into chunks at the global batch boundaries (a window cut at a group edge may
-        start or end mid-batch). Its rows, sorted by extent, fill the chunks in a random order: each batch
-        holds rows of similar length, and successive batches do not run short to long. Rows never leave
-        their window, so shuffle groups (and a streamed epoch's memory bound) are kept.
+        A window's slots fall into chunks at the global batch boundaries (a window cut at a group
+        edge may start or end mid-batch). Its rows, sorted by extent, fill the chunks in a random
+        order: each batch holds rows of similar length, and successive batches do not run short to
+        long. Rows never leave their window, so shuffle groups (and a streamed epoch's memory bound)
+        are kept.
         """
         n, bs = len(order), self.batch_size
         edge = np.zeros(n, bool)
@@ -250,23 +256,20 @@ class Loader:
                 taken += size
         return out
 
-    def modes(self, epoch: int) -> np.ndarray:
-        """Parallel flag per epoch slot [n]: per example, or one draw per global batch."""
-        rng = np.random.default_rng([self.seed, epoch, _MODES])
-        n = len(self.positions)
-        if self.mixing == "per-example":
-            return rng.random(n) < self.parallel_fraction
-        per_batch = rng.random(-(-n // self.batch_size)) < self.parallel_fraction
-        return np.repeat(per_batch, self.batch_size)[:n]
+    def kinds(self, epoch: int) -> np.ndarray:
+        """Parallel flag per epoch slot [n] bool (`RowMix.draw`)."""
+        rng = np.random.default_rng([self.seed, epoch, _KINDS])
+        return self.mix.draw(rng, len(self.positions), self.batch_size)
 
-    # -- iteration ----------------------------------------------------------------------------------------------
+    # -- iteration ---------------------------------------------------------------------------------
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches start_batch.. of `epoch`, prepared by a background thread one or two batches ahead."""
+        """Batches start_batch.. of `epoch`, prepared by a background thread one or two batches
+        ahead."""
         return _Prefetch(self._batches(epoch, start_batch), self.prefetch)
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         order, starts = self.order(epoch)
-        modes = self.modes(epoch)
+        kinds = self.kinds(epoch)
         stream = None if self.source.held is not None else _GroupStream(self.source, order, starts)
         dev = self.source.device
         B = self.batch_size
@@ -275,15 +278,11 @@ class Loader:
             cuts = np.linspace(glo, ghi, self.world + 1).astype(np.int64)  # near-equal contiguous slices
             lo, hi = int(cuts[self.rank]), int(cuts[self.rank + 1])
             pos = order[lo:hi]
-            gpos = torch.from_numpy(order[glo:ghi])
-            gpar = torch.from_numpy(modes[glo:ghi])
-            counts = self.tokens.count[gpos]
-            if self.parallel_len:
-                counts = torch.where(gpar, counts.clamp(max=self.parallel_len), counts)
-            lpar, lcounts = gpar[lo - glo:hi - glo], counts[lo - glo:hi - glo]
+            counts = self.tokens.count[torch.from_numpy(order[glo:ghi])]
+            tokens_ar, tokens_par = self.mix.scored_tokens(counts, torch.from_numpy(kinds[glo:ghi]))
             feats = self.source.read_positions(pos) if stream is None else stream.take(lo, hi)
             targets, mask = self.tokens.batch(torch.from_numpy(pos))
-            par = torch.from_numpy(modes[lo:hi].copy())
+            par = torch.from_numpy(kinds[lo:hi].copy())
             if dev.type == "cuda":  # page-locked copies, so the host-to-device copies below run asynchronously
                 feats, targets, mask, par = (_pinned(t) for t in (feats, targets, mask, par))
             yield Batch(
@@ -292,17 +291,17 @@ class Loader:
                 target_mask=mask.to(dev, non_blocking=True),
                 parallel=par.to(dev, non_blocking=True),
                 positions=pos,
-                tokens_ar=int(counts[~gpar].sum()),
-                tokens_par=int(counts[gpar].sum()),
-                local_tokens={"ar": int(lcounts[~lpar].sum()), "par": int(lcounts[lpar].sum())},
+                tokens_ar=tokens_ar,
+                tokens_par=tokens_par,
                 size=ghi - glo,
             )
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
-    """A host tensor in a fresh page-locked buffer (one already on the device stays). Always a copy: a streamed
-    batch views a group buffer that is refilled later, and an asynchronous copy may still be reading it then;
-    PyTorch's pinned-memory cache keeps a pinned block until the copies that read it are done."""
+    """A host tensor in a fresh page-locked buffer (one already on the device stays). Always a copy:
+    a streamed batch views a group buffer that is refilled later, and an asynchronous copy may still
+    be reading it then; PyTorch's pinned-memory cache keeps a pinned block until the copies that
+    read it are done."""
     return t if t.device.type != "cpu" else t.pin_memory()
 
 
@@ -320,8 +319,8 @@ class _GroupStream:
     def take(self, lo: int, hi: int) -> torch.Tensor:
         """fp16 [hi-lo, P, E] for epoch slots [lo, hi); calls move forward through the epoch.
 
-        The returned tensor may view a group buffer that is reused once the epoch moves past that group:
-        callers copy it (the loader converts it to fp32) before the next call."""
+        The returned tensor may view a group buffer that is reused once the epoch moves past that
+        group: callers copy it (the loader converts it to fp32) before the next call."""
         for _, b, _, buf in self.pieces:
             if b <= lo and (self.spare is None or len(buf) > len(self.spare)):  # a group behind us
                 self.spare = buf
@@ -341,7 +340,8 @@ class _GroupStream:
 
 
 class _Prefetch:
-    """Runs a batch generator in a daemon thread, `depth` batches ahead; errors re-raise in the consumer."""
+    """Runs a batch generator in a daemon thread, `depth` batches ahead; errors re-raise in the
+    consumer."""
 
     _END = object()
 

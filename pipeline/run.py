@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from pipeline import checkpoint, records
-from pipeline.config import DecoderConfig, TrainConfig, to_jsonable
+from pipeline.config import RECIPE_ALIASES, DecoderConfig, TrainConfig, to_jsonable
 from pipeline.errors import UserError
-from pipeline.trained_run import tokenizer_record
+from pipeline.trained_run import tokenizer_record, upgrade
 
 # Fields that may change between a run and its `--resume`: they do not change what is learned from
 # what (or only how fast / how long). Everything else must match, or the resumed run would be
@@ -22,9 +22,6 @@ RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "device", "precision", "co
                      "store", "run"}  # a moved folder is the same run
 
 
-# What a run recorded before a setting existed trained as: a config.json without the key means this
-# value.
-SETTINGS_BEFORE_THEY_EXISTED = {"image_pos_emb": False}
 
 
 def data_digest(keys: list[str]) -> str:
@@ -88,15 +85,19 @@ def check_resume(old: dict, new: dict) -> None:
     if o.get("data_digest") != n["data_digest"]:
         raise UserError(f"--resume: the store's samples changed since this run started ({o.get('samples')} -> "
                         f"{n['samples']}); use a new --run")
-    was, now = ({**SETTINGS_BEFORE_THEY_EXISTED, **r["train"]} for r in (old, new))
+    was, now = (upgrade(r, "train") for r in (old, new))
+    for rec in (was, now):  # a run started as `--recipe seed` resumes as `--recipe original`
+        rec["recipe"] = RECIPE_ALIASES.get(rec.get("recipe"), rec.get("recipe"))
     diffs = [k for k in sorted(set(was) | set(now)) if k not in RESUMABLE_CHANGES and was.get(k) != now.get(k)]
     if diffs:
         k = diffs[0]
         raise UserError(f"--resume: this run was started with {k}={was.get(k)!r}, now {now.get(k)!r}; "
                         "use the same settings or a new --run")
     for part, what in (("decoder", "decoder config"), ("tokenizer", "tokenizer")):
-        if old.get(part) != new[part]:
-            raise UserError(f"--resume: the {what} differs from the run's ({old.get(part)} vs {new[part]}); use a new --run")
+        was, now = (upgrade(r, part) if part == "decoder" else r.get(part) for r in (old, new))
+        if was != now:
+            raise UserError(f"--resume: the {what} differs from the run's ({was} vs {now}); use a "
+                            "new --run")
 
 
 class RunFolder:

@@ -12,6 +12,32 @@ from pipeline.config import DecoderConfig
 from pipeline.errors import UserError
 
 
+# Old runs: what a config.json without a key trained as, per section, and keys since renamed (old
+# key -> function of the old value giving the new keys). Applied when a record is read back (resume,
+# eval).
+SETTINGS_BEFORE_THEY_EXISTED = {
+    "train": {"image_pos_emb": False},
+    "decoder": {"tie_embeddings": False, "image_pos_emb": False},
+}
+RENAMED = {
+    "decoder": {"image_positions": lambda p: {"image_pos_emb": p is not None, "image_tokens": p}},
+}
+
+
+def upgrade(record: dict, section: str) -> dict:
+    """One section of a config.json with its old keys renamed and missing settings filled in."""
+    old = dict(record.get(section) or {})
+    for key, new in RENAMED.get(section, {}).items():
+        if key in old:
+            old.update(new(old.pop(key)))
+    return {**SETTINGS_BEFORE_THEY_EXISTED.get(section, {}), **old}
+
+
+def decoder_of(record: dict) -> DecoderConfig:
+    """The DecoderConfig a config.json records (old records upgraded)."""
+    return DecoderConfig(**upgrade(record, "decoder"))
+
+
 def tokenizer_record(tok) -> dict:
     """What a run records of its tokenizer (config.json's `tokenizer`): a changed one is refused."""
     return {"name": tok.name, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id,
@@ -69,7 +95,7 @@ def load_run(run: Path, device) -> LoadedRun:
     record = read_record(run)
     tok = check_tokenizer(record)
     try:
-        dec_cfg = DecoderConfig(**record["decoder"])
+        dec_cfg = decoder_of(record)
     except TypeError as e:  # a key this version does not know, or one missing
         raise UserError(f"{run}/config.json: its decoder record does not fit this version ({e})") from None
     if (dec_cfg.vocab_size, dec_cfg.mask_id, dec_cfg.eos_id) != (tok.vocab_size, tok.mask_id, tok.eos_id):

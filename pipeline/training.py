@@ -1,5 +1,6 @@
-"""What the trainer and the benchmark share: the optimizer and lr schedule, the one training step, and the
-training loop's small nouns (position, loss sums, throughput clock), plus the validation pass."""
+"""What the trainer and the benchmark share: the optimizer and lr schedule, the one training step,
+and the training loop's small nouns (position, loss sums, throughput clock), plus the validation
+pass."""
 
 from __future__ import annotations
 
@@ -13,24 +14,27 @@ import torch
 from pipeline.devices import autocast
 from pipeline.errors import UserError
 from pipeline.dist import Dist
-from pipeline.model import LossSums
+from pipeline.objective import KINDS, LossSums, objective
 
 
 def make_optimizer(decoder: torch.nn.Module, *, lr: float, weight_decay: float,
                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW with decay on matrices only (norms and biases do not decay), fused into one kernel.
 
-    Fused AdamW: one kernel over all parameters; on a CPU ~3x faster than foreach (1.1 vs 4.0 s per step
-    for a 134M-parameter decoder, measured here), which matters next to a ~4 s forward + backward.
+    Fused AdamW: one kernel over all parameters; on a CPU ~3x faster than foreach (1.1 vs 4.0 s per
+    step for a 134M-parameter decoder, measured here), which matters next to a ~4 s forward +
+    backward.
     """
     decay = [p for p in decoder.parameters() if p.ndim >= 2]
     rest = [p for p in decoder.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas, fused=True)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 
 def lr_factor(cfg, total_steps: int):
-    """Multiplier of the base lr at optimizer step s (0-based): linear warm-up, then constant or cosine to 0."""
+    """Multiplier of the base lr at optimizer step s (0-based): linear warm-up, then constant or
+    cosine to 0."""
     warm = cfg.warmup_steps
 
     def f(s: int) -> float:
@@ -46,8 +50,8 @@ def lr_factor(cfg, total_steps: int):
 
 @dataclass
 class TrainState:
-    """Everything one optimizer step touches. `net` is what the step calls: the decoder itself, or it wrapped
-    in DDP and/or torch.compile (the same parameters)."""
+    """Everything one optimizer step touches. `net` is what the step calls: the decoder itself, or
+    it wrapped in DDP and/or torch.compile (the same parameters)."""
 
     decoder: torch.nn.Module
     net: torch.nn.Module
@@ -59,26 +63,31 @@ class TrainState:
     dist: Dist
 
     @classmethod
-    def create(cls, decoder, cfg, total_steps: int, precision: str, dist: Dist, device) -> "TrainState":
-        """AdamW, the lr schedule over `total_steps` and the fp16 loss scaler for `decoder` (already on
-        `device`), as TrainConfig `cfg` asks; under torchrun the decoder is wrapped in DDP."""
+    def create(cls, decoder, cfg, total_steps: int, precision: str, dist: Dist,
+               device) -> "TrainState":
+        """AdamW, the lr schedule over `total_steps` and the fp16 loss scaler for `decoder` (already
+        on `device`), as TrainConfig `cfg` asks; under torchrun the decoder is wrapped in DDP."""
         decoder.cross_attention = cfg.cross_attention
-        opt = make_optimizer(decoder, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+        opt = make_optimizer(decoder, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             betas=(cfg.beta1, cfg.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total_steps))
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         net = decoder
         if dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # The decoder's only buffer (the causal mask) is a constant: no need to broadcast it every step.
-            net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            # The decoder's only buffer (the causal mask) is a constant: no need to broadcast it
+            # every step.
+            ids = [device.index] if device.type == "cuda" else None
+            net = DDP(net, device_ids=ids, broadcast_buffers=False)
         if cfg.compile:
             net = torch.compile(net, dynamic=True)
         return cls(decoder, net, opt, sched, scaler, precision, cfg.grad_clip, dist)
 
 
 class NonFiniteStep(Exception):
-    """A step's loss or gradient norm was NaN/inf on some rank; nothing was applied (every rank raises it)."""
+    """A step's loss or gradient norm was NaN/inf on some rank; nothing was applied (every rank
+    raises it)."""
 
 
 @dataclass
@@ -88,31 +97,25 @@ class StepResult:
     lr: float  # the learning rate the step used
 
 
-def objective(sums: LossSums, batch, world: int) -> torch.Tensor:
-    """Mean cross-entropy over the GLOBAL batch's real tokens, as this rank's share.
-
-    DDP averages gradients over ranks; scaling this rank's summed loss by world / global tokens makes that
-    average the exact token mean of the whole batch, whatever each rank's caption lengths.
-    """
-    return (sums.sum_ar + sums.sum_par) * (world / (batch.tokens_ar + batch.tokens_par))
-
-
 def train_step(state: TrainState, batch) -> StepResult:
-    """One optimizer step on a loader `Batch`: autocast forward, loss, backward, clip, AdamW, lr schedule.
+    """One optimizer step on a loader `Batch`: autocast forward, loss, backward, clip, AdamW, lr
+    schedule.
 
-    A NaN/inf loss or gradient norm is refused before the update (NonFiniteStep), so weights, optimizer and
-    checkpoints stay finite; fp16's loss scaler skips such steps itself instead.
+    A NaN/inf loss or gradient norm is refused before the update (NonFiniteStep), so weights,
+    optimizer and checkpoints stay finite; fp16's loss scaler skips such steps itself instead.
     """
     lr = state.optimizer.param_groups[0]["lr"]
     with autocast(batch.features.device, state.precision):
         sums = state.net(batch.features, batch.targets, batch.target_mask, batch.parallel)
-        loss = objective(sums, batch, state.dist.world)
+        loss = objective(sums, batch.tokens_ar + batch.tokens_par, state.dist.world)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     state.scaler.unscale_(state.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.decoder.parameters(), state.grad_clip, foreach=True)
+    params = state.decoder.parameters()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, state.grad_clip, foreach=True)
     if not state.scaler.is_enabled():
-        finite = bool(torch.isfinite(torch.stack([loss.detach().float(), grad_norm.detach().float()])).all())
+        both = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+        finite = bool(torch.isfinite(both).all())
         if not state.dist.all_ok(finite):
             raise NonFiniteStep
     state.scaler.step(state.optimizer)
@@ -122,34 +125,38 @@ def train_step(state: TrainState, batch) -> StepResult:
 
 
 def nonfinite_error(batch, keys: list[str], step: int) -> UserError:
-    """One line for a refused step: its number and the batch's first keys (those with NaN/inf features first)."""
-    bad = (~torch.isfinite(batch.features).flatten(1).all(1)).cpu().numpy()  # rows whose stored features are NaN/inf
+    """One line for a refused step: its number and the batch's first keys (those with NaN/inf
+    features first)."""
+    # rows whose stored features are NaN/inf
+    bad = (~torch.isfinite(batch.features).flatten(1).all(1)).cpu().numpy()
     pos = batch.positions[bad] if bad.any() else batch.positions
     what = "keys with non-finite features" if bad.any() else "batch keys"
     names = [keys[int(p)] for p in pos[:5]]
     more = f" and {len(pos) - 5} more" if len(pos) > 5 else ""
-    return UserError(f"non-finite loss or gradient at step {step + 1} ({what} {', '.join(names)}{more}); the step "
-                     f"was not applied and the checkpoint of step {step} is finite. Check those samples "
-                     "(`pipeline verify --store ...`) or lower --lr, then rerun with --resume")
+    return UserError(f"non-finite loss or gradient at step {step + 1} ({what} "
+                     f"{', '.join(names)}{more}); the step was not applied and the checkpoint of "
+                     f"step {step} is finite. Check those samples (`pipeline verify --store ...`) "
+                     "or lower --lr, then rerun with --resume")
 
 
 @dataclass
 class Position:
-    """Where training is: `step` optimizer steps are done, and it continues at batch `batch_idx` of epoch
-    `epoch` (0-based). Checkpoints record exactly this."""
+    """Where training is: `step` optimizer steps are done, and it continues at batch `batch_idx` of
+    epoch `epoch` (0-based). Checkpoints record exactly this."""
 
     step: int = 0
     epoch: int = 0
     batch_idx: int = 0
 
     @property
-    def epoch_of_last_step(self) -> int:  # right after an epoch's last step, `epoch` already names the next one
+    def epoch_of_last_step(self) -> int:  # right after an epoch's last step, `epoch` names the next
         return self.epoch if self.batch_idx else self.epoch - 1
 
 
 class Clock:
-    """Training throughput: samples per second per log interval, over the run, over the steady steps (after
-    the first: allocations, compile), and with validation and checkpoint time ("aside") taken out."""
+    """Training throughput: samples per second per log interval, over the run, over the steady steps
+    (after the first: allocations, compile), and with validation and checkpoint time ("aside") taken
+    out."""
 
     def __init__(self):
         self.start = self.interval_start = self.end = time.perf_counter()
@@ -158,7 +165,8 @@ class Clock:
         self.aside_s = 0.0
 
     def count(self, samples: int) -> None:
-        self.samples, self.interval_samples = self.samples + samples, self.interval_samples + samples
+        self.samples += samples
+        self.interval_samples += samples
         if self.first is None:
             self.first = (time.perf_counter(), samples)
 
@@ -183,15 +191,18 @@ class Clock:
     def summary(self) -> dict:
         wall, n = self.end - self.start, self.samples
         steady = self.first is not None and n > self.first[1]
-        return {"samples_this_run": n, "train_wall_s": wall, "samples_per_s": n / wall if n else None,
+        steady_rate = (n - self.first[1]) / (self.end - self.first[0]) if steady else None
+        return {"samples_this_run": n, "train_wall_s": wall,
+                "samples_per_s": n / wall if n else None,
                 "validation_checkpoint_s": self.aside_s,  # inside train_wall_s
-                "step_samples_per_s": n / (wall - self.aside_s) if n else None,  # training steps alone
-                "steady_samples_per_s": (n - self.first[1]) / (self.end - self.first[0]) if steady else None}
+                "step_samples_per_s": n / (wall - self.aside_s) if n else None,  # the steps alone
+                "steady_samples_per_s": steady_rate}
 
 
 class LossTally:
-    """Summed nats and real tokens per mode over many batches, kept on the device (no sync per step) and read
-    with one all-reduce. Its state is the 4-vector [sum ar, tokens ar, sum par, tokens par] (checkpoints)."""
+    """Summed nats and real tokens per mode over many batches, kept on the device (no sync per step)
+    and read with one all-reduce. Its state is the 4-vector [sum ar, tokens ar, sum par, tokens par]
+    (checkpoints)."""
 
     def __init__(self, device, state: torch.Tensor | None = None):
         self.totals = torch.zeros(4, dtype=torch.float64, device=device)
@@ -204,8 +215,8 @@ class LossTally:
                                         sums.sum_par.detach().double(), sums.tokens_par.double()])
 
     def read(self, dist: Dist | None = None) -> dict | None:
-        """Token-weighted means over every rank's batches so far ({loss, loss_ar, loss_par}, None for a mode
-        with no tokens), or None when there were no tokens at all."""
+        """Token-weighted means over every rank's batches so far ({loss, loss_ar, loss_par}, None
+        for a mode with no tokens), or None when there were no tokens at all."""
         totals = self.totals.clone()
         sum_ar, tokens_ar, sum_par, tokens_par = (dist.sum(totals) if dist else totals).tolist()
         if tokens_ar + tokens_par == 0:
@@ -223,17 +234,20 @@ class LossTally:
 
 @torch.no_grad()
 def validate(decoder, loader, precision: str, dist: Dist | None = None) -> dict:
-    """Token-weighted validation loss of BOTH modes on every row of `loader` (under DDP each rank its slice,
-    summed over ranks when `dist` is given). The decoder's train/eval mode is left as it was."""
+    """Token-weighted validation loss of BOTH modes on every row of `loader` (under DDP each rank
+    its slice, summed over ranks when `dist` is given). The decoder's train/eval mode is left as it
+    was."""
     was_training = decoder.training
     decoder.eval()
     tally = LossTally(next(decoder.parameters()).device)
     try:
         for b in loader.epoch(0):
-            for parallel in (False, True):
+            for kind in range(len(KINDS)):  # every row as every kind of row
+                every = torch.full_like(b.parallel, kind)
                 with autocast(b.features.device, precision):
-                    tally.add(decoder.loss(b.features, b.targets, b.target_mask, torch.full_like(b.parallel, parallel)))
+                    tally.add(decoder.loss(b.features, b.targets, b.target_mask, every))
     finally:
         decoder.train(was_training)
     means = tally.read(dist) or {}
-    return {"loss_ar": means.get("loss_ar"), "loss_par": means.get("loss_par"), "samples": len(loader.positions)}
+    return {"loss_ar": means.get("loss_ar"), "loss_par": means.get("loss_par"),
+            "samples": len(loader.positions)}

@@ -283,7 +283,8 @@ def decoder_refinement(run: Path, store_path: Path, steps: list[int], batch: int
     index = store.index()
     vf = float(rec.get("split", {}).get("val_fraction", rec.get("train", {}).get("val_fraction")))
     tr, va = split_positions(index.keys, vf)
-    feats = FeatureSource(store, index.rows[va], device=device, mode="memory", slab_rows=store.shard_capacity).held
+    feats = FeatureSource(store, index.rows[va], device=device, placement="memory",
+                          slab_rows=store.shard_capacity).held
     keys = [index.keys[i] for i in va]
     truth = {k: captions.meta_attributes(index.meta[i]) for k, i in zip(keys, va)}
     refs = {k: captions.meta_references(index.meta[i], index.captions[i]) for k, i in zip(keys, va)}
@@ -415,7 +416,7 @@ def main(argv=None) -> int:
     feats = None
     if any(p in probes for p in ("cls", "mean", "flat", "attn")):
         t = time.perf_counter()
-        feats = FeatureSource(store, index.rows, device=torch.device("cpu"), mode="memory",
+        feats = FeatureSource(store, index.rows, device=torch.device("cpu"), placement="memory",
                               slab_rows=store.shard_capacity).held  # [N, P, E] fp16
         result["timing"]["load_features_s"] = time.perf_counter() - t
         log(f"features {tuple(feats.shape)} {feats.dtype} loaded in {result['timing']['load_features_s']:.1f} s")

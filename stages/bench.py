@@ -9,7 +9,6 @@ table inside docs/BENCHMARKS.md (between markers; the hand-written analysis arou
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ from typing import Callable
 
 from pipeline.benchmark import (fmt, git_commit, interleaved, machine_name, met_at_least, outputs_plan, ratios, spread,
                                 timed, write_outputs)
-from pipeline.config import BenchConfig, DecoderConfig, EncodeConfig, TrainConfig
+from pipeline.config import BenchConfig, DecoderConfig, EncodeConfig, TrainConfig, decoder_config
 from pipeline.errors import UserError
 from pipeline.progress import console
 
@@ -163,19 +162,14 @@ def _captions(n: int) -> list[str]:
 
 def train_decoder_config(image_width: int, parallel_len: int | None = None, image_tokens: int | None = None):
     """The trainer's default decoder (TrainConfig) on `image_tokens` features `image_width` wide."""
-    from pipeline.model import DecoderConfig
-
-    t = TrainConfig
-    return DecoderConfig(layers=t.layers, width=t.width, heads=t.heads, mlp_dim=t.mlp_dim, max_len=t.max_len,
-                         encoder_width=image_width, tie_embeddings=t.tie_embeddings, parallel_len=parallel_len,
-                         image_positions=image_tokens if t.image_pos_emb else None)
+    return decoder_config(TrainConfig(parallel_len=parallel_len), image_tokens, image_width)
 
 
 def train_flops_per_sample(dec, batches: list, image_tokens: int, parallel_fraction: float) -> dict:
     """Expected train FLOPs per sample over `batches` as the trainer runs them: each row AR (at its batch's
     padded length) or parallel (at Lp) with the given odds, each sub-pass in the cross-attention form the
     decoder picks for it ("auto"), and the same with every pass in the "kv" form."""
-    from pipeline.model import flops_per_sample, parallel_shared_flops
+    from pipeline.cost import flops_per_sample, parallel_shared_flops
 
     cfg, p, frac, lp = dec.cfg, image_tokens, parallel_fraction, dec.parallel_len
     out = {"auto": 0.0, "kv": 0.0}
@@ -309,7 +303,7 @@ def bench_loader(device, quick: bool, workdir: Path, repeats: int, *, image_toke
     tokens = CaptionTokens(load_tokenizer(TrainConfig.tokenizer), index.captions, TrainConfig.max_len)
 
     def one_epoch():
-        src = FeatureSource(st, index.rows, device=device, mode="stream", slab_rows=cap)
+        src = FeatureSource(st, index.rows, device=device, placement="stream", slab_rows=cap)
         loader = Loader(src, tokens, np.arange(len(index)), TrainConfig.batch_size, seed=0)
         for b in loader.epoch(0):
             pass
@@ -323,14 +317,6 @@ def bench_loader(device, quick: bool, workdir: Path, repeats: int, *, image_toke
 
 
 # --- 5. generation ----------------------------------------------------------------------------------------------
-def _parallel_decoder(dec, max_len: int) -> Callable:
-    """`parallel_decode(f)` where the decoder predicts the length itself, else the length search to max_len."""
-    params = inspect.signature(dec.parallel_decode).parameters
-    if "max_length" in params:
-        return lambda f: dec.parallel_decode(f, max_length=max_len)
-    return lambda f: dec.parallel_decode(f)
-
-
 def bench_generate(device, precision: str, quick: bool, sync, repeats: int, *, image_tokens: int,
                    dec_cfg=None) -> dict:
     """Captions of 32 new tokens: greedy with and without the KV cache, beam 3 and CapPa parallel decoding,
@@ -349,7 +335,6 @@ def bench_generate(device, precision: str, quick: bool, sync, repeats: int, *, i
         dec.head.weight[eos] = -10.0  # never stop early: every row decodes all its tokens
     bs, new = (4 if quick else 8), min(32, cfg.max_len)
     feats = torch.randn(bs, image_tokens, cfg.encoder_width, device=device)
-    par = _parallel_decoder(dec, new)
 
     def timed_fn(fn):
         def run():
@@ -359,11 +344,10 @@ def bench_generate(device, precision: str, quick: bool, sync, repeats: int, *, i
 
     fns = {"cache": lambda f: dec.generate(f, max_new_tokens=new),
            "no_cache": lambda f: dec.generate(f, max_new_tokens=new, use_cache=False),
-           "beam3": lambda f: dec.generate(f, max_new_tokens=new, beam_size=3), "parallel": par}
+           "beam3": lambda f: dec.generate(f, max_new_tokens=new, beam_size=3),
+           "parallel": lambda f: dec.parallel_decode(f)}
     t = interleaved({k: timed_fn(fn) for k, fn in fns.items()}, repeats=repeats, sync=sync)
-    out = {"batch_size": bs, "new_tokens": new,
-           "parallel_call": "parallel_decode(f, max_length)" if "max_length" in
-           inspect.signature(dec.parallel_decode).parameters else "parallel_decode(f)"}
+    out = {"batch_size": bs, "new_tokens": new, "parallel_call": "parallel_decode(f)"}
     for k in fns:
         out[f"{k}_img_per_s"] = spread([bs / x for x in t[k]])
     for k in ("cache", "no_cache", "beam3"):

@@ -96,7 +96,7 @@ def open_split(cfg: EvalConfig) -> EvalSplit:
         console.print(f"[bold red]warning:[/] [red]{store.path} was encoded with a RANDOM-INIT "
                       "encoder: these captions and metrics carry no visual knowledge[/]",
                       highlight=False)
-    source = FeatureSource(store, index.rows[val_pos], device=device, mode="auto",
+    source = FeatureSource(store, index.rows[val_pos], device=device, placement="auto",
                            slab_rows=store.shard_capacity)
     k = len(val_pos) if cfg.limit is None else min(cfg.limit, len(val_pos))
     first = val_pos[:k]

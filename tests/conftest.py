@@ -174,5 +174,5 @@ def store_rows(store, rows):
     if len(rows) == 0:
         return np.empty((0, store.tokens, store.width), np.float16)
     src = FeatureSource(store, np.asarray(rows, dtype=np.int64), device=torch.device("cpu"),
-                        mode="stream", slab_rows=store.shard_capacity)
+                        placement="stream", slab_rows=store.shard_capacity)
     return src.read_positions(np.arange(len(src.rows))).numpy()

@@ -107,7 +107,8 @@ def test_matmul_rate_counts_2n3_flops_and_stops_growing_on_budget():
 def _tiny_decoder(width: int):
     from pipeline.model import DecoderConfig
 
-    return DecoderConfig(layers=1, width=32, heads=2, mlp_dim=64, max_len=16, encoder_width=width)
+    return DecoderConfig(layers=1, width=32, heads=2, mlp_dim=64, max_len=16, encoder_width=width,
+                         tie_embeddings=False, image_pos_emb=False)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

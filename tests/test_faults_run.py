@@ -169,7 +169,7 @@ def test_sweep_every_run_file_damaged_reads_right_or_is_one_line(tiny_run, tmp_p
     import torch
 
     from pipeline import checkpoint
-    from pipeline.run import load_run
+    from pipeline.trained_run import load_run
     from test_faults_store import MODES, damage_file, files_under
 
     good = _weights_of(tiny_run)
@@ -201,7 +201,7 @@ def _resume_weights(run: Path, checkpoint) -> dict:
 
     from pipeline.config import DecoderConfig
     from pipeline.model import CaptionDecoder
-    from pipeline.run import read_record
+    from pipeline.trained_run import read_record
 
     model = CaptionDecoder(DecoderConfig(**read_record(run)["decoder"]))
     opt = torch.optim.AdamW(model.parameters())

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import decoding
-from pipeline.model import CaptionDecoder, CrossAttention, DecoderConfig, flops_per_sample, parallel_shared_flops
+from pipeline.cost import cheaper_form, flops_per_sample, parallel_shared_flops
+from pipeline.model import CaptionDecoder, DecoderConfig
+from pipeline.objective import ParallelRows
 
 V = 50258
 
@@ -22,7 +24,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-TINY = dict(layers=2, width=64, heads=4, mlp_dim=128, encoder_width=48, parallel_len=9)
+TINY = dict(layers=2, width=64, heads=4, mlp_dim=128, encoder_width=48, parallel_len=9, tie_embeddings=False,
+            image_pos_emb=False)
 P, E = 10, 48
 
 
@@ -125,8 +128,8 @@ def test_shared_first_block_is_the_plain_all_mask_pass(cross):
     out.loss.backward()
     fast = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
-    tt, mm = m._fit(t, mk)
-    h = m._hidden(torch.full_like(tt, m.cfg.mask_id), m._train_memory(f, m.parallel_len))  # full attention
+    tt, mm = ParallelRows.fit(m, t, mk)
+    h = m.hidden(torch.full_like(tt, m.cfg.mask_id), m.pass_memory(f, m.parallel_len))  # full attention
     ref = F.cross_entropy(m.head(h[mm]), tt[mm])
     ref.backward()
     torch.testing.assert_close(out.loss, ref)
@@ -223,7 +226,7 @@ def test_kv_cache_greedy_equals_no_cache_and_forward():
 
 # --- beam search on a 5-id vocabulary (3 words, EOS = BOS, [MASK]): every caption can be enumerated ------------
 SMALL = dict(layers=2, width=32, heads=2, mlp_dim=64, vocab_size=5, max_len=8, encoder_width=16, mask_id=4,
-             bos_id=3, eos_id=3, parallel_len=6)
+             bos_id=3, eos_id=3, parallel_len=6, tie_embeddings=False, image_pos_emb=False)
 
 
 def small(seed=0, head_std=1.5):
@@ -476,7 +479,7 @@ def test_absorbed_cross_attention_equals_kv_path(enc):
 
 def test_auto_cross_attention_choice():
     cfg = DecoderConfig()  # the seed's sizes: absorbed for short captions only
-    form = CrossAttention.cheaper_form
+    form = cheaper_form
     assert form(cfg, 20, 197) == "absorbed" and form(cfg, 40, 197) == "kv" and form(cfg, 20, 16) == "kv"
 
 
@@ -499,7 +502,8 @@ def test_tied_embeddings_share_one_matrix_and_survive_a_checkpoint(tmp_path):
     from pipeline.training import make_optimizer
 
     cfg = DecoderConfig(layers=1, width=32, heads=4, mlp_dim=64, vocab_size=50, max_len=8, encoder_width=16,
-                        mask_id=49, bos_id=48, eos_id=48, parallel_len=6, tie_embeddings=True)
+                        mask_id=49, bos_id=48, eos_id=48, parallel_len=6, tie_embeddings=True,
+                        image_pos_emb=False)
     torch.manual_seed(0)
     m = CaptionDecoder(cfg)
     assert m.head.weight is m.tok_emb.weight and m.head.weight.abs().sum() > 0  # not zeroed: it is the embedding
@@ -529,9 +533,9 @@ def test_image_position_embedding_tells_the_decoder_where_a_token_sits():
         plain = tiny()
         plain.cross_attention = cross
         torch.testing.assert_close(plain.logits(f[:, perm], t, mk, rows), plain.logits(f, t, mk, rows))
-        placed = tiny(image_positions=P)
+        placed = tiny(image_pos_emb=True, image_tokens=P)
         placed.cross_attention = cross
         assert (placed.logits(f[:, perm], t, mk, rows) - placed.logits(f, t, mk, rows)).abs().max() > 1e-3
         torch.testing.assert_close(placed.generate(f, max_new_tokens=3), placed.generate(f, max_new_tokens=3))
     with pytest.raises(ValueError, match="image tokens"):
-        tiny(image_positions=P + 1).logits(f, t, mk, rows)
+        tiny(image_pos_emb=True, image_tokens=P + 1).logits(f, t, mk, rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
-from pipeline import run as run_record
+from pipeline import run as run_record, trained_run
 from pipeline import training
 from stages import train
 from conftest import PRECISIONS, TINY_TRAIN, cli_options, store_rows
@@ -29,7 +30,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_tiny_run_learns_and_leaves_a_complete_run_folder(tiny_run, tiny_store):
-    from pipeline.model import CaptionDecoder, DecoderConfig
+    from pipeline.model import CaptionDecoder
     from pipeline.store import FeatureStore
 
     m = _metrics(tiny_run)
@@ -51,7 +52,7 @@ def test_tiny_run_learns_and_leaves_a_complete_run_folder(tiny_run, tiny_store):
 
     last = checkpoint.last(tiny_run / "checkpoints")
     assert last.name == f"step-{summary['steps']:08d}"
-    model = CaptionDecoder(DecoderConfig(**cfg["decoder"]))
+    model = CaptionDecoder(trained_run.decoder_of(cfg))
     model.load_state_dict(checkpoint.load_weights(tiny_run))  # what eval loads: every key, right shapes
 
 
@@ -178,6 +179,30 @@ def test_resume_checks_store_provenance():
     run_record.check_resume(old, {**old, "train": {**old["train"], "image_pos_emb": False}})
     with pytest.raises(UserError, match="image_pos_emb=False, now True"):
         run_record.check_resume(old, {**old, "train": {**old["train"], "image_pos_emb": True}})
+
+
+def test_old_decoder_records_load_and_resume_as_they_trained():
+    """config.json's `decoder` from before tied embeddings and image positions had one name each: no
+    `tie_embeddings` key trained untied, `image_positions` P (or None) is image_pos_emb with P tokens."""
+    from pipeline.config import DecoderConfig, TrainConfig, decoder_config
+
+    old = {"decoder": {"layers": 2, "image_positions": 197}}
+    dec = trained_run.decoder_of(old)
+    assert (dec.layers, dec.tie_embeddings, dec.image_pos_emb, dec.image_tokens) == (2, False, True, 197)
+    none = trained_run.decoder_of({"decoder": {"image_positions": None, "tie_embeddings": True}})
+    assert (none.tie_embeddings, none.image_pos_emb, none.image_tokens) == (True, False, None)
+    assert trained_run.decoder_of({"decoder": {}}).image_pos_emb is False
+    # such a run resumes under today's TrainConfig that derives the same decoder
+    new = decoder_config(TrainConfig(tie_embeddings=False, image_pos_emb=False), 197, 768)
+    was = {k: v for k, v in dataclasses.asdict(new).items() if k not in ("tie_embeddings", "image_pos_emb",
+                                                                          "image_tokens")}
+    rec = {"train": {}, "tokenizer": {}, "store": {"encoder": {}, "data_digest": "x"}}
+    run_record.check_resume({**rec, "decoder": {**was, "image_positions": None}},
+                            {**rec, "decoder": dataclasses.asdict(new)})
+    with pytest.raises(UserError, match="decoder config differs"):
+        run_record.check_resume({**rec, "decoder": {**was, "image_positions": 197}},
+                                {**rec, "decoder": dataclasses.asdict(new)})
+    assert DecoderConfig.tie_embeddings is TrainConfig.tie_embeddings  # one default
 
 
 def test_cli_missing_store_is_one_line_exit_2(tmp_path):
