@@ -37,7 +37,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", choices=("master", "autocast"), default="master",
                    help="bf16 only: bf16 weights with fp32 master weights (pipeline.precision), or autocast")
     p.add_argument("--allocator", choices=("tuned", "system"), default="tuned",
-                   help="tuned: pipeline.memory's malloc settings; system: glibc's defaults")
+                   help="tuned: pipeline.memory's malloc settings (the trainer's); system: glibc's defaults")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (TrainConfig.compile)")
     p.add_argument("--steps", type=int, default=8, help="measured steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
@@ -52,6 +52,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--image-tokens", type=int, default=197)
     p.add_argument("--image-width", type=int, default=768)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--compare-steps", type=int, default=0,
+                   help="instead of profiling: the loss curve of this many steps with bf16 master weights and "
+                        "with autocast, from the same init and batches")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     return p.parse_args(argv)
 
@@ -161,7 +164,8 @@ def profile_ops(one, steps: int, top: int = 12) -> dict:
 
 
 def cast_census(one) -> dict:
-    """One step under a dispatch mode: dtype casts (calls, bytes written), all copies, fills and zeroings."""
+    """One step under a dispatch mode: dtype casts (tensors cast, bytes written), all copies, and the fills the
+    step calls itself (fills inside other ops, such as dense zero gradients, show in the profiler's fill_)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -169,20 +173,25 @@ def cast_census(one) -> dict:
               "fill_bytes": 0}
     big: dict = {}
 
+    def copied(src, out):
+        nbytes = out.numel() * out.element_size()
+        counts["copy_calls"] += 1
+        counts["copy_bytes"] += nbytes
+        if isinstance(src, torch.Tensor) and src.dtype != out.dtype:
+            counts["cast_calls"] += 1
+            counts["cast_bytes"] += nbytes
+            key = f"{src.dtype}->{out.dtype} {list(out.shape)}"
+            big[key] = big.get(key, 0) + nbytes
+
     class Census(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
-            if name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor):
-                src = args[0] if name == "_to_copy" else args[1]
-                nbytes = out.numel() * out.element_size()
-                counts["copy_calls"] += 1
-                counts["copy_bytes"] += nbytes
-                if isinstance(src, torch.Tensor) and src.dtype != out.dtype:
-                    counts["cast_calls"] += 1
-                    counts["cast_bytes"] += nbytes
-                    key = f"{src.dtype}->{out.dtype} {list(out.shape)}"
-                    big[key] = big.get(key, 0) + nbytes
+            if name in ("_to_copy", "copy_"):
+                copied(args[0] if name == "_to_copy" else args[1], out)
+            elif name == "_foreach_copy_":  # one call, a copy per tensor
+                for dst, src in zip(args[0], args[1]):
+                    copied(src, dst)
             elif name in ("fill_", "zero_", "zeros", "zeros_like", "new_zeros") and \
                     isinstance(out, torch.Tensor):
                 counts["fill_calls"] += 1
@@ -195,12 +204,33 @@ def cast_census(one) -> dict:
     return counts
 
 
+def compare_losses(args) -> dict:
+    """Per-step losses of the bf16-weights step and the autocast step from the same init and batches."""
+    curves = {}
+    for weights in ("master", "autocast"):
+        os.environ["PIPELINE_BF16_WEIGHTS"] = "1" if weights == "master" else "0"
+        state, tok = build(args)
+        one, _ = step_fn(args, state, tok)
+        curves[weights] = [float(one().sums.loss) for _ in range(args.compare_steps)]
+    m, a = curves["master"], curves["autocast"]
+    rel = [abs(x - y) / abs(y) for x, y in zip(m, a)]
+    print(f"{'step':>4}{'bf16 weights':>14}{'autocast':>10}{'rel diff':>10}")
+    for i, (x, y, r) in enumerate(zip(m, a, rel)):
+        print(f"{i + 1:>4}{x:>14.4f}{y:>10.4f}{r:>10.2e}")
+    print(f"max relative difference {max(rel):.2e} (bf16 rounding: 2^-8 = {2**-8:.2e})")
+    return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "master": m, "autocast": a, "max_rel_diff": max(rel)}
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
-    if args.allocator == "tuned":
-        from pipeline.memory import tune_allocator
-
-        tune_allocator()
+    if args.allocator == "system":  # TrainState.create tunes the allocator unless told not to
+        os.environ["PIPELINE_ALLOCATOR"] = "system"
+    if args.compare_steps:
+        out = compare_losses(args)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+        return out
     import torch
 
     if args.threads:
