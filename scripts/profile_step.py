@@ -55,6 +55,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-steps", type=int, default=0,
                    help="instead of profiling: the loss curve of this many steps with bf16 master weights and "
                         "with autocast, from the same init and batches")
+    p.add_argument("--compare-fp32", action="store_true", help="with --compare-steps: an fp32 curve too")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     return p.parse_args(argv)
 
@@ -147,7 +148,7 @@ def profile_ops(one, steps: int, top: int = 12) -> dict:
     """torch.profiler over `steps` steps: the top ops by self CPU time and the ops of interest (per step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             one()
     ev = prof.key_averages()
@@ -159,7 +160,12 @@ def profile_ops(one, steps: int, top: int = 12) -> dict:
 
     ranked = sorted(ev, key=lambda e: -e.self_cpu_time_total)
     named = {e.key: row(e) for e in ev if e.key in OPS_OF_INTEREST}
-    return {"top": [row(e) for e in ranked[:top]], "of_interest": named,
+    # The memory-bound ops by input shape: which fills, adds and copies are the [V, D] / [T, V] ones.
+    by_shape = sorted((e for e in prof.key_averages(group_by_input_shape=True)
+                       if e.key in ("aten::fill_", "aten::add", "aten::add_", "aten::copy_", "aten::cat")),
+                      key=lambda e: -e.self_cpu_time_total)
+    shaped = [{**row(e), "shapes": str(e.input_shapes)[:120]} for e in by_shape[:10]]
+    return {"top": [row(e) for e in ranked[:top]], "of_interest": named, "memory_ops_by_shape": shaped,
             "total_self_cpu_ms_per_step": total / 1e3 / steps}
 
 
@@ -204,14 +210,23 @@ def cast_census(one) -> dict:
     return counts
 
 
+def _curve(args) -> list[float]:
+    state, tok = build(args)
+    one, _ = step_fn(args, state, tok)
+    return [float(one().sums.loss) for _ in range(args.compare_steps)]
+
+
 def compare_losses(args) -> dict:
     """Per-step losses of the bf16-weights step and the autocast step from the same init and batches."""
     curves = {}
     for weights in ("master", "autocast"):
         os.environ["PIPELINE_BF16_WEIGHTS"] = "1" if weights == "master" else "0"
-        state, tok = build(args)
-        one, _ = step_fn(args, state, tok)
-        curves[weights] = [float(one().sums.loss) for _ in range(args.compare_steps)]
+        curves[weights] = _curve(args)
+    if args.compare_fp32:  # the yardstick: how far autocast itself drifts from fp32 over the same steps
+        curves["fp32"] = _curve(argparse.Namespace(**{**vars(args), "precision": "fp32"}))
+        print("fp32:", " ".join(f"{x:.4f}" for x in curves["fp32"]))
+        rel32 = [abs(x - y) / abs(y) for x, y in zip(curves["autocast"], curves["fp32"])]
+        print(f"autocast vs fp32: max relative difference {max(rel32):.2e}")
     m, a = curves["master"], curves["autocast"]
     rel = [abs(x - y) / abs(y) for x, y in zip(m, a)]
     print(f"{'step':>4}{'bf16 weights':>14}{'autocast':>10}{'rel diff':>10}")
@@ -219,7 +234,7 @@ def compare_losses(args) -> dict:
         print(f"{i + 1:>4}{x:>14.4f}{y:>10.4f}{r:>10.2e}")
     print(f"max relative difference {max(rel):.2e} (bf16 rounding: 2^-8 = {2**-8:.2e})")
     return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "master": m, "autocast": a, "max_rel_diff": max(rel)}
+            **curves, "max_rel_diff": max(rel)}
 
 
 def main(argv=None) -> dict:
@@ -277,6 +292,9 @@ def report(out: dict) -> None:
         for r in out["ops"]["top"]:
             print(f"{r['op'][:43]:<44}{r['calls_per_step']:>11.0f}{r['self_cpu_share']:>10.1%}"
                   f"{r['self_cpu_ms_per_step']:>10.0f}")
+        print("memory-bound ops by input shape:")
+        for r in out["ops"]["memory_ops_by_shape"]:
+            print(f"  {r['op']:<14}{r['calls_per_step']:>5.0f} calls {r['self_cpu_share']:>6.1%}  {r['shapes']}")
         print("ops of interest: " + ", ".join(f"{k} {v['calls_per_step']:.0f} calls {v['self_cpu_share']:.1%}"
                                               for k, v in sorted(out["ops"]["of_interest"].items())))
 
