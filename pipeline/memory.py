@@ -1,19 +1,20 @@
 """Process memory: keep freed tensor memory in the C heap, so the train step does not fault it in again.
 
-PyTorch's CPU tensors come from malloc. glibc serves any block over its mmap threshold (at most 32 MiB)
-with a fresh mmap, unmaps it on free, and trims the heap top back to the OS. The train step frees and
-re-allocates the same large blocks every step (the tied [V, D] gradient, logits [T, V] and their
-gradients, the dense embedding gradient), so each step faulted ~1 GB in again page by page, zero-filled
-by the kernel: ~225,000 minor faults per full-size step (measured, bf16 and fp32 alike).
+PyTorch's CPU tensors come from malloc. glibc serves any block over its mmap threshold (at most 32
+MiB) with a fresh mmap, unmaps it on free, and trims the heap top back to the OS. The train step
+frees and re-allocates the same large blocks every step (the tied [V, D] gradient, logits [T, V]
+and their gradients, the dense embedding gradient), so each step faulted ~1 GB in again page by
+page, zero-filled by the kernel: ~225,000 minor faults per full-size step (measured, bf16 and fp32
+alike).
 
-`tune_allocator` tells glibc, through mallopt, to serve every block from its heap (no per-block mmap) and
-to never give the heap back, so a freed block is reused by a later allocation of the same size. PyTorch
-allocates with posix_memalign, which in glibc (2.36 measured) asks for a little more than the block and
-so cannot reuse a freed block of exactly its size at once: the heap grows over the first few steps until
-the freed blocks merge into ones that fit, then stays put (full-size bf16 step: ~100 faults per step
-from the fifth step on; peak RSS 3.4 -> 3.6 GB, fp32 3.3 -> 4.2 GB). The cost is that the heap never
-shrinks: the process keeps its peak, which a training process holds every step anyway. Nothing to
-install; a no-op (False) where the C library is not glibc.
+`tune_allocator` tells glibc, through mallopt, to serve every block from its heap (no per-block
+mmap) and to never give the heap back, so a freed block is reused by a later allocation of the same
+size. PyTorch allocates with posix_memalign, which in glibc (2.36 measured) asks for a little more
+than the block and so cannot reuse a freed block of exactly its size at once: the heap grows over
+the first few steps until the freed blocks merge into ones that fit, then stays put (full-size bf16
+step: ~100 faults per step from the fifth step on; peak RSS 3.4 -> 3.6 GB, fp32 3.3 -> 4.2 GB). The
+cost is that the heap never shrinks: the process keeps its peak, which a training process holds
+every step anyway. Nothing to install; a no-op (False) where the C library is not glibc.
 `PIPELINE_ALLOCATOR=system` leaves glibc's defaults (for measuring the difference).
 """
 
