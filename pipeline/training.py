@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.devices import autocast
+from pipeline.memory import tune_allocator  # [memory hook]
+from pipeline.precision import BF16Weights, bf16_weights  # [precision hook]
 from pipeline.errors import UserError
 from pipeline.dist import Dist
 from pipeline.objective import KINDS, LossSums, objective
@@ -61,6 +63,7 @@ class TrainState:
     precision: str
     grad_clip: float
     dist: Dist
+    bf16: BF16Weights | None = None  # [precision hook] the bf16 working copy `net` runs, if any
 
     @classmethod
     def create(cls, decoder, cfg, total_steps: int, precision: str, dist: Dist,
@@ -72,7 +75,9 @@ class TrainState:
                              betas=(cfg.beta1, cfg.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total_steps))
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        net = decoder
+        tune_allocator()  # [memory hook] freed step memory stays in the heap (pipeline/memory.py)
+        bf16 = bf16_weights(decoder, precision, dist.world)  # [precision hook] pipeline/precision.py
+        net = decoder if bf16 is None else bf16.module  # [precision hook]
         if dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -82,7 +87,7 @@ class TrainState:
             net = DDP(net, device_ids=ids, broadcast_buffers=False)
         if cfg.compile:
             net = torch.compile(net, dynamic=True)
-        return cls(decoder, net, opt, sched, scaler, precision, cfg.grad_clip, dist)
+        return cls(decoder, net, opt, sched, scaler, precision, cfg.grad_clip, dist, bf16)  # [precision hook]
 
 
 class NonFiniteStep(Exception):
@@ -105,11 +110,15 @@ def train_step(state: TrainState, batch) -> StepResult:
     optimizer and checkpoints stay finite; fp16's loss scaler skips such steps itself instead.
     """
     lr = state.optimizer.param_groups[0]["lr"]
-    with autocast(batch.features.device, state.precision):
+    if state.bf16 is not None:  # [precision hook] master -> bf16 copy; the copy runs without autocast
+        state.bf16.pull()
+    with autocast(batch.features.device, state.precision if state.bf16 is None else "fp32"):
         sums = state.net(batch.features, batch.targets, batch.target_mask, batch.parallel)
         loss = objective(sums, batch.tokens_ar + batch.tokens_par, state.dist.world)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
+    if state.bf16 is not None:  # [precision hook] bf16 gradients -> fp32 on the master
+        state.bf16.push_grads()
     state.scaler.unscale_(state.optimizer)
     params = state.decoder.parameters()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, state.grad_clip, foreach=True)
