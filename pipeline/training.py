@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.devices import autocast
-from pipeline.memory import tune_allocator  # [memory hook]
-from pipeline.precision import BF16Weights, bf16_weights  # [precision hook]
+from pipeline.memory import tune_allocator
+from pipeline.precision import BF16Weights, bf16_weights
 from pipeline.errors import UserError
 from pipeline.dist import Dist
 from pipeline.objective import KINDS, LossSums, objective
@@ -63,7 +63,7 @@ class TrainState:
     precision: str
     grad_clip: float
     dist: Dist
-    bf16: BF16Weights | None = None  # [precision hook] the bf16 working copy `net` runs, if any
+    bf16: BF16Weights | None = None  # the bf16 working copy `net` runs, if any
 
     @classmethod
     def create(cls, decoder, cfg, total_steps: int, precision: str, dist: Dist,
@@ -75,9 +75,9 @@ class TrainState:
                              betas=(cfg.beta1, cfg.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total_steps))
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        tune_allocator()  # [memory hook] freed step memory stays in the heap (pipeline/memory.py)
-        bf16 = bf16_weights(decoder, precision, dist.world)  # [precision hook] pipeline/precision.py
-        net = decoder if bf16 is None else bf16.module  # [precision hook]
+        tune_allocator()  # freed step memory stays in the heap (pipeline/memory.py)
+        bf16 = bf16_weights(decoder, precision, dist.world)  # pipeline/precision.py
+        net = decoder if bf16 is None else bf16.module
         if dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -87,7 +87,7 @@ class TrainState:
             net = DDP(net, device_ids=ids, broadcast_buffers=False)
         if cfg.compile:
             net = torch.compile(net, dynamic=True)
-        return cls(decoder, net, opt, sched, scaler, precision, cfg.grad_clip, dist, bf16)  # [precision hook]
+        return cls(decoder, net, opt, sched, scaler, precision, cfg.grad_clip, dist, bf16)
 
 
 class NonFiniteStep(Exception):
@@ -110,14 +110,14 @@ def train_step(state: TrainState, batch) -> StepResult:
     optimizer and checkpoints stay finite; fp16's loss scaler skips such steps itself instead.
     """
     lr = state.optimizer.param_groups[0]["lr"]
-    if state.bf16 is not None:  # [precision hook] master -> bf16 copy; the copy runs without autocast
+    if state.bf16 is not None:  # master -> bf16 copy; the copy runs without autocast
         state.bf16.pull()
     with autocast(batch.features.device, state.precision if state.bf16 is None else "fp32"):
         sums = state.net(batch.features, batch.targets, batch.target_mask, batch.parallel)
         loss = objective(sums, batch.tokens_ar + batch.tokens_par, state.dist.world)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
-    if state.bf16 is not None:  # [precision hook] bf16 gradients -> fp32 on the master
+    if state.bf16 is not None:  # bf16 gradients -> fp32 on the master
         state.bf16.push_grads()
     state.scaler.unscale_(state.optimizer)
     params = state.decoder.parameters()
