@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline import checkpoint, records
+from pipeline import checkpoint, ownership, records
 from pipeline.config import RECIPE_ALIASES, DecoderConfig, TrainConfig, to_jsonable
 from pipeline.errors import UserError
 from pipeline.trained_run import tokenizer_record, upgrade
@@ -100,6 +100,21 @@ def check_resume(old: dict, new: dict) -> None:
                             "new --run")
 
 
+def made_by_train(folder: Path) -> bool:
+    """Whether `folder` is a run this tool trained before run folders carried the ownership marker:
+    its config.json is our record (train, decoder, tokenizer and store sections)."""
+    try:
+        records.read_config(folder)
+    except UserError:
+        return False
+    return (folder / "checkpoints").is_dir()
+
+
+def check_run_folder(path: Path) -> None:
+    """Refuse (one line) a run folder this tool did not make, before anything is written."""
+    ownership.check(Path(path), "run", "run folder", legacy=made_by_train)
+
+
 class RunFolder:
     """A training run's folder as the trainer writes it: config.json, metrics.jsonl, checkpoints/,
     the best epoch's weights, loss.png and summary.json. Rank 0 writes; every rank learns whether a
@@ -134,8 +149,8 @@ class RunFolder:
         self.dist.on_main(self._start, record, fresh)
 
     def _start(self, record: dict, fresh: bool) -> None:
+        ownership.claim(self.path, "run", "pipeline train", "run folder", legacy=made_by_train)
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
             text = json.dumps(record, indent=2, sort_keys=True)
             checkpoint.atomic_write_text(self.path / "config.json", text)
         except OSError as e:

@@ -26,7 +26,7 @@ from pipeline.ngram import fit_baseline
 from pipeline.ngram import warning as ngram_warning
 from pipeline.objective import RowMix
 from pipeline.progress import console, make_progress
-from pipeline.run import RunFolder, check_train_config, run_record
+from pipeline.run import RunFolder, check_run_folder, check_train_config, run_record
 from pipeline.store import FeatureStore, StoreIndex
 from pipeline.tokenizer import Tokenizer, load_tokenizer
 from pipeline.training import (Clock, LossTally, NonFiniteStep, Position, StepResult, TrainState,
@@ -43,6 +43,9 @@ def run(cfg: TrainConfig) -> dict:
         # `<run>.lock`, held by rank 0: a second `pipeline train` into the same folder refuses.
         lock = FolderLock(Path(cfg.run), who="training", noun="the run folder")
         dist.on_main(lock.acquire, failure=f"rank 0 could not lock the run folder {cfg.run}")
+        # Never into a folder of someone else's files: a user's config.json or best.safetensors
+        # would be overwritten.
+        dist.on_main(check_run_folder, cfg.run, failure=f"rank 0 could not check the run folder {cfg.run}")
         try:
             return train(cfg, dist, device)
         finally:

@@ -219,3 +219,39 @@ def test_loss_plot_of_a_run_named_like_tex_is_drawn(tmp_path):
     plot_loss(entries, tmp_path / "loss.png", title="run r$\\x$ and $$$")
     plot_loss([], tmp_path / "empty.png", title="$\\frac{$")
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "empty.png").stat().st_size > 0
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_train_into_a_users_folder_is_refused_untouched(tiny_store, tmp_path):
+    """`pipeline train --run DIR` on a folder of the user's files (no run of ours) overwrote
+    config.json, metrics.jsonl, summary.json, loss.png and best.safetensors, exit 0."""
+    from conftest import TINY_TRAIN, cli_options
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    for name in ("config.json", "metrics.jsonl", "summary.json", "loss.png", "best.safetensors"):
+        (user / name).write_bytes(f"the user's own {name}\n".encode())
+    before = _snapshot(user)
+    p = _cli("train", "--store", tiny_store, "--run", user, "--epochs", "1", "--max-steps", "1",
+             *cli_options(TINY_TRAIN))
+    line = _one_error_line(p)
+    assert str(user) in line and "did not make" in line, line
+    assert _snapshot(user) == before and not (user / MARKER).exists()
+
+
+def test_runs_trained_before_markers_resume_and_get_one(tiny_run, tmp_path):
+    """A run folder of ours without the marker (trained by an older version) is recognised by its
+    config.json and checkpoints, resumes, and is marked."""
+    from pipeline.run import check_run_folder, made_by_train
+
+    run = tmp_path / "old"
+    shutil.copytree(tiny_run, run)
+    (run / MARKER).unlink(missing_ok=True)
+    assert made_by_train(run)
+    check_run_folder(run)  # no refusal
+    (run / "config.json").write_text("[1, 2]")  # no longer our record: refused
+    with pytest.raises(UserError, match="did not make"):
+        check_run_folder(run)
