@@ -86,19 +86,17 @@ def build(args):
     """The decoder, its TrainState (the trainer's own), and the batches' fixed parts."""
     import torch
 
-    from pipeline.config import DecoderConfig, TrainConfig
+    from pipeline.config import TrainConfig, decoder_config
     from pipeline.dist import Dist
     from pipeline.model import CaptionDecoder
     from pipeline.tokenizer import load_tokenizer
     from pipeline.training import TrainState
 
-    tcfg = TrainConfig(batch_size=args.batch_size, precision=args.precision, compile=args.compile)
+    tcfg = TrainConfig(batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+                       layers=args.layers, width=args.width, heads=args.heads, mlp_dim=args.mlp_dim,
+                       parallel_len=args.parallel_len)
     tok = load_tokenizer(tcfg.tokenizer)
-    dec_cfg = DecoderConfig(layers=args.layers, width=args.width, heads=args.heads, mlp_dim=args.mlp_dim,
-                            vocab_size=tok.vocab_size, max_len=tcfg.max_len, encoder_width=args.image_width,
-                            mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                            parallel_len=args.parallel_len, tie_embeddings=tcfg.tie_embeddings,
-                            image_positions=args.image_tokens if tcfg.image_pos_emb else None)
+    dec_cfg = decoder_config(tcfg, args.image_tokens, args.image_width, tok)
     torch.manual_seed(0)
     decoder = CaptionDecoder(dec_cfg)
     state = TrainState.create(decoder, tcfg, 10**6, args.precision, Dist(), torch.device("cpu"))
