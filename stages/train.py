@@ -3,6 +3,7 @@ DDP."""
 
 from __future__ import annotations
 
+import resource
 import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
@@ -378,6 +379,14 @@ def train_precision(cfg: TrainConfig, device) -> str:
 
 
 # --- after the loop -------------------------------------------------------------------------------
+def process_usage() -> dict:
+    """This process's peak RSS, minor page faults and user / kernel CPU seconds so far: what the
+    memory targets and the kernel's share of the stage are read from (machine-independent)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"peak_rss_gb": ru.ru_maxrss * 1024 / 1e9, "minor_faults": ru.ru_minflt,
+            "cpu_user_s": ru.ru_utime, "cpu_system_s": ru.ru_stime}
+
+
 def finish(r: TrainRun, stage_wall_s: float) -> dict:
     """Write summary.json (and print it on rank 0); an interrupted run then exits with its line."""
     pos, dist = r.position, r.state.dist
@@ -392,6 +401,7 @@ def finish(r: TrainRun, stage_wall_s: float) -> dict:
         "batch_size": r.cfg.batch_size,
         "last_train": r.last_train, "last_val": r.last_val,
         "encoder_random_init": bool(r.data.store.is_random_init), "interrupted": r.interrupted,
+        "process": process_usage(),
     }
     r.folder.write_summary(summary, trained=r.clock.samples > 0)
     if dist.main:
