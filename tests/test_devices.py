@@ -80,6 +80,7 @@ def test_train_hands_its_loader_and_its_decoder_one_device(one_device, monkeypat
     from stages import train
 
     dev, seen = one_device
+    monkeypatch.setattr(train, "resolve_device", lambda name: dev)  # the stage imports it by name
     _spy_loader(monkeypatch, seen)
     with pytest.raises(_Stop):
         train.run(TrainConfig(**{**TINY_TRAIN, "device": "cuda"}, store=tiny_store, run=tmp_path / "run"))
@@ -138,7 +139,8 @@ def test_cuda_pinning_is_a_copy_and_cpu_batches_are_not_pinned(tiny_store):
 
     st = FeatureStore.open(tiny_store)
     idx = st.index()
-    src = loader.FeatureSource(st, idx.rows, device=torch.device("cpu"), mode="stream", slab_rows=32)
+    src = loader.FeatureSource(st, idx.rows, device=torch.device("cpu"), placement="stream",
+                               slab_rows=32)
     ld = loader.Loader(src, loader.CaptionTokens(load_tokenizer("gpt2"), idx.captions, 16), np.arange(len(idx)), 8)
     b = next(iter(ld.epoch(0)))
     assert not b.features.is_pinned() and b.features.dtype == torch.float32

@@ -85,7 +85,7 @@ def wrong(tiny_shards, tiny_store, tiny_run, tmp_path_factory):
 
 CASES = {  # name: (argv with {d} = the fixture folder, {store} = tiny_store, {recipe}), the line's gist
     "train on an empty store": ("train --store {d}/empty.zarr --run {d}/new", "has no finished shard yet"),
-    "train on a folder that is no store": ("train --store {d}/notastore --run {d}/new", "is not a zarr v3"),
+    "train on a folder that is no store": ("train --store {d}/notastore --run {d}/new", "not a zarr v3"),
     "encode with no finished shards": ("encode --shards {d}/no_shards --store {d}/x.zarr", "no finished shards"),
     "eval with an empty store": ("eval --run {d}/run --store {d}/empty.zarr", "has no finished shard yet"),
     "eval of an empty run folder": ("eval --run {d}/empty_run", "has no config.json"),

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from pipeline import cli
 from pipeline.errors import UserError
+from conftest import store_rows
 from pipeline.store import FeatureStore
 
 pytestmark = pytest.mark.faults
@@ -180,7 +181,7 @@ def _read_all(path: Path):
     """What train and eval read: the index and every valid row's features."""
     st = FeatureStore.open(path)
     index = st.index()
-    return st.shard_done(), index, st.read_rows(index.rows)
+    return st.shard_done(), index, store_rows(st, index.rows)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ def _state(monkeypatch, weights: str, seed: int = 0) -> TrainState:
     monkeypatch.setenv("PIPELINE_BF16_WEIGHTS", "1" if weights == "master" else "0")
     cfg = DecoderConfig(layers=2, width=64, heads=2, mlp_dim=128, vocab_size=V, max_len=12, encoder_width=E,
                         mask_id=V - 1, bos_id=V - 2, eos_id=V - 2, parallel_len=LP, tie_embeddings=True,
-                        image_positions=P)
+                        image_pos_emb=True, image_tokens=P)
     torch.manual_seed(seed)
     tcfg = TrainConfig(lr=1e-2, warmup_steps=2, batch_size=8)
     return TrainState.create(CaptionDecoder(cfg), tcfg, 100, "bf16", Dist(), torch.device("cpu"))
