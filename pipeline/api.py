@@ -166,6 +166,11 @@ def _rebuild_encoder(run, device, precision: str):
     if why:
         raise UserError(f"the rebuilt {prov.get('model')} differs from the run's store encoder in "
                         f"{why} (e.g. another timm version)")
+    tokens = run.record.get("store", {}).get("tokens", encoder.tokens)
+    if (encoder.tokens, encoder.width) != (tokens, run.decoder.cfg.encoder_width):
+        raise UserError(f"the rebuilt {prov.get('model')} gives [{encoder.tokens}, "
+                        f"{encoder.width}] features per image, the decoder was trained on "
+                        f"[{tokens}, {run.decoder.cfg.encoder_width}]")
     if prov["weights"].get("kind") == "random-init":
         console.print("[bold red]warning:[/] [red]the run's encoder is RANDOM-INIT: these captions "
                       "carry no visual knowledge[/]", highlight=False)
