@@ -252,3 +252,35 @@ def test_keep_checkpoints_through_the_cli(tiny_store, tmp_path, capsys, monkeypa
 
     line = cli_error([str(a) for a in (*base, "--keep-checkpoints", 0)], capsys, monkeypatch)
     assert line == "error: --keep-checkpoints must be >= 1 (got 0)"
+
+
+# --- which weights eval reads ---------------------------------------------------------------------
+def test_eval_checkpoint_chooses_the_weights(tiny_run, tmp_path, capsys, monkeypatch):
+    """`pipeline eval --checkpoint last | PATH` evaluates those weights and records them in
+    eval.json; a name that is none of these, or a named checkpoint whose bytes changed, is one
+    line (never another checkpoint instead)."""
+    import shutil
+
+    from test_evaluate import cli_error, run_copy
+
+    older, newest = sorted((tiny_run / "checkpoints").glob("step-*"))
+    run = run_copy(tiny_run, tmp_path / "run")
+    opts = ["--limit", "2", "--zero-shot-limit", "0", "--grid", "0", "--max-new-tokens", "4",
+            "--beam-size", "2", "--device", "cpu", "--precision", "fp32"]
+    for choice, want in (("last", (run / "checkpoints" / newest.name, "last")),
+                         (older, (older, "path"))):
+        res = _cli(["eval", "--run", run, "--checkpoint", choice, *opts])
+        assert res.exit_code == 0, (res.output, res.exception)
+        got = json.loads((run / "eval" / "eval.json").read_text())["checkpoint"]
+        assert got == {"dir": str(want[0]), "step": int(want[0].name[5:]), "chosen": want[1]}
+
+    line = cli_error(["eval", "--run", str(run), "--checkpoint", "newest"], capsys, monkeypatch)
+    assert line.startswith("error: --checkpoint newest: not best, last, a checkpoint folder")
+    bad = tmp_path / "step-00000001"
+    shutil.copytree(older, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-3] ^= 0x10
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    line = cli_error(["eval", "--run", str(run), "--checkpoint", str(bad)], capsys, monkeypatch)
+    assert line == (f"error: --checkpoint {bad} is corrupt: model.safetensors does not match its "
+                    "recorded sha256")
