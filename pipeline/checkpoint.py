@@ -33,7 +33,8 @@ from pipeline.osutil import atomic_write_text, fsync_dir
 LAST = "last.json"
 MANIFEST = "manifest.json"  # in each checkpoint folder: {"step", "sha256": {file: digest}}
 # safetensors header key: {alias: stored name} for the state dict's names of a tensor stored under
-# another name (a tied matrix: `head.weight` -> `tok_emb.weight`). Files without it store every name.
+# another name (a tied matrix: `head.weight` -> `tok_emb.weight`). Files without it store every
+# name.
 ALIASES = "aliases"
 
 
