@@ -391,8 +391,9 @@ class CaptionConfig(StageConfig):
     run: Path = knob(Path("cache/runs/default"), "trained run folder")
     # Greedy by default: it scored as well as beam 3 on the synthetic set (docs/TRAINING.md) at a
     # third of the cost; eval's --beam-size 3 is the width of its separate beam column.
-    beam_size: int = knob(1, "beam size; 1 = greedy (scored as well as beam 3 on the synthetic set, "
-                             "at a third of the cost; eval's --beam-size 3 is its beam column)", ge=1)
+    beam_size: int = knob(1, "beam size; 1 = greedy (scored as well as beam 3 on the synthetic "
+                             "set, at a third of the cost; eval's --beam-size 3 is its beam "
+                             "column)", ge=1)
     max_new_tokens: int = knob(32, "longest caption, in tokens", ge=1)
     length_penalty: float = knob(1.0, "beam search ranks captions by log-prob / length**this")
     device: str = knob("auto", "where the encoder and decoder run (auto: cuda if visible)",
