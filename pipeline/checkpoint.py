@@ -1,7 +1,8 @@
 """Atomic checkpoints of a run: safetensors weights + a state file (optimizer, scheduler, step, data position, RNG).
 
 Layout under `<run>/checkpoints/`:
-    step-00000200/model.safetensors   the decoder's weights (what eval and caption load)
+    step-00000200/model.safetensors   the decoder's weights (what eval and caption load); a tied
+                                      matrix once, its other names in the header's `aliases`
     step-00000200/state.pt            optimizer, scheduler, step, epoch, batch within epoch, RNG, extras
     step-00000200/manifest.json       {"step", "sha256": {file: digest}}: checked whenever it is loaded
     last.json                         {"step", "epoch", "batch", "dir"}: the newest complete checkpoint
@@ -31,8 +32,42 @@ from pipeline.osutil import atomic_write_text, fsync_dir
 
 LAST = "last.json"
 MANIFEST = "manifest.json"  # in each checkpoint folder: {"step", "sha256": {file: digest}}
+# safetensors header key: {alias: stored name} for the state dict's names of a tensor stored under
+# another name (a tied matrix: `head.weight` -> `tok_emb.weight`). Files without it store every
+# name.
+ALIASES = "aliases"
 
 
+def state_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The module's state dict as it is stored: each tensor once, on the host, plus {alias: stored
+    name} for the names of a tensor already stored (tied weights: the [V, D] embedding would
+    otherwise be written twice, 154 MB each at the default size)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in model.state_dict().items():
+        # Same storage, offset, shape, strides and dtype: the same tensor under two names. Empty
+        # tensors share no bytes worth saving (and may all report storage 0).
+        same = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(),
+                v.dtype, v.device)
+        if v.numel() and same in seen:
+            aliases[k] = seen[same]
+            continue
+        seen[same] = k
+        # contiguous() + clone: safetensors refuses strided views and storage shared with others
+        tensors[k] = v.detach().contiguous().clone().cpu()
+    return tensors, aliases
+
+
+def save_weights(model: torch.nn.Module, path: Path, step: int) -> str:
+    """Write the module's weights to safetensors `path`, each tensor once, with the step, whether
+    all are finite and the aliases in its header. -> the file's sha256."""
+    tensors, aliases = state_tensors(model)
+    finite = all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+    meta = {"step": str(step), "finite": str(int(finite))}
+    if aliases:
+        meta[ALIASES] = json.dumps(aliases, sort_keys=True)
+    return save_file(tensors, path, metadata=meta)
 
 
 def _write_bytes(path: Path, data) -> None:
@@ -104,11 +139,7 @@ def save(ckpt_dir: Path, *, model: torch.nn.Module, optimizer, scheduler, step: 
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        # contiguous() + clone: safetensors refuses shared or strided storage (tied weights, views).
-        weights = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
-        finite = all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point())
-        digest = save_file(weights, str(tmp / "model.safetensors"),
-                           metadata={"step": str(step), "finite": str(int(finite))})
+        digest = save_weights(model, tmp / "model.safetensors", step)
         digests = {"model.safetensors": digest or sha256_file(tmp / "model.safetensors")}
         buf = io.BytesIO()  # serialised in memory, written by Python (see save_file)
         torch.save({
@@ -264,15 +295,30 @@ def _newest_good(newest: Path, d: Path) -> Path:
 
 def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The decoder's state dict from a run folder, its `checkpoints/` folder or one checkpoint folder."""
-    return _weights(resolve(path) / "model.safetensors", device)
+    return read_weights(resolve(path) / "model.safetensors", device)
 
 
-def _weights(file: Path, device) -> dict[str, torch.Tensor]:
+def read_weights(file: Path, device="cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's state dict, every name present: a tied matrix stored once comes back
+    under each of its names (one tensor), so `load_state_dict` fills a tied model as it was saved.
+    Files written before ties were stored once hold both copies and load as they are."""
+    from safetensors import safe_open
+
     try:
-        return load_file(str(file), device=str(device))
+        tensors = load_file(str(file), device=str(device))
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - SafetensorError and friends: bytes that are not a safetensors file
         raise UserError(f"{file}: not a readable safetensors file ({type(e).__name__}); the checkpoint is "
                         "damaged") from None
+    try:
+        aliases = json.loads(meta.get(ALIASES, "{}"))
+        for alias, name in aliases.items():
+            tensors[alias] = tensors[name]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise UserError(f"{file}: its `{ALIASES}` header does not name its own tensors; the "
+                        "checkpoint is damaged") from None
+    return tensors
 
 
 STATE_KEYS = ("optimizer", "scheduler", "step", "epoch", "batch", "rng", "extra")
@@ -301,7 +347,7 @@ def load(path: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
     path = resolve(path)  # checked once here
     state = read_state(path / "state.pt", device)
     try:
-        model.load_state_dict(_weights(path / "model.safetensors", device))
+        model.load_state_dict(read_weights(path / "model.safetensors", device))
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:

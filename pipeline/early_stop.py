@@ -67,11 +67,10 @@ def save_best(run_dir: Path, model, info: dict) -> None:
 
     Weights first: a crash between the two leaves best.json naming the previous best, whose step differs from
     the new weights' metadata, and `best_checkpoint` then refuses the pair instead of mixing them."""
-    from pipeline.checkpoint import atomic_write_text, save_file
+    from pipeline.checkpoint import atomic_write_text, save_weights
 
     tmp = run_dir / f".{BEST_WEIGHTS}.tmp"
-    weights = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
-    digest = save_file(weights, tmp, metadata={"step": str(info["step"])})
+    digest = save_weights(model, tmp, info["step"])  # a tied matrix once, as in checkpoints
     os.replace(tmp, run_dir / BEST_WEIGHTS)
     atomic_write_text(run_dir / BEST_INFO, json.dumps({**info, "sha256": digest}, indent=2, sort_keys=True))
 

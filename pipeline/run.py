@@ -18,7 +18,8 @@ from pipeline.trained_run import tokenizer_record, upgrade
 # what (or only how fast / how long). Everything else must match, or the resumed run would be
 # another run.
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "device", "precision", "compile", "cross_attention",
-                     "checkpoint_every", "log_every", "features", "stream_buffer_slabs",
+                     "checkpoint_every", "keep_checkpoints", "log_every", "features",
+                     "stream_buffer_slabs",
                      "store", "run"}  # a moved folder is the same run
 
 
@@ -127,6 +128,7 @@ class RunFolder:
         self.path, self.dist = Path(path), dist
         self.checkpoints = self.path / "checkpoints"
         self.metrics = MetricsLog(self.path / "metrics.jsonl")
+        self.keep = TrainConfig.keep_checkpoints  # checkpoints kept: the recipe's, set by start()
 
     def previous(self, resume: bool, record: dict) -> tuple[Path | None, dict | None]:
         """The checkpoint to continue from and the run's config.json (None, None for a new run); a
@@ -145,7 +147,9 @@ class RunFolder:
         return last, old
 
     def start(self, record: dict, fresh: bool) -> None:
-        """Write config.json (and, for a new run, an empty metrics.jsonl)."""
+        """Write config.json (and, for a new run, an empty metrics.jsonl); the checkpoints kept
+        from now on are the ones its recipe asks for (`keep_checkpoints`)."""
+        self.keep = record["train"].get("keep_checkpoints", self.keep)
         self.dist.on_main(self._start, record, fresh)
 
     def _start(self, record: dict, fresh: bool) -> None:
@@ -180,7 +184,7 @@ class RunFolder:
         try:
             checkpoint.save(self.checkpoints, model=state.decoder, optimizer=state.optimizer,
                             scheduler=state.scheduler, step=position.step, epoch=position.epoch,
-                            batch=position.batch_idx, extra=extra)
+                            batch=position.batch_idx, extra=extra, keep=self.keep)
         except UserError as e:
             raise UserError(f"{e}: {WRITE_HINT}") from None
 

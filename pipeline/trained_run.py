@@ -77,19 +77,66 @@ class LoadedRun:
     record: dict  # config.json
     decoder: object  # CaptionDecoder, eval mode, on the device
     tokenizer: object
-    ckpt: Path
-    step: int
-    # "best" (the best epoch's weights, kept by the trainer) | "last" (the newest checkpoint)
+    ckpt: Path  # the weights' checkpoint folder or safetensors file
+    step: int  # the step they were saved at (-1: not recorded)
+    # "best" (the best epoch's weights, kept by the trainer) | "last" (the newest checkpoint) |
+    # "path" (a checkpoint folder or weights file named by the user)
     chosen: str
 
 
-def load_run(run: Path, device) -> LoadedRun:
-    """Run folder -> its decoder (eval mode) and the recorded tokenizer. The weights are the best
-    epoch's (`best.safetensors`, by validation loss) when the trainer kept them, else the newest
-    checkpoint's."""
-    from safetensors.torch import load_file
+# What `--checkpoint` accepts besides a path: the best epoch's weights (else the newest
+# checkpoint's), or the newest checkpoint's.
+CHOICES = ("best", "last")
 
-    from pipeline.early_stop import best_checkpoint
+
+def choose_weights(run: Path, which: str = "best") -> tuple[Path, Path, int, str]:
+    """-> (safetensors file, what to record: its folder or file, step, chosen) for `which`: best |
+    last | PATH (a checkpoint folder, or a .safetensors file such as best.safetensors).
+
+    best: the best epoch's weights when the trainer kept them, else the newest checkpoint's (a run
+    with early stopping off keeps no best). A named checkpoint folder is checked against its
+    digests and refused when they differ; it never falls back to another."""
+    from pipeline.early_stop import BEST_WEIGHTS, best_checkpoint
+
+    run = Path(run)
+    if which == "best":
+        best = best_checkpoint(run)
+        if best is not None:
+            return best[0], best[0], int(best[1]["step"]), "best"
+    if which in CHOICES:
+        ckpt = checkpoint.resolve(run / "checkpoints")  # UserError when there is none
+        return ckpt / "model.safetensors", ckpt, _step_of(ckpt), "last"
+    path = Path(which)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        why = checkpoint.check(path)
+        if why:
+            raise UserError(f"--checkpoint {path} is corrupt: {why}")
+        return path / "model.safetensors", path, _step_of(path), "path"
+    if path.is_file() and path.suffix == ".safetensors":
+        if path.name == BEST_WEIGHTS and best_checkpoint(path.parent) is None:
+            raise UserError(f"--checkpoint {path}: its {path.parent}/best.json is missing or "
+                            "names another save")
+        return path, path, _header_step(path), "path"
+    raise UserError(f"--checkpoint {which}: not best, last, a checkpoint folder (with "
+                    "model.safetensors) or a .safetensors file")
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[-1]) if ckpt.name.startswith("step-") else _header_step(
+        ckpt / "model.safetensors")
+
+
+def _header_step(file: Path) -> int:
+    """The step a safetensors header records, or -1."""
+    from pipeline.early_stop import _weights_step
+
+    step = _weights_step(file)
+    return int(step) if step is not None and step.isdigit() else -1
+
+
+def load_run(run: Path, device, which: str = "best") -> LoadedRun:
+    """Run folder -> its decoder (eval mode) with the weights `which` chooses (`choose_weights`:
+    best | last | PATH) and the recorded tokenizer."""
     from pipeline.model import CaptionDecoder
 
     record = read_record(run)
@@ -101,20 +148,13 @@ def load_run(run: Path, device) -> LoadedRun:
     if (dec_cfg.vocab_size, dec_cfg.mask_id, dec_cfg.eos_id) != (tok.vocab_size, tok.mask_id, tok.eos_id):
         raise UserError(f"the run's decoder expects {dec_cfg.vocab_size} ids (mask {dec_cfg.mask_id}), its tokenizer "
                         f"gives {tok.vocab_size} (mask {tok.mask_id})")
-    best = best_checkpoint(Path(run))
-    if best is not None:
-        ckpt, step, chosen = best[0], int(best[1]["step"]), "best"
-    else:
-        ckpt = checkpoint.resolve(Path(run) / "checkpoints")  # UserError when there is none
-        step = int(ckpt.name.split("-")[-1]) if ckpt.name.startswith("step-") else -1
-        chosen = "last"
+    file, ckpt, step, chosen = choose_weights(Path(run), which)
     decoder = CaptionDecoder(dec_cfg)
     try:
-        decoder.load_state_dict(load_file(str(ckpt), device="cpu") if chosen == "best"
-                                else checkpoint.load_weights(ckpt, "cpu"))
+        decoder.load_state_dict(checkpoint.read_weights(file, "cpu"))
     except RuntimeError as e:
         why = str(e).splitlines()[0][:160]
-        raise UserError(f"{ckpt} does not fit the run's decoder config: {why}") from None
+        raise UserError(f"{file} does not fit the run's decoder config: {why}") from None
     return LoadedRun(Path(run), record, decoder.to(device).eval(), tok, ckpt, step, chosen)
 
 

@@ -79,7 +79,7 @@ def open_split(cfg: EvalConfig) -> EvalSplit:
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"--limit must be >= 1 (got {cfg.limit})")
     device = resolve_device(cfg.device)  # this stage's one device: the decoder's and every batch's
-    loaded = load_run(cfg.run, device)
+    loaded = load_run(cfg.run, device, cfg.checkpoint)  # --checkpoint: best | last | PATH
     rec = loaded.record
     precision = run_precision(cfg.precision, device, trained_precision(loaded.path, rec))
     store = open_run_store(rec, cfg.store)

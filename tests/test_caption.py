@@ -81,3 +81,39 @@ def test_caption_refuses_a_non_image(tiny_run, tmp_path, capsys, monkeypatch):
     assert line == f"error: {bad} is not a readable image (UnidentifiedImageError)"
     line = cli_error(["caption", str(tmp_path / "missing.jpg"), "--run", str(tiny_run)], capsys, monkeypatch)
     assert line == f"error: {tmp_path / 'missing.jpg'}: no such file"
+
+
+def test_cli_captions_are_the_apis_in_order(tiny_run, shard_jpeg, tmp_path):
+    """`pipeline caption A B --beam-size 2` prints `path: caption` per image, in order: what
+    Captioner.caption gives for the same files and settings."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from pipeline.api import Captioner
+    from pipeline.cli import app
+
+    other = tmp_path / "copy of it.jpg"
+    shutil.copy(shard_jpeg[0], other)
+    files = [shard_jpeg[0], other]
+    opts = ["--beam-size", "2", "--max-new-tokens", "8", "--device", "cpu", "--precision", "fp32"]
+    res = CliRunner().invoke(app, ["caption", *map(str, files), "--run", str(tiny_run), *opts])
+    assert res.exit_code == 0, (res.output, res.exception)
+    cap = Captioner.from_run(tiny_run, device="cpu", precision="fp32")
+    want = cap.caption(files, beam_size=2, max_new_tokens=8)
+    # stdout only: the random-init warning goes to stderr
+    assert res.stdout.splitlines() == [f"{f}: {c}" for f, c in zip(files, want)]
+    assert want[0] == want[1]
+
+
+def test_caption_refuses_features_of_another_shape(tiny_run, shard_jpeg, tmp_path, capsys,
+                                                   monkeypatch):
+    def edit(c):  # the run says its store held one token fewer than the encoder gives
+        c["store"]["tokens"] -= 1
+
+    run = run_copy(tiny_run, tmp_path / "run", edit)
+    line = cli_error(["caption", str(shard_jpeg[0]), "--run", str(run), "--device", "cpu"], capsys,
+                     monkeypatch)
+    p = json.loads((tiny_run / "config.json").read_text())["store"]["tokens"]
+    assert line == (f"error: the rebuilt vit_tiny_patch16_224 gives [{p}, 192] features per image, "
+                    f"the decoder was trained on [{p - 1}, 192]")

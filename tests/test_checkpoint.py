@@ -130,3 +130,158 @@ def test_a_corrupt_newest_checkpoint_falls_back_then_fails_with_one_line(tmp_pat
     with pytest.raises(UserError, match="every checkpoint in .* is corrupt") as e:
         checkpoint.load(tmp_path, model=model)
     assert "\n" not in str(e.value)
+
+
+# --- tied weights stored once ---------------------------------------------------------------------
+def _tied_decoder(seed=0):
+    """A tiny tied CaptionDecoder with its AdamW and a constant schedule."""
+    from pipeline.config import DecoderConfig
+    from pipeline.model import CaptionDecoder
+    from pipeline.training import make_optimizer
+
+    cfg = DecoderConfig(layers=1, width=16, heads=2, mlp_dim=32, vocab_size=40, max_len=6,
+                        encoder_width=8, mask_id=39, bos_id=38, eos_id=38, tie_embeddings=True,
+                        image_pos_emb=True, image_tokens=3)
+    torch.manual_seed(seed)
+    model = CaptionDecoder(cfg)
+    opt = make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def _train_decoder(model, opt, sched, steps):
+    for _ in range(steps):  # the batch comes from the torch RNG: restored by the checkpoint
+        feats, tokens = torch.randn(4, 3, 8), torch.randint(0, 38, (4, 6))
+        mask = torch.ones(4, 6, dtype=torch.bool)
+        loss = model.loss(feats, tokens, mask, torch.tensor([True, False, True, False])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def _all_copies(model):
+    """What checkpoints held before ties were stored once: every state-dict name, its own copy."""
+    return {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}, {}
+
+
+@pytest.mark.parametrize("layout", ["once", "both copies (older checkpoints)"])
+def test_tied_weights_are_stored_once_and_resume_exactly(tmp_path, monkeypatch, layout):
+    """The [V, D] matrix a tied decoder shares with its logits layer is written once (the header
+    names its alias); loading gives every name back and a tied model; a checkpoint written with both
+    copies, as before, loads and resumes to the same weights as an uninterrupted run."""
+    from safetensors import safe_open
+
+    if layout != "once":
+        monkeypatch.setattr(checkpoint, "state_tensors", _all_copies)
+    model, opt, sched = _tied_decoder()
+    _train_decoder(model, opt, sched, 3)
+    path = checkpoint.save(tmp_path, model=model, optimizer=opt, scheduler=sched, step=3, epoch=0,
+                           batch=3)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        stored, header = set(f.keys()), f.metadata()
+    names = set(model.state_dict())
+    if layout == "once":
+        assert stored == names - {"head.weight"}
+        assert json.loads(header["aliases"]) == {"head.weight": "tok_emb.weight"}
+    else:
+        assert stored == names and "aliases" not in header
+    _train_decoder(model, opt, sched, 2)  # the uninterrupted continuation
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    back, opt2, sched2 = _tied_decoder(seed=1)  # other init: everything comes from the checkpoint
+    checkpoint.load(tmp_path, model=back, optimizer=opt2, scheduler=sched2)
+    assert back.head.weight is back.tok_emb.weight
+    assert set(checkpoint.load_weights(tmp_path)) == names
+    _train_decoder(back, opt2, sched2, 2)
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+def test_the_tied_matrix_once_makes_the_file_smaller_by_its_size(tmp_path, monkeypatch):
+    model, opt, _ = _tied_decoder()
+    once = checkpoint.save(tmp_path / "once", model=model, optimizer=opt, scheduler=None, step=1,
+                           epoch=0, batch=1)
+    monkeypatch.setattr(checkpoint, "state_tensors", _all_copies)
+    both = checkpoint.save(tmp_path / "both", model=model, optimizer=opt, scheduler=None, step=1,
+                           epoch=0, batch=1)
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    saved = size(both) - size(once)
+    matrix = model.tok_emb.weight.numel() * 4  # [V, D] fp32
+    assert matrix <= saved < matrix + 200  # the header's own names differ by a few bytes
+
+
+def test_an_aliases_header_naming_no_stored_tensor_is_one_line(tmp_path):
+    from pipeline.checkpoint import save_file
+
+    f = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(2)}, f, metadata={"aliases": json.dumps({"b": "missing"})})
+    with pytest.raises(UserError, match="aliases") as e:
+        checkpoint.read_weights(f)
+    assert "\n" not in str(e.value)
+
+
+# --- how many checkpoints a run keeps -------------------------------------------------------------
+def _cli(argv: list[str]):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in argv])
+
+
+def test_keep_checkpoints_through_the_cli(tiny_store, tmp_path, capsys, monkeypatch):
+    """`train --keep-checkpoints N` keeps the newest N; a resume may change N; N < 1 is refused."""
+    from conftest import TINY_TRAIN, cli_options
+
+    opts = {**TINY_TRAIN, "checkpoint_every": 1, "tie_embeddings": True}
+    base = ["train", "--store", tiny_store, "--run", tmp_path / "run", *cli_options(opts)]
+    res = _cli([*base, "--max-steps", 3, "--keep-checkpoints", 1])
+    assert res.exit_code == 0, (res.output, res.exception)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpts.glob("step-*")] == ["step-00000003"]
+    res = _cli([*base, "--max-steps", 6, "--keep-checkpoints", 3, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in ckpts.glob("step-*")) == [f"step-0000000{s}" for s in (4, 5, 6)]
+    # the default run's tie: one copy in each checkpoint and in the best epoch's weights (epoch 1
+    # ends at step 6)
+    from safetensors import safe_open
+
+    for f in (ckpts / "step-00000006" / "model.safetensors", tmp_path / "run" / "best.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            assert "head.weight" not in h.keys() and "tok_emb.weight" in h.keys(), f
+    from test_evaluate import cli_error
+
+    line = cli_error([str(a) for a in (*base, "--keep-checkpoints", 0)], capsys, monkeypatch)
+    assert line == "error: --keep-checkpoints must be >= 1 (got 0)"
+
+
+# --- which weights eval reads ---------------------------------------------------------------------
+def test_eval_checkpoint_chooses_the_weights(tiny_run, tmp_path, capsys, monkeypatch):
+    """`pipeline eval --checkpoint last | PATH` evaluates those weights and records them in
+    eval.json; a name that is none of these, or a named checkpoint whose bytes changed, is one
+    line (never another checkpoint instead)."""
+    import shutil
+
+    from test_evaluate import cli_error, run_copy
+
+    older, newest = sorted((tiny_run / "checkpoints").glob("step-*"))
+    run = run_copy(tiny_run, tmp_path / "run")
+    opts = ["--limit", "2", "--zero-shot-limit", "0", "--grid", "0", "--max-new-tokens", "4",
+            "--beam-size", "2", "--device", "cpu", "--precision", "fp32"]
+    for choice, want in (("last", (run / "checkpoints" / newest.name, "last")),
+                         (older, (older, "path"))):
+        res = _cli(["eval", "--run", run, "--checkpoint", choice, *opts])
+        assert res.exit_code == 0, (res.output, res.exception)
+        got = json.loads((run / "eval" / "eval.json").read_text())["checkpoint"]
+        assert got == {"dir": str(want[0]), "step": int(want[0].name[5:]), "chosen": want[1]}
+
+    line = cli_error(["eval", "--run", str(run), "--checkpoint", "newest"], capsys, monkeypatch)
+    assert line.startswith("error: --checkpoint newest: not best, last, a checkpoint folder")
+    bad = tmp_path / "step-00000001"
+    shutil.copytree(older, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-3] ^= 0x10
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    line = cli_error(["eval", "--run", str(run), "--checkpoint", str(bad)], capsys, monkeypatch)
+    assert line == (f"error: --checkpoint {bad} is corrupt: model.safetensors does not match its "
+                    "recorded sha256")
