@@ -392,7 +392,8 @@ class FeatureStore:
                          f"({str(e).split('.')[0]}); `pipeline verify --store {self.path}` lists every bad shard; "
                          "re-encode into a new --store (or rebuild this one with --overwrite)")
 
-    def _missing(self) -> dict[str, dict[str, list[Path]]]:
+    def _missing(self, done: np.ndarray | None = None,
+                 valid: np.ndarray | None = None) -> dict[str, dict[str, list[Path]]]:
         """Chunk files of done shards that a reader needs but that are absent: {shard: {array: [files]}}.
 
         zarr reads an absent chunk as its fill value (zeros, False, ""), so a deleted file would read as empty
@@ -400,7 +401,10 @@ class FeatureStore:
         older stores skip chunks equal to the fill value, so there a chunk counts as missing only when the
         shard's other files show it held something (valid rows, or another column stored).
         """
-        done, c, cr, valid = self.shard_done(), self.shard_capacity, self.chunk_rows, self._valid()
+        # done [S] and valid [S * C] as the caller read them: each read costs a pass over S chunks
+        done = self.shard_done() if done is None else done
+        valid = self._valid() if valid is None else valid
+        c, cr = self.shard_capacity, self.chunk_rows
         out: dict[str, dict[str, list[Path]]] = {}
         for s in np.flatnonzero(done):
             files = {a: self._chunk_file(a, (s,)) for a in ("valid", *STRING_ARRAYS)}
@@ -575,11 +579,10 @@ class FeatureStore:
         """The valid rows of done shards with their keys and captions; a missing or undecodable chunk
         (metadata too: checked, not read), or a valid row without a key, is one line (never rows read
         as empty)."""
-        done = self.shard_done()
-        c = self.shard_capacity
-        valid = self._valid() & np.repeat(done, c)
+        done, stored = self.shard_done(), self._valid()
+        valid = stored & np.repeat(done, self.shard_capacity)
         rows = np.flatnonzero(valid).astype(np.int64)
-        missing = self._missing()
+        missing = self._missing(done, stored)
         if missing:
             names = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
             kinds = "/".join(sorted({a for gone in missing.values() for a in gone}))

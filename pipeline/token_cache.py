@@ -71,8 +71,6 @@ def tokenize(tok, captions, max_len: int, chunk: int = 65536) -> tuple[np.ndarra
 
 def cache_key(tok, max_len: int) -> dict:
     """What the ids depend on besides the captions; a cache with another key is never read."""
-    from pipeline.trained_run import tokenizer_record
-
     backend = getattr(tok.hf, "backend_tokenizer", None)  # a fast tokenizer's whole definition
     text = backend.to_str() if backend is not None else json.dumps(sorted(tok.hf.get_vocab().items()))
     try:
@@ -81,7 +79,10 @@ def cache_key(tok, max_len: int) -> dict:
         version = tokenizers.__version__
     except ImportError:  # a slow tokenizer without the library
         version = None
-    return {"tokenizer": {**tokenizer_record(tok), "class": type(tok.hf).__name__,
+    # The fields of trained_run.tokenizer_record (not imported: it brings torch) and the definition.
+    record = {"name": tok.name, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id,
+              "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    return {"tokenizer": {**record, "class": type(tok.hf).__name__,
                           "definition_sha256": hashlib.sha256(text.encode()).hexdigest()},
             "tokenizers": version, "encode": ENCODE, "max_len": int(max_len)}
 
@@ -96,7 +97,7 @@ def shard_prints(index) -> list[list]:
     """[shard name, rows, caption digest] per done shard with rows, in index order: what a cache's
     rows were made from. The digest covers each caption's length and text, so no two caption
     lists share it."""
-    c, n = index.store.shard_capacity, len(index)
+    c, n, names = index.store.shard_capacity, len(index), index.store.shards
     shard = index.rows // c
     starts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]]) if n else np.zeros(0, np.int64)
     out = []
@@ -104,7 +105,7 @@ def shard_prints(index) -> list[list]:
         caps = index.captions.values[lo:hi]
         h = hashlib.sha256(np.strings.str_len(caps).astype("<i8").tobytes())
         h.update("".join(caps.tolist()).encode("utf-8", "surrogatepass"))
-        out.append([index.store.shards[int(shard[lo])], hi - lo, h.hexdigest()[:32]])
+        out.append([names[int(shard[lo])], hi - lo, h.hexdigest()[:32]])
     return out
 
 
