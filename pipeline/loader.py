@@ -67,8 +67,8 @@ class CaptionTokens:
 
     def _set(self, ids: np.ndarray, lengths: np.ndarray) -> None:
         self.ids = ids  # [N, W]
-        self.count = torch.from_numpy(np.asarray(lengths, dtype=np.int64))  # real tokens per caption [N]
-        self.extent = self.count  # last real token + 1: a caption's ids are contiguous from the left
+        self.count = torch.from_numpy(np.asarray(lengths, dtype=np.int64))  # tokens per caption [N]
+        self.extent = self.count  # last real token + 1: a caption's ids start at column 0
 
     def __len__(self) -> int:
         return len(self.count)
@@ -79,8 +79,11 @@ class CaptionTokens:
         return CaptionTokens.of(self.ids[pos], self.count.numpy()[pos])
 
     def id_lists(self, pos: np.ndarray) -> list[list[int]]:
-        """Each caption's ids at positions `pos` (EOS included, no padding), as `encode_ids` gives."""
-        return [self.ids[p, :n].tolist() for p, n in zip(np.asarray(pos).tolist(), self.count[pos].tolist())]
+        """Each caption's ids at positions `pos` (EOS included, no padding), as `encode_ids`
+        gives them."""
+        pos = np.asarray(pos, dtype=np.int64)
+        counts = self.count.numpy()[pos].tolist()
+        return [self.ids[p, :n].tolist() for p, n in zip(pos.tolist(), counts)]
 
     def batch(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """targets [k, L] int64 and mask [k, L] bool, padded only to the longest caption among

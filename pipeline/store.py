@@ -123,7 +123,8 @@ class StoreIndex:
 
     @functools.cached_property
     def meta(self) -> list[str]:
-        """Every row's JSON text: the whole column, kept (a stage that needs a few rows: `meta_of`)."""
+        """Every row's JSON text: the whole column, kept (a stage that needs a few rows:
+        `meta_of`)."""
         return self.meta_of(np.arange(len(self)))
 
 
@@ -477,8 +478,10 @@ class FeatureStore:
         for s in shards.tolist():
             f = self._chunk_file(name, (s,))
             data = np.frombuffer(f.read_bytes(), dtype=np.uint8)
-            if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
-                raise damaged(f, f"shard {self.shards[s]}'s {name} cannot be read (checksum mismatch)")
+            if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:],
+                                                                                 "little"):
+                raise damaged(f, f"shard {self.shards[s]}'s {name} cannot be read "
+                              "(checksum mismatch)")
 
     def region(self, s: int) -> tuple[int, int]:
         c = self.shard_capacity
@@ -576,9 +579,9 @@ class FeatureStore:
 
     # --- reading --------------------------------------------------------------------------------------------
     def index(self) -> StoreIndex:
-        """The valid rows of done shards with their keys and captions; a missing or undecodable chunk
-        (metadata too: checked, not read), or a valid row without a key, is one line (never rows read
-        as empty)."""
+        """The valid rows of done shards with their keys and captions; a missing or undecodable
+        chunk (metadata too: checked, not read), or a valid row without a key, is one line (never
+        rows read as empty)."""
         done, stored = self.shard_done(), self._valid()
         valid = stored & np.repeat(done, self.shard_capacity)
         rows = np.flatnonzero(valid).astype(np.int64)
@@ -589,10 +592,12 @@ class FeatureStore:
             first = next(iter(next(iter(missing.values())).values()))[0]
             raise UserError(f"{first} is missing: shard(s) {names} are marked done but miss {kinds} chunks on "
                             f"disk; run `pipeline verify --store {self.path}`, then re-encode them")
-        keys, captions = (Texts(self._column(name, len(valid))[rows]) for name in ("keys", "captions"))
+        keys, captions = (Texts(self._column(name, len(valid))[rows])
+                          for name in ("keys", "captions"))
         if len(rows) and (blank := np.flatnonzero(keys.values == "")).size:
             names = sorted({self.shard_of_row(r) for r in rows[blank]})
-            raise damaged(self.path / "keys", f"valid rows of shard(s) {', '.join(names[:3])} have no key")
+            raise damaged(self.path / "keys",
+                          f"valid rows of shard(s) {', '.join(names[:3])} have no key")
         self._check_stored("meta", np.flatnonzero(done))
         return StoreIndex(self, rows, keys, captions)
 

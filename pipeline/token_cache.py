@@ -55,7 +55,8 @@ def tokenize(tok, captions, max_len: int, chunk: int = 65536) -> tuple[np.ndarra
     for i in range(0, len(captions), chunk):
         rows = tok.encode_ids([str(c) for c in captions[i:i + chunk]], max_len)
         lengths = np.fromiter(map(len, rows), dtype=np.int32, count=len(rows))
-        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype,
+                           count=int(lengths.sum()))
         ids = np.full((len(rows), max(int(lengths.max(initial=1)), 1)), tok.eos_id, dtype=dtype)
         ids[np.arange(ids.shape[1]) < lengths[:, None]] = flat  # row-major: each row's ids in order
         parts.append((ids, lengths))
@@ -72,7 +73,8 @@ def tokenize(tok, captions, max_len: int, chunk: int = 65536) -> tuple[np.ndarra
 def cache_key(tok, max_len: int) -> dict:
     """What the ids depend on besides the captions; a cache with another key is never read."""
     backend = getattr(tok.hf, "backend_tokenizer", None)  # a fast tokenizer's whole definition
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.hf.get_vocab().items()))
+    text = backend.to_str() if backend is not None else \
+        json.dumps(sorted(tok.hf.get_vocab().items()))
     try:
         import tokenizers
 
@@ -117,7 +119,8 @@ def _crc(a: np.ndarray) -> int:
 
 def _read(folder: Path, key: dict) -> tuple[Optional[dict], Optional[str]]:
     """(the cache: manifest + ids + lengths, None) or (None, why it cannot be trusted); (None,
-    None) when there is none. The ids are mapped, not copied: pages are read as batches need them."""
+    None) when there is none. The ids are mapped, not copied: pages are read as batches need
+    them."""
     f = folder / "manifest.json"
     if not f.is_file():
         return None, None
@@ -131,10 +134,12 @@ def _read(folder: Path, key: dict) -> tuple[Optional[dict], Optional[str]]:
         if ids.shape != (rows, width) or lengths.shape != (rows,) or lengths.dtype != np.int32 \
                 or ids.dtype not in (np.uint16, np.int32):
             return None, "holds arrays of other shapes than its manifest says"
-        if _crc(ids) != m["files"]["ids"]["crc32c"] or _crc(lengths) != m["files"]["lengths"]["crc32c"]:
+        files = m["files"]
+        if _crc(ids) != files["ids"]["crc32c"] or _crc(lengths) != files["lengths"]["crc32c"]:
             return None, "fails its checksum (crc32c)"
         shards = [[str(s), int(k), str(d)] for s, k, d in m["shards"]]
-        if sum(k for _, k, _ in shards) != rows or (rows and not 1 <= lengths.min() <= lengths.max() <= width):
+        if sum(k for _, k, _ in shards) != rows or \
+                (rows and not 1 <= lengths.min() <= lengths.max() <= width):
             return None, "holds rows its manifest does not account for"
     except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, whatever broke in it
         return None, f"is unreadable ({type(e).__name__})"
@@ -189,7 +194,8 @@ def _assemble(index, tok, max_len: int, prints: list[list], old: Optional[dict])
     for s, k, d in prints:
         spans.append((lo, lo + k, at.get((s, k, d))))
         lo += k
-    new = np.concatenate([np.arange(a, b) for a, b, o in spans if o is None] or [np.zeros(0, np.int64)])
+    new = np.concatenate([np.arange(a, b) for a, b, o in spans if o is None]
+                         or [np.zeros(0, np.int64)])  # positions to tokenise
     new_ids, new_len = tokenize(tok, index.captions.values[new], max_len)
     lengths = np.zeros(len(index), np.int32)
     lengths[new] = new_len
@@ -206,7 +212,8 @@ def _assemble(index, tok, max_len: int, prints: list[list], old: Optional[dict])
     return ids, lengths, len(index) - len(new)
 
 
-def _write(folder: Path, key: dict, prints: list[list], ids: np.ndarray, lengths: np.ndarray) -> None:
+def _write(folder: Path, key: dict, prints: list[list], ids: np.ndarray,
+           lengths: np.ndarray) -> None:
     """Data files under new names, then the manifest (renamed into place), then the files no
     manifest names any more: a reader sees the old cache or the whole new one."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,4 +237,4 @@ def _write(folder: Path, key: dict, prints: list[list], ids: np.ndarray, lengths
     for p in folder.iterdir():
         old_tmp = p.name.endswith(".tmp") and time.time() - p.stat().st_mtime > _STALE_TMP_S
         if (p.suffix == ".npy" and p.name not in keep) or old_tmp:
-            p.unlink(missing_ok=True)  # a reader that mapped it keeps its pages until it closes them
+            p.unlink(missing_ok=True)  # a reader that mapped it keeps its pages until it is done

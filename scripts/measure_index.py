@@ -1,4 +1,4 @@
-"""Open + index time and memory of a large store with tiny features, and caption tokens first and cached.
+"""Open + index time and memory of a big store with tiny features; caption tokens, first and cached.
 
     python scripts/measure_index.py --rows 200000 --store /tmp/big.zarr [--code DIR] [--tokens]
 
@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-WORDS = ("a man woman dog cat red blue small large people standing sitting near the of on in with "
-         "street water beach city tree car train table food plate white black young old group").split()
+WORDS = ("a man woman dog cat red blue small large people standing sitting near the of on in "
+         "with street water beach city tree car train table food plate white black young old "
+         "group").split()
 
 
 def rss_mb() -> float:
@@ -33,17 +34,19 @@ def build(path: Path, rows: int, capacity: int = 256) -> None:
     from pipeline.store import FeatureStore
 
     shards = -(-rows // capacity)
-    st = FeatureStore.create(path, encoder={"model": "toy", "weights": {"kind": "random-init", "seed": 0}},
-                             tokens=1, width=8, shard_capacity=capacity,
+    encoder = {"model": "toy", "weights": {"kind": "random-init", "seed": 0}}
+    st = FeatureStore.create(path, encoder=encoder, tokens=1, width=8, shard_capacity=capacity,
                              shards=[f"{s:05d}.tar" for s in range(shards)])
     rng = np.random.default_rng(0)
     for s in range(shards):
         n = min(capacity, rows - s * capacity)
         keys = [f"{s:05d}{i:04d}" for i in range(n)]
         caps = [" ".join(rng.choice(WORDS, rng.integers(6, 18))) for _ in range(n)]
-        meta = [json.dumps({"url": f"https://images.example.com/photos/{k}/{rng.integers(1 << 62):x}.jpg",
+        host = "https://images.example.com/photos"
+        meta = [json.dumps({"url": f"{host}/{k}/{rng.integers(1 << 62):x}.jpg",
                             "caption": c, "key": k, "status": "success", "error_message": None,
-                            "width": 224, "height": 224, "original_width": int(rng.integers(200, 2000)),
+                            "width": 224, "height": 224,
+                            "original_width": int(rng.integers(200, 2000)),
                             "original_height": int(rng.integers(200, 2000)),
                             "exif": json.dumps({"Image Make": "Canon", "Image Model": "EOS 5D"}),
                             "sha256": f"{rng.integers(1 << 62):064x}"}) for k, c in zip(keys, caps)]
@@ -55,7 +58,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--store", type=Path, required=True)
     ap.add_argument("--code", type=Path, help="measure this checkout's pipeline instead")
-    ap.add_argument("--tokens", action="store_true", help="also the caption ids through the token cache")
+    ap.add_argument("--tokens", action="store_true",
+                    help="also the caption ids through the token cache")
     args = ap.parse_args()
     if args.code:
         sys.path.insert(0, str(args.code))
@@ -69,7 +73,8 @@ def main() -> None:
     t = time.perf_counter()
     index = FeatureStore.open(args.store).index()
     out = {"code": str(args.code or "this checkout"), "rows": len(index),
-           "open_index_s": round(time.perf_counter() - t, 2), "rss_index_mb": round(rss_mb() - before, 1),
+           "open_index_s": round(time.perf_counter() - t, 2),
+           "rss_index_mb": round(rss_mb() - before, 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if args.tokens:
         from pipeline import token_cache

@@ -276,7 +276,8 @@ def setup(cfg: TrainConfig, dist: Dist, device: torch.device) -> TrainRun:
     early = EarlyStop(cfg.patience, cfg.parallel_fraction,
                       folder.metrics.read() if dist.main else [])
     extras = {"tokenize_s": data.tokenize_s, "token_cache": data.token_cache,
-              "features_load_s": load_s, "features": source.placement, "device": str(device), "precision": precision}
+              "features_load_s": load_s, "features": source.placement, "device": str(device),
+              "precision": precision}
     stopped = not dist.all_ok(not early.exhausted)  # a rerun of a run that stopped early
     return TrainRun(cfg, data, folder, state, train_loader, val_loader, early, position, tally,
                     stop_at, total, extras, baseline, start_step=position.step,

@@ -169,13 +169,13 @@ def _two_shards(tmp_path):
 def test_the_index_holds_keys_and_captions_as_arrays_and_reads_metadata_per_row(tmp_path):
     path, a, b = _two_shards(tmp_path)
     idx = FeatureStore.open(path).index()
-    assert isinstance(idx.keys.values, np.ndarray) and idx.keys.values.dtype == np.dtypes.StringDType()
+    assert idx.keys.values.dtype == np.dtypes.StringDType()  # no Python object per row
     assert idx.keys == a[1] + b[1] and idx.captions == a[2] + b[2]
     assert idx.keys[5] == "b001" and type(idx.keys[5]) is str and idx.keys.index("b001") == 5
     assert idx.captions[np.array([5, 0])] == [b[2][1], a[2][0]] and list(idx.keys[:2]) == a[1][:2]
     assert "\n".join(idx.keys) == "\n".join(a[1] + b[1])  # data_digest's input
     assert idx.meta_of([5, 0, 9]) == [b[3][1], a[3][0], b[3][5]] and idx.meta_of([]) == []
-    # only the chunks that hold the asked rows are read: shard a's rows, with shard b's metadata gone
+    # only the chunks that hold the asked rows are read: shard a's rows, shard b's metadata gone
     (path / "meta/c/1").unlink()
     assert idx.meta_of([3, 0]) == [a[3][3], a[3][0]]
     (path / "meta/c/1").write_bytes(b"\x00" * 64)
