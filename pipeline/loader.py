@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.objective import RowMix
+from pipeline.token_cache import tokenize
 
 # Stream tags of the per-epoch generators, so order and kind draws never share random numbers.
 _ORDER, _KINDS, _BUCKETS = 1, 2, 3
@@ -51,29 +52,45 @@ def split_positions(keys: list[str], val_fraction: float) -> tuple[np.ndarray, n
 
 
 class CaptionTokens:
-    """Every caption tokenised once, up front: ids [N, Lmax] int32 and mask [N, Lmax] bool, kept on
-    the CPU."""
+    """Caption token ids [N, W] (EOS-padded, uint16 or int32: `token_cache.tokenize`) and lengths
+    [N] on the CPU: tokenised here, or the store's token cache (`of`, the ids then a read-only map
+    of its file)."""
 
-    def __init__(self, tokenizer, captions: list[str], max_len: int, chunk: int = 65536):
-        ids, masks = [], []
-        for i in range(0, len(captions), chunk):  # chunks bound the tokenizer's temporary memory
-            t, m = tokenizer.encode_batch(list(captions[i:i + chunk]), max_len)
-            ids.append(t.to(torch.int32))
-            masks.append(m.to(torch.bool))
-        width = max((t.shape[1] for t in ids), default=1)
-        self.ids = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ids]) if ids \
-            else torch.zeros(0, 1, dtype=torch.int32)
-        self.mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]) if masks \
-            else torch.zeros(0, 1, dtype=torch.bool)
-        cols = torch.arange(1, width + 1)
-        self.extent = (self.mask * cols).amax(1) if len(self.ids) else torch.zeros(0, dtype=torch.long)  # last real + 1
-        self.count = self.mask.sum(1)  # real tokens per caption [N]
+    def __init__(self, tokenizer, captions, max_len: int, chunk: int = 65536):
+        self._set(*tokenize(tokenizer, captions, max_len, chunk))
+
+    @classmethod
+    def of(cls, ids: np.ndarray, lengths: np.ndarray) -> "CaptionTokens":
+        self = cls.__new__(cls)
+        self._set(ids, lengths)
+        return self
+
+    def _set(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        self.ids = ids  # [N, W]
+        self.count = torch.from_numpy(np.asarray(lengths, dtype=np.int64))  # tokens per caption [N]
+        self.extent = self.count  # last real token + 1: a caption's ids start at column 0
+
+    def __len__(self) -> int:
+        return len(self.count)
+
+    def take(self, pos: np.ndarray) -> "CaptionTokens":
+        """The captions at positions `pos`, in that order (a copy)."""
+        pos = np.asarray(pos, dtype=np.int64)
+        return CaptionTokens.of(self.ids[pos], self.count.numpy()[pos])
+
+    def id_lists(self, pos: np.ndarray) -> list[list[int]]:
+        """Each caption's ids at positions `pos` (EOS included, no padding), as `encode_ids`
+        gives them."""
+        pos = np.asarray(pos, dtype=np.int64)
+        counts = self.count.numpy()[pos].tolist()
+        return [self.ids[p, :n].tolist() for p, n in zip(pos.tolist(), counts)]
 
     def batch(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """targets [k, L] int64 and mask [k, L] bool, padded only to the longest caption among
         `pos`."""
         width = max(int(self.extent[pos].max()), 1) if len(pos) else 1
-        return self.ids[pos, :width].long(), self.mask[pos, :width]
+        targets = torch.from_numpy(self.ids[np.asarray(pos), :width].astype(np.int64))
+        return targets, torch.arange(width) < self.count[pos].unsqueeze(1)
 
 
 def ram_bytes() -> int:

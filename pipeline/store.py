@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,17 +68,64 @@ def check_layout(path: Path, attrs: dict, arrays: dict) -> None:
             bad(f"{name} holds {a.dtype}, not booleans", path / name / "zarr.json")
 
 
-@dataclass
-class StoreIndex:
-    """Valid rows of done shards, in row order, with their text columns."""
+class Texts(Sequence):
+    """A text column as one numpy StringDType array [n] (~16 bytes a row, plus the text past 15
+    bytes; no Python object per row). Items are str; it equals a list of the same strings."""
 
-    rows: np.ndarray  # int64 [n]
-    keys: list[str]
-    captions: list[str]
-    meta: list[str]  # JSON text per sample ("" when the shard had none)
+    __slots__ = ("values",)
+    __hash__ = None
+
+    def __init__(self, values):
+        self.values = np.asarray(values, dtype=np.dtypes.StringDType())
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            return str(self.values[i])
+        return Texts(self.values[i])  # a slice or an array of positions
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Texts):
+            return bool(np.array_equal(self.values, other.values))
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and self.values.tolist() == list(other)
+        return NotImplemented
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"Texts({len(self)} rows)"
+
+
+class StoreIndex:
+    """Valid rows of done shards, in row order: their keys and captions in memory; their metadata
+    read from the store only for the rows a stage asks for (`meta_of`)."""
+
+    def __init__(self, store: "FeatureStore", rows: np.ndarray, keys: Texts, captions: Texts):
+        self.store = store
+        self.rows = rows  # int64 [n] store rows
+        self.keys = keys  # [n]
+        self.captions = captions  # [n]
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def meta_of(self, positions) -> list[str]:
+        """JSON text of index positions `positions` ("" where the shard had none), reading only the
+        chunks that hold them."""
+        return self.store.text_at("meta", self.rows[np.asarray(positions, dtype=np.int64)]).tolist()
+
+    @functools.cached_property
+    def meta(self) -> list[str]:
+        """Every row's JSON text: the whole column, kept (a stage that needs a few rows:
+        `meta_of`)."""
+        return self.meta_of(np.arange(len(self)))
 
 
 def chunk_rows_for(capacity: int, tokens: int, width: int) -> int:
@@ -345,7 +393,8 @@ class FeatureStore:
                          f"({str(e).split('.')[0]}); `pipeline verify --store {self.path}` lists every bad shard; "
                          "re-encode into a new --store (or rebuild this one with --overwrite)")
 
-    def _missing(self) -> dict[str, dict[str, list[Path]]]:
+    def _missing(self, done: np.ndarray | None = None,
+                 valid: np.ndarray | None = None) -> dict[str, dict[str, list[Path]]]:
         """Chunk files of done shards that a reader needs but that are absent: {shard: {array: [files]}}.
 
         zarr reads an absent chunk as its fill value (zeros, False, ""), so a deleted file would read as empty
@@ -353,7 +402,10 @@ class FeatureStore:
         older stores skip chunks equal to the fill value, so there a chunk counts as missing only when the
         shard's other files show it held something (valid rows, or another column stored).
         """
-        done, c, cr, valid = self.shard_done(), self.shard_capacity, self.chunk_rows, self._valid()
+        # done [S] and valid [S * C] as the caller read them: each read costs a pass over S chunks
+        done = self.shard_done() if done is None else done
+        valid = self._valid() if valid is None else valid
+        c, cr = self.shard_capacity, self.chunk_rows
         out: dict[str, dict[str, list[Path]]] = {}
         for s in np.flatnonzero(done):
             files = {a: self._chunk_file(a, (s,)) for a in ("valid", *STRING_ARRAYS)}
@@ -377,21 +429,59 @@ class FeatureStore:
                 for name, gone in self._missing().items()}
 
     def _column(self, name: str, n: int) -> np.ndarray:
-        """The first n values of a 1-D array. A chunk that does not decode (checksum, zstd or UTF-8 error) is
-        one line naming its file."""
+        """The first n values of a 1-D array (`_span`)."""
+        return self._span(name, 0, n)
+
+    def _span(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Values [lo, hi) of a 1-D array. A chunk that does not decode (checksum, zstd or UTF-8
+        error) is one line naming its file."""
         a = self.arrays[name]
         try:
-            return np.asarray(a[:n])
+            return np.asarray(a[lo:hi])
         except Exception as e:  # noqa: BLE001 - each codec raises its own type
             per, why = a.chunks[0], f"{type(e).__name__}: {str(e).split('.')[0][:80]}"
-            for i in range(-(-n // per)):
+            for i in range(lo // per, -(-hi // per)):
                 try:
-                    a[i * per:min((i + 1) * per, n)]
+                    a[max(i * per, lo):min((i + 1) * per, hi)]
                 except Exception:  # noqa: BLE001
                     shard = self.shards[i] if name == "shard_done" else self.shard_of_row(i * per)
                     raise damaged(self._chunk_file(name, (i,)), f"shard {shard}'s {name} cannot be read "
                                   f"({why})") from None
             raise damaged(self.path / name, f"cannot be read ({why})") from None
+
+    def text_at(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """A text column's values at store rows `rows` [k] (any order), reading only the chunks that
+        hold them: each run of neighbouring chunks in one read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty(len(rows), dtype=np.dtypes.StringDType())
+        if not len(rows):
+            return out
+        per = self.arrays[name].chunks[0]
+        chunks = np.unique(rows // per)
+        cuts = np.flatnonzero(np.diff(chunks) != 1) + 1
+        for run in np.split(chunks, cuts):
+            lo, hi = int(run[0]) * per, (int(run[-1]) + 1) * per
+            inside = (rows >= lo) & (rows < hi)
+            out[inside] = self._span(name, lo, hi)[rows[inside] - lo]
+        return out
+
+    def _check_stored(self, name: str, shards: np.ndarray) -> None:
+        """That a text column's chunks of `shards` would decode, without decoding them: their crc32c
+        against their bytes (a reader that needs the values decodes them later, `text_at`). Stores
+        without checksums are decoded and dropped."""
+        if not self.text_checked:
+            for s in shards.tolist():
+                self._span(name, *self.region(s))
+            return
+        import google_crc32c  # zarr's own crc32c (Crc32cCodec): the last 4 bytes, little-endian
+
+        for s in shards.tolist():
+            f = self._chunk_file(name, (s,))
+            data = np.frombuffer(f.read_bytes(), dtype=np.uint8)
+            if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:],
+                                                                                 "little"):
+                raise damaged(f, f"shard {self.shards[s]}'s {name} cannot be read "
+                              "(checksum mismatch)")
 
     def region(self, s: int) -> tuple[int, int]:
         c = self.shard_capacity
@@ -489,23 +579,27 @@ class FeatureStore:
 
     # --- reading --------------------------------------------------------------------------------------------
     def index(self) -> StoreIndex:
-        """The valid rows of done shards with their text; a missing or undecodable chunk, or a valid row
-        without a key, is one line (never rows read as empty)."""
-        done = self.shard_done()
-        c = self.shard_capacity
-        valid = self._valid() & np.repeat(done, c)
+        """The valid rows of done shards with their keys and captions; a missing or undecodable
+        chunk (metadata too: checked, not read), or a valid row without a key, is one line (never
+        rows read as empty)."""
+        done, stored = self.shard_done(), self._valid()
+        valid = stored & np.repeat(done, self.shard_capacity)
         rows = np.flatnonzero(valid).astype(np.int64)
-        missing = self._missing()
+        missing = self._missing(done, stored)
         if missing:
             names = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
             kinds = "/".join(sorted({a for gone in missing.values() for a in gone}))
             first = next(iter(next(iter(missing.values())).values()))[0]
             raise UserError(f"{first} is missing: shard(s) {names} are marked done but miss {kinds} chunks on "
                             f"disk; run `pipeline verify --store {self.path}`, then re-encode them")
-        cols = {name: [str(v) for v in self._column(name, len(valid))[rows]] for name in STRING_ARRAYS}
-        if blank := sorted({self.shard_of_row(r) for r, k in zip(rows, cols["keys"]) if not k}):
-            raise damaged(self.path / "keys", f"valid rows of shard(s) {', '.join(blank[:3])} have no key")
-        return StoreIndex(rows=rows, keys=cols["keys"], captions=cols["captions"], meta=cols["meta"])
+        keys, captions = (Texts(self._column(name, len(valid))[rows])
+                          for name in ("keys", "captions"))
+        if len(rows) and (blank := np.flatnonzero(keys.values == "")).size:
+            names = sorted({self.shard_of_row(r) for r in rows[blank]})
+            raise damaged(self.path / "keys",
+                          f"valid rows of shard(s) {', '.join(names[:3])} have no key")
+        self._check_stored("meta", np.flatnonzero(done))
+        return StoreIndex(self, rows, keys, captions)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """float16 [stop-start, T, E]; chunk-aligned ranges read fastest. A bad checksum: one line naming the shard."""

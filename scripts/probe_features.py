@@ -286,8 +286,9 @@ def decoder_refinement(run: Path, store_path: Path, steps: list[int], batch: int
     feats = FeatureSource(store, index.rows[va], device=device, placement="memory",
                           slab_rows=store.shard_capacity).held
     keys = [index.keys[i] for i in va]
-    truth = {k: captions.meta_attributes(index.meta[i]) for k, i in zip(keys, va)}
-    refs = {k: captions.meta_references(index.meta[i], index.captions[i]) for k, i in zip(keys, va)}
+    meta = index.meta_of(va)  # the validation rows' metadata only
+    truth = {k: captions.meta_attributes(m) for k, m in zip(keys, meta)}
+    refs = {k: captions.meta_references(m, index.captions[i]) for k, m, i in zip(keys, meta, va)}
     seen = metrics.caption_bigrams(index.captions[i] for i in tr)
     log(f"decoder {loaded.ckpt} (step {loaded.step}, {loaded.chosen}), {precision}, {len(va)} val samples")
     caps, out = {}, {"checkpoint": str(loaded.ckpt), "step": loaded.step, "precision": precision,

@@ -22,6 +22,7 @@ from pipeline.captions import VOCAB, meta_attributes, meta_references
 from pipeline.config import EvalConfig, FetchConfig, TrainConfig
 from pipeline.devices import autocast, resolve_device, run_precision
 from pipeline.errors import UserError
+from pipeline import token_cache
 from pipeline.loader import CaptionTokens, FeatureSource, Loader, split_positions
 from pipeline.ngram import fit_baseline, warning as ngram_warning
 from pipeline.osutil import printable
@@ -100,13 +101,14 @@ def open_split(cfg: EvalConfig) -> EvalSplit:
                            slab_rows=store.shard_capacity)
     k = len(val_pos) if cfg.limit is None else min(cfg.limit, len(val_pos))
     first = val_pos[:k]
+    meta = index.meta_of(first)  # only the captioned rows' metadata is read
     return EvalSplit(
         run=loaded, device=device, precision=precision, store=store, index=index,
         val_fraction=float(val_fraction), train_pos=train_pos, val_pos=val_pos, source=source,
         max_new=min(cfg.max_new_tokens, loaded.decoder.cfg.max_len), k=k,
         keys=[index.keys[i] for i in first],
-        references=[meta_references(index.meta[i], index.captions[i]) for i in first],
-        attrs=[meta_attributes(index.meta[i]) for i in first])
+        references=[meta_references(m, index.captions[i]) for m, i in zip(meta, first)],
+        attrs=[meta_attributes(m) for m in meta])
 
 
 # --- 1. validation loss ---------------------------------------------------------------------------
@@ -114,7 +116,11 @@ def validation_loss(data: EvalSplit, cfg: EvalConfig, timing: dict) -> dict:
     """The validation loss of both modes on the whole validation split."""
     t = time.perf_counter()
     dec, tok = data.run.decoder, data.run.tokenizer
-    tokens = CaptionTokens(tok, data.val_captions, dec.cfg.max_len)
+    # The store's token cache when train left one for this tokenizer and store; else only the
+    # validation captions are tokenised (building the whole cache here would cost more).
+    cached = token_cache.lookup(data.index, tok, dec.cfg.max_len)
+    tokens = CaptionTokens.of(cached.ids, cached.lengths).take(data.val_pos) if cached else \
+        CaptionTokens(tok, data.val_captions, dec.cfg.max_len)
     # length buckets: less padding; the token-weighted loss does not depend on the order
     loader = Loader(data.source, tokens, np.arange(len(data.val_pos)), cfg.batch_size,
                     shuffle=False, prefetch=1, length_buckets=TrainConfig.length_buckets)
@@ -304,7 +310,9 @@ def write_figures(result: dict, data: EvalSplit, out_dir: Path, cfg: EvalConfig)
     rows = [int(data.index.rows[i]) for i in data.val_pos[:n]]
     shards_dir = Path(cfg.shards or store.attrs.get("shards_dir") or FetchConfig.shards)
     keys = [s["key"] for s in result["samples"][:n]]
-    samples = [{"caption": data.index.captions[i], "url": _url(data.index.meta[i])} for i in data.val_pos[:n]]
+    shown = data.val_pos[:n]
+    samples = [{"caption": data.index.captions[i], "url": _url(m)}
+               for m, i in zip(data.index.meta_of(shown), shown)]
     images, sources = report.load_images(keys, rows, store.shards, store.shard_capacity, shards_dir,
                                          data.attrs[:n], samples)
     result["grid_images"] = {"shards_dir": str(shards_dir),

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from rich.progress import TextColumn
 
+from pipeline import token_cache
 from pipeline.config import DecoderConfig, TrainConfig, decoder_config
 from pipeline.devices import resolve_device, resolve_precision
 from pipeline.dist import Dist, StopRequest
@@ -220,6 +221,7 @@ class Data:
     decoder: DecoderConfig
     record: dict  # config.json (before the data order is added)
     tokenize_s: float
+    token_cache: str  # "hit" | "extended" | "built" | "unwritable" | "not cached" (token_cache.py)
 
 
 @dataclass
@@ -274,8 +276,9 @@ def setup(cfg: TrainConfig, dist: Dist, device: torch.device) -> TrainRun:
     # resume).
     early = EarlyStop(cfg.patience, cfg.parallel_fraction,
                       folder.metrics.read() if dist.main else [])
-    extras = {"tokenize_s": data.tokenize_s, "features_load_s": load_s,
-              "features": source.placement, "device": str(device), "precision": precision}
+    extras = {"tokenize_s": data.tokenize_s, "token_cache": data.token_cache,
+              "features_load_s": load_s, "features": source.placement, "device": str(device),
+              "precision": precision}
     stopped = not dist.all_ok(not early.exhausted)  # a rerun of a run that stopped early
     return TrainRun(cfg, data, folder, state, train_loader, val_loader, early, position, tally,
                     stop_at, total, extras, baseline, start_step=position.step,
@@ -331,7 +334,7 @@ def prepare_data(cfg: TrainConfig, dist: Dist) -> Data:
                         "to train")
     tok = load_tokenizer(cfg.tokenizer)
     t = time.perf_counter()
-    tokens = CaptionTokens(tok, index.captions, cfg.max_len)
+    tokens, cache = caption_tokens(index, tok, cfg.max_len, dist)
     t = time.perf_counter() - t
     # Parallel rows' fixed length: the longest training caption, EOS included; recorded resolved, so
     # a resumed run (same data) keeps it and another length is refused.
@@ -339,7 +342,23 @@ def prepare_data(cfg: TrainConfig, dist: Dist) -> Data:
         cfg = replace(cfg, parallel_len=int(tokens.count[torch.from_numpy(train_pos)].max()))
     dec = decoder_config(cfg, store.tokens, store.width, tok)
     record = run_record(cfg, dec, tok, store, index, (train_pos, val_pos))
-    return Data(cfg, store, index, tok, tokens, train_pos, val_pos, dec, record, t)
+    return Data(cfg, store, index, tok, tokens, train_pos, val_pos, dec, record, t, cache)
+
+
+def caption_tokens(index: StoreIndex, tok: Tokenizer, max_len: int,
+                   dist: Dist) -> tuple[CaptionTokens, str]:
+    """Every caption's ids from the store's token cache (pipeline/token_cache.py), which rank 0
+    extends or builds when it does not cover the store; the other ranks then read what it wrote
+    (or tokenise in memory where it could not write). -> (tokens, how the cache served them)."""
+    def note(line: str) -> None:
+        console.print(line, highlight=False)
+
+    got = token_cache.caption_token_ids(index, tok, max_len, say=note) if dist.main else None
+    dist.barrier()  # rank 0's cache is on disk
+    if got is None:
+        got = token_cache.lookup(index, tok, max_len) or \
+            token_cache.caption_token_ids(index, tok, max_len, say=_silent, write=False)
+    return CaptionTokens.of(got.ids, got.lengths), got.cache
 
 
 def make_loaders(data: Data, order: DataOrder, placement: str, dist: Dist, device):
@@ -395,7 +414,8 @@ def finish(r: TrainRun, stage_wall_s: float) -> dict:
         "complete": pos.step >= r.total or r.stopped_early,
         "steps_this_run": pos.step - r.start_step, "early_stopping": r.early.record(),
         "ngram_baseline": r.baseline, "stage_wall_s": stage_wall_s, **r.clock.summary(),
-        "tokenize_s": r.extras["tokenize_s"], "features_load_s": r.extras["features_load_s"],
+        "tokenize_s": r.extras["tokenize_s"], "token_cache": r.extras["token_cache"],
+        "features_load_s": r.extras["features_load_s"],
         "features": r.extras["features"], "device": r.extras["device"],
         "precision": r.extras["precision"], "world_size": dist.world,
         "batch_size": r.cfg.batch_size,

@@ -154,3 +154,44 @@ def test_overwrite_deletes_only_a_cappa_store(tmp_path):
     assert FeatureStore.create(empty, encoder=ENC, tokens=T, width=E, shard_capacity=C,
                                shards=["a"],
                                overwrite=True).shards == ["a"]
+
+
+def _two_shards(tmp_path):
+    rng = np.random.default_rng(2)
+    st = FeatureStore.create(tmp_path / "f.zarr", encoder=ENC, tokens=T, width=E, shard_capacity=C,
+                             shards=["a", "b"])
+    a, b = _shard(rng, 4, "a"), _shard(rng, 6, "b")
+    st.write_shard(0, *a)
+    st.write_shard(1, *b)
+    return st.path, a, b
+
+
+def test_the_index_holds_keys_and_captions_as_arrays_and_reads_metadata_per_row(tmp_path):
+    path, a, b = _two_shards(tmp_path)
+    idx = FeatureStore.open(path).index()
+    assert idx.keys.values.dtype == np.dtypes.StringDType()  # no Python object per row
+    assert idx.keys == a[1] + b[1] and idx.captions == a[2] + b[2]
+    assert idx.keys[5] == "b001" and type(idx.keys[5]) is str and idx.keys.index("b001") == 5
+    assert idx.captions[np.array([5, 0])] == [b[2][1], a[2][0]] and list(idx.keys[:2]) == a[1][:2]
+    assert "\n".join(idx.keys) == "\n".join(a[1] + b[1])  # data_digest's input
+    assert idx.meta_of([5, 0, 9]) == [b[3][1], a[3][0], b[3][5]] and idx.meta_of([]) == []
+    # only the chunks that hold the asked rows are read: shard a's rows, shard b's metadata gone
+    (path / "meta/c/1").unlink()
+    assert idx.meta_of([3, 0]) == [a[3][3], a[3][0]]
+    (path / "meta/c/1").write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError) as e:
+        idx.meta_of([4])
+    assert "\n" not in str(e.value) and str(path / "meta/c/1") in str(e.value)
+
+
+def test_a_damaged_metadata_chunk_is_refused_when_the_index_is_opened(tmp_path):
+    """Checked by its crc32c, not decoded: train never reads the metadata but must not train on a
+    damaged store."""
+    path, _, _ = _two_shards(tmp_path)
+    f = path / "meta/c/0"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(UserError) as e:
+        FeatureStore.open(path).index()
+    assert "\n" not in str(e.value) and str(f) in str(e.value) and "shard a's meta" in str(e.value)
