@@ -221,10 +221,6 @@ def test_loss_plot_of_a_run_named_like_tex_is_drawn(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "empty.png").stat().st_size > 0
 
 
-def _snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_train_into_a_users_folder_is_refused_untouched(tiny_store, tmp_path):
     """`pipeline train --run DIR` on a folder of the user's files (no run of ours) overwrote
     config.json, metrics.jsonl, summary.json, loss.png and best.safetensors, exit 0."""
