@@ -111,14 +111,15 @@ def warning(ar_loss: float | None, baseline: dict | None) -> str | None:
             f"model of the training captions ({ng:.3f}): it has learnt less than counting words would")
 
 
-def fit_baseline(tokenizer, train_captions: Sequence[str], val_captions: Sequence[str], max_len: int,
-                 order: int = 3) -> dict:
-    """The text-only baseline of a run: an `order`-gram fitted on the training captions, scored on validation.
+def fit_baseline(tokenizer, train_ids: Sequence[Sequence[int]], val_ids: Sequence[Sequence[int]],
+                 max_len: int, order: int = 3) -> dict:
+    """The text-only baseline of a run: an `order`-gram fitted on the training captions' ids (EOS
+    included, as `Tokenizer.encode_ids` gives them: a run passes its cached token ids, so captions are
+    not tokenised again), scored on validation.
 
     -> {"order", "val_loss" (nats/token, as the decoder's AR loss), "val_tokens", "caption" (its most likely
     caption, the same for every image), "train_captions"}."""
-    enc = tokenizer.encode_ids(train_captions, max_len)
-    lm = NGramLM(order, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id).fit(enc)
-    s, n = lm.nll(tokenizer.encode_ids(val_captions, max_len))
+    lm = NGramLM(order, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id).fit(train_ids)
+    s, n = lm.nll(val_ids)
     return {"order": order, "val_loss": s / n if n else None, "val_tokens": n,
-            "caption": tokenizer.decode(lm.most_likely(max_len - 1)), "train_captions": len(enc)}
+            "caption": tokenizer.decode(lm.most_likely(max_len - 1)), "train_captions": len(train_ids)}

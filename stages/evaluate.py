@@ -228,8 +228,9 @@ def score(data: EvalSplit, caps: dict[str, list[str]], timing: dict) -> Scores:
     train_captions = [data.index.captions[i] for i in data.train_pos]
     # Text-only baseline: an n-gram LM of the training captions; its caption is the same for every
     # image.
-    ngram = fit_baseline(data.run.tokenizer, train_captions, data.val_captions,
-                         data.run.decoder.cfg.max_len)
+    tok, max_len = data.run.tokenizer, data.run.decoder.cfg.max_len
+    ngram = fit_baseline(tok, tok.encode_ids(train_captions, max_len),
+                         tok.encode_ids(data.val_captions, max_len), max_len)
     caps["ngram"] = [ngram["caption"]] * data.k
     ref_map = dict(zip(data.keys, data.references))
     coco = metrics.coco_metrics_many(ref_map, {m: dict(zip(data.keys, c)) for m, c in caps.items()})

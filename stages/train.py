@@ -255,9 +255,8 @@ def setup(cfg: TrainConfig, dist: Dist, device: torch.device) -> TrainRun:
     # (~1 s).
     baseline = None
     if dist.main and len(data.val_pos):
-        caps = data.index.captions
-        baseline = fit_baseline(data.tokenizer, [caps[i] for i in data.train_pos],
-                                [caps[i] for i in data.val_pos], cfg.max_len)
+        baseline = fit_baseline(data.tokenizer, data.tokens.id_lists(data.train_pos),
+                                data.tokens.id_lists(data.val_pos), cfg.max_len)
     source, train_loader, val_loader, load_s = make_loaders(data, order, placement, dist, device)
     total = cfg.epochs * len(train_loader)
     # The same seed on every rank, so every rank starts from the same weights.

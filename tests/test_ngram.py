@@ -44,8 +44,9 @@ def test_fit_baseline_on_real_tokenizer_and_synthetic_captions():
 
     tok = load_tokenizer("gpt2")
     caps = [r.caption for r in synthetic.make_rows(0, 400, 0.0)]
-    b2 = fit_baseline(tok, caps[:350], caps[350:], 77, order=2)
-    b3 = fit_baseline(tok, caps[:350], caps[350:], 77, order=3)
+    ids = tok.encode_ids(caps, 77)
+    b2 = fit_baseline(tok, ids[:350], ids[350:], 77, order=2)
+    b3 = fit_baseline(tok, ids[:350], ids[350:], 77, order=3)
     assert b3["val_tokens"] == sum(len(tok.encode(c, 77)) for c in caps[350:])  # caption tokens + EOS
     assert 0.5 < b3["val_loss"] < b2["val_loss"] < math.log(tok.vocab_size)
     words = set(" ".join(caps[:350]).replace(",", " ").split())
