@@ -312,7 +312,7 @@ class TrainConfig(StageConfig):
     # Which cross-attention form training runs (same function, different cost): "kv" projects the
     # image tokens to keys/values in every layer; "absorbed" moves those projections to the text
     # side; "auto" picks the one with fewer FLOPs per batch length after `absorbed_discount`
-    # (pipeline/model.py CrossAttention).
+    # (pipeline/cost.py cheaper_form).
     cross_attention: str = knob("auto", "the cross-attention form: same function, different cost "
                                         "(auto = fewer FLOPs)", choices=("auto", "kv", "absorbed"))
     resume: bool = knob(False, "continue from the run's last checkpoint")

@@ -421,8 +421,6 @@ def run(cfg: BenchConfig) -> dict:
 
     from pipeline.devices import machine_kind, resolve_device, resolve_precision
 
-    if cfg.repeats < 1:
-        raise UserError(f"--repeats must be >= 1 (got {cfg.repeats})")
     device = resolve_device(cfg.device)  # every measurement's inputs and models are made on this one device
     precision = resolve_precision(cfg.precision, device)
     repeats = min(cfg.repeats, 2) if cfg.quick else cfg.repeats

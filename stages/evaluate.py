@@ -74,11 +74,7 @@ class EvalSplit:
 
 
 def open_split(cfg: EvalConfig) -> EvalSplit:
-    """Check the options, load the run's decoder, open its store and cut its validation split."""
-    if cfg.beam_size < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise UserError("--beam-size, --batch-size and --max-new-tokens must be >= 1")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise UserError(f"--limit must be >= 1 (got {cfg.limit})")
+    """Load the run's decoder, open its store and cut its validation split."""
     device = resolve_device(cfg.device)  # this stage's one device: the decoder's and every batch's
     loaded = load_run(cfg.run, device, cfg.checkpoint)  # --checkpoint: best | last | PATH
     rec = loaded.record
