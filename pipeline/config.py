@@ -355,6 +355,10 @@ def train_config(recipe: str = "default", **given) -> "TrainConfig":
     return TrainConfig(**{**recipe_values(recipe), **given, "recipe": recipe})
 
 
+CHECKPOINT_HELP = ("the weights: best (the best epoch's, else the newest checkpoint), last (the "
+                   "newest checkpoint), or PATH (a checkpoint folder or .safetensors file)")
+
+
 @dataclass
 class EvalConfig(StageConfig):
     run: Path = knob(Path("cache/runs/default"), "run folder to evaluate")
@@ -364,9 +368,7 @@ class EvalConfig(StageConfig):
     # separate beam column (1 would repeat greedy there).
     beam_size: int = knob(3, "width of the beam-search column (greedy is always scored beside it; "
                              "`caption` decodes greedy by default)", ge=1)
-    checkpoint: str = knob("best", "the weights: best (the best epoch's, else the newest "
-                                   "checkpoint), last (the newest checkpoint), or PATH (a "
-                                   "checkpoint folder or .safetensors file)")
+    checkpoint: str = knob("best", CHECKPOINT_HELP)
     # None = the whole split: parallel decoding is one pass per batch, beam search ~3x greedy
     limit: Optional[int] = knob(None, "validation samples to caption (default: the whole split)",
                                 ge=1)
@@ -389,6 +391,7 @@ class EvalConfig(StageConfig):
 class CaptionConfig(StageConfig):
     images: list[Path] = knob(help="image files to caption", factory=list)  # a positional argument
     run: Path = knob(Path("cache/runs/default"), "trained run folder")
+    checkpoint: str = knob("best", CHECKPOINT_HELP)
     # Greedy by default: it scored as well as beam 3 on the synthetic set (docs/TRAINING.md) at a
     # third of the cost; eval's --beam-size 3 is the width of its separate beam column.
     beam_size: int = knob(1, "beam size; 1 = greedy (scored as well as beam 3 on the synthetic "

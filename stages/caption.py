@@ -17,7 +17,8 @@ def run(cfg: CaptionConfig) -> list[str]:
 
     from pipeline.api import Captioner
 
-    cap = Captioner.from_run(cfg.run, device=cfg.device, precision=cfg.precision)
+    cap = Captioner.from_run(cfg.run, device=cfg.device, precision=cfg.precision,
+                             checkpoint=cfg.checkpoint)
     captions = cap.caption(images, beam_size=cfg.beam_size, max_new_tokens=cfg.max_new_tokens,
                            length_penalty=cfg.length_penalty)
     for path, caption in zip(cfg.images, captions):  # escaped: escape codes drive terminals

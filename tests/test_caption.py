@@ -117,3 +117,25 @@ def test_caption_refuses_features_of_another_shape(tiny_run, shard_jpeg, tmp_pat
     p = json.loads((tiny_run / "config.json").read_text())["store"]["tokens"]
     assert line == (f"error: the rebuilt vit_tiny_patch16_224 gives [{p}, 192] features per image, "
                     f"the decoder was trained on [{p - 1}, 192]")
+
+
+def test_caption_chooses_its_weights_as_eval_does(tiny_run, shard_jpeg, tmp_path):
+    """`caption --checkpoint last` decodes with the newest checkpoint, as the API does with the same
+    choice; a named checkpoint that does not exist is one line, never swapped for another."""
+    from typer.testing import CliRunner
+
+    from pipeline.api import Captioner
+    from pipeline.cli import app
+
+    opts = ["--run", str(tiny_run), "--max-new-tokens", "8", "--device", "cpu", "--precision", "fp32"]
+    res = CliRunner().invoke(app, ["caption", str(shard_jpeg[0]), "--checkpoint", "last", *opts])
+    assert res.exit_code == 0, (res.output, res.exception)
+    want = Captioner.from_run(tiny_run, device="cpu", precision="fp32", checkpoint="last")
+    line = f"{shard_jpeg[0]}: {want.caption([shard_jpeg[0]], max_new_tokens=8)[0]}"
+    assert res.stdout.splitlines() == [line]
+    missing = tmp_path / "no-such-checkpoint"
+    res = CliRunner().invoke(app, ["caption", str(shard_jpeg[0]), "--checkpoint", str(missing), *opts])
+    from pipeline.errors import UserError
+
+    assert isinstance(res.exception, UserError) and "no-such-checkpoint" in str(res.exception)
+    assert len(str(res.exception).splitlines()) == 1
