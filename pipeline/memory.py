@@ -59,3 +59,16 @@ def tune_allocator() -> bool:
     settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
+
+
+def give_back() -> bool:
+    """Return the heap's free pages to the OS (glibc malloc_trim). The trainer calls it after the
+    once-in-a-while work (validation, checkpoints, the best weights), whose one-off blocks would
+    otherwise stay in the kept heap and add up epoch after epoch; the step's own blocks are faulted
+    in again once, not every step. False where it does not apply (not glibc, or not tuned)."""
+    libc = _libc()
+    if libc is None or not tune_allocator():
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim(0)
+    return True

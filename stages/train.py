@@ -22,6 +22,7 @@ from pipeline.dist import Dist, StopRequest
 from pipeline.early_stop import EarlyStop
 from pipeline.errors import Interrupted, UserError
 from pipeline.loader import Batch, CaptionTokens, FeatureSource, Loader, split_positions
+from pipeline.memory import give_back
 from pipeline.lock import FolderLock
 from pipeline.model import CaptionDecoder
 from pipeline.ngram import fit_baseline
@@ -87,6 +88,7 @@ def train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
                     done = pos.step >= r.stop_at or r.interrupted or r.stopped_early
                     if end_of_epoch or done or pos.step % cfg.checkpoint_every == 0:
                         r.folder.save(r.state, pos, r.tally)
+                        give_back()  # validation's and the checkpoint's blocks: not the step's
                     if end_of_epoch:
                         r.folder.plot()
                 if done:
