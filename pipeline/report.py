@@ -191,72 +191,112 @@ def _baselines(res: dict) -> list[str]:
                      [f"text-only {ng['order']}-gram", _f(ng.get("val_loss")), f"\"{ng.get('caption')}\""]]), ""]
 
 
-def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
-    """One page: provenance (a loud warning for a random-init encoder), metrics, attributes, blind, zero-shot."""
+def _banners(res: dict) -> list[str]:
+    """Callouts above everything: one who only skims must see why the numbers may mean little."""
     enc = res["encoder"]
-    w = enc.get("weights", {})
-    L = [f"# Evaluation of `{res['run']}`", ""]
+    L = []
     if res["encoder_random_init"]:
         L += ["> [!CAUTION]",
-              f"> **RANDOM-INIT ENCODER.** The store's `{enc.get('model')}` was randomly initialised (seed "
-              f"{w.get('seed')}): no pretrained weights were available. Its features carry no visual knowledge, so "
-              "these numbers say nothing about what a real CapPa decoder learns. Re-encode with "
-              "`--weights hub` or `--weights PATH`.", ""]
+              f"> **RANDOM-INIT ENCODER.** The store's `{enc.get('model')}` was randomly "
+              f"initialised (seed {enc.get('weights', {}).get('seed')}): no pretrained weights "
+              "were available. Its features carry no visual knowledge, so these numbers say "
+              "nothing about what a real CapPa decoder learns. Re-encode with `--weights hub` or "
+              "`--weights PATH`.", ""]
     for line in res.get("warnings", []):
         L += ["> [!WARNING]", f"> **{line}.**", ""]
-    ck = res["checkpoint"]
-    sp = res["split"]
-    weights = {"random-init": f"random-init (seed {w.get('seed')})", "file": f"file `{w.get('path')}` "
-               f"(sha256 `{str(w.get('sha256'))[:12]}`)", "hub": f"hub `{w.get('hub_id')}`"}.get(w.get("kind"),
-                                                                                                 str(w.get("kind")))
-    L += ["## Provenance", "",
-          f"- checkpoint: `{ck['dir']}` (step {ck['step']}, "
-          f"{'the best epoch by validation loss' if ck.get('chosen') == 'best' else 'the newest'}); "
-          f"decoder {res['decoder_summary']}",
-          f"- encoder: `{enc.get('model')}`, weights {weights}; store `{res['store']}`",
-          f"- tokenizer: `{res['tokenizer']['name']}` ({res['tokenizer']['vocab_size']} ids)",
-          f"- validation split: {sp['val']} samples (val_fraction {sp['val_fraction']}), {sp['captioned']} captioned; "
-          f"{res['device']} {res['precision']}, {res['wall_s']:.0f} s", "",
-          "## Validation loss", "",
-          *_table(["mode", "loss (nats/token)"], [["autoregressive", _f(res["val_loss"].get("loss_ar"))],
-                                                  ["parallel", _f(res["val_loss"].get("loss_par"))]]), "",
-          _parallel_note(res["settings"]), "", *_baselines(res)]
-    coco = res["metrics"]
-    st = res["settings"]
-    cols = [c for m in MODES for c in (m, f"blind_{m}") if c in coco]  # each mode beside its blind baseline
+    return L
+
+
+def _weights(w: dict) -> str:
+    """Where the encoder's weights came from: enough to tell two stores apart (a short sha256)."""
+    kinds = {"random-init": f"random-init (seed {w.get('seed')})",
+             "file": f"file `{w.get('path')}` (sha256 `{str(w.get('sha256'))[:12]}`)",
+             "hub": f"hub `{w.get('hub_id')}`"}
+    return kinds.get(w.get("kind"), str(w.get("kind")))
+
+
+def _provenance(res: dict) -> list[str]:
+    """Which checkpoint, encoder, tokenizer and split produced the numbers below."""
+    enc, ck, sp = res["encoder"], res["checkpoint"], res["split"]
+    chosen = "the best epoch by validation loss" if ck.get("chosen") == "best" else "the newest"
+    return ["## Provenance", "",
+            f"- checkpoint: `{ck['dir']}` (step {ck['step']}, {chosen}); "
+            f"decoder {res['decoder_summary']}",
+            f"- encoder: `{enc.get('model')}`, weights {_weights(enc.get('weights', {}))}; "
+            f"store `{res['store']}`",
+            f"- tokenizer: `{res['tokenizer']['name']}` ({res['tokenizer']['vocab_size']} ids)",
+            f"- validation split: {sp['val']} samples (val_fraction {sp['val_fraction']}), "
+            f"{sp['captioned']} captioned; "
+            f"{res['device']} {res['precision']}, {res['wall_s']:.0f} s", ""]
+
+
+def _validation_loss(res: dict) -> list[str]:
+    """Both modes' losses, with the note that says how the parallel one was scored."""
+    vl = res["val_loss"]
+    return ["## Validation loss", "",
+            *_table(["mode", "loss (nats/token)"], [["autoregressive", _f(vl.get("loss_ar"))],
+                                                    ["parallel", _f(vl.get("loss_par"))]]), "",
+            _parallel_note(res["settings"]), ""]
+
+
+def _coco_metrics(res: dict) -> list[str]:
+    """The COCO table, with the decoding settings needed to compare it with published numbers."""
+    coco, st = res["metrics"], res["settings"]
+    # Each mode beside its blind baseline, so the image's contribution reads off adjacent columns.
+    cols = [c for m in MODES for c in (m, f"blind_{m}") if c in coco]
     cols += ["ngram"] if "ngram" in coco else []
     n_refs = st.get("references_per_image", 1)
     refs = "one reference caption" if n_refs == 1 else f"{n_refs:g} reference captions"
-    L += ["## COCO caption metrics", "",
-          f"pycocoevalcap with its PTB tokenizer, {refs} per image (all of them scored, as COCO does). Decoding: "
-          f"greedy; beam search (beam {st['beam_size']}, finished captions ranked by log-prob / "
-          f"length^{st.get('length_penalty', 1.0):g}); parallel (one all-[MASK] pass at length "
-          f"{st.get('parallel_len', '?')}, cut at the first EOS). Blind = the same decoder and decoding with the "
-          "image features zeroed: the sighted - blind gap is what the image adds. ngram = the text-only "
-          "baseline's one caption for every image.", "",
-          *_table(["metric", *[c.replace("_", " ") for c in cols]],
-                  [[m.replace("_", "-"), *[_f(coco[c].get(m)) for c in cols]] for m in METRICS]), ""]
-    if res.get("attributes"):
-        att = res["attributes"]
-        L += ["## Attribute accuracy (synthetic ground truth)", "",
-              "Primary object's attributes parsed from each generated caption vs. the image's metadata. `chance` is "
-              "the floor \"names it by chance\": always naming the attribute's most frequent value in this split "
-              "(uniform guessing is lower: 1/9 colours, 1/6 shapes, 1/3 sizes, 1/9 positions, 1/3 counts). "
-              "`ceiling` is the best a captioner that sees every object perfectly can expect: when the primary "
-              "object is one of several single objects, nothing in the image says which one the captions name "
-              "first. `whole`: the caption names all five attributes and each of its word pairs occurs in some "
-              "training caption.", "",
-              *_table(["mode", *ATTRIBUTES, "all five", "whole"],
-                      [[k.replace("_", " "), *[_f(att[k].get(a)) for a in (*ATTRIBUTES, "all", "whole")]]
-                       for k in att]), ""]
-    if res.get("zero_shot"):
-        zs = res["zero_shot"]
-        L += ["## Zero-shot scoring", "",
-              "The reference caption with its primary object's word swapped for every colour (shape); the decoder's "
-              "autoregressive log-likelihood picks one.", "",
-              *_table(["attribute", "accuracy", "chance", "samples"],
-                      [[k, _f(v["accuracy"]), _f(v["chance"]), str(v["samples"])] for k, v in zs.items()]), ""]
-    L += ["## Figures", ""]
+    return ["## COCO caption metrics", "",
+            f"pycocoevalcap with its PTB tokenizer, {refs} per image (all of them scored, as "
+            f"COCO does). Decoding: greedy; beam search (beam {st['beam_size']}, finished "
+            f"captions ranked by log-prob / length^{st.get('length_penalty', 1.0):g}); parallel "
+            f"(one all-[MASK] pass at length {st.get('parallel_len', '?')}, cut at the first "
+            "EOS). Blind = the same decoder and decoding with the image features zeroed: the "
+            "sighted - blind gap is what the image adds. ngram = the text-only baseline's one "
+            "caption for every image.", "",
+            *_table(["metric", *[c.replace("_", " ") for c in cols]],
+                    [[m.replace("_", "-"), *[_f(coco[c].get(m)) for c in cols]]
+                     for m in METRICS]), ""]
+
+
+def _attribute_accuracy(att: dict | None) -> list[str]:
+    """Synthetic data only (real data has no attribute truth): the table, its floor and ceiling."""
+    if not att:
+        return []
+    names = (*ATTRIBUTES, "all", "whole")
+    return ["## Attribute accuracy (synthetic ground truth)", "",
+            "Primary object's attributes parsed from each generated caption vs. the image's "
+            "metadata. `chance` is the floor \"names it by chance\": always naming the "
+            "attribute's most frequent value in this split (uniform guessing is lower: 1/9 "
+            "colours, 1/6 shapes, 1/3 sizes, 1/9 positions, 1/3 counts). `ceiling` is the best a "
+            "captioner that sees every object perfectly can expect: when the primary object is "
+            "one of several single objects, nothing in the image says which one the captions "
+            "name first. `whole`: the caption names all five attributes and each of its word "
+            "pairs occurs in some training caption.", "",
+            *_table(["mode", *ATTRIBUTES, "all five", "whole"],
+                    [[k.replace("_", " "), *[_f(att[k].get(a)) for a in names]] for k in att]), ""]
+
+
+def _zero_shot(zs: dict | None) -> list[str]:
+    """Swapped-word ranking; absent on real data (nothing to swap) or with zero_shot_limit 0."""
+    if not zs:
+        return []
+    return ["## Zero-shot scoring", "",
+            "The reference caption with its primary object's word swapped for every colour "
+            "(shape); the decoder's autoregressive log-likelihood picks one.", "",
+            *_table(["attribute", "accuracy", "chance", "samples"],
+                    [[k, _f(v["accuracy"]), _f(v["chance"]), str(v["samples"])]
+                     for k, v in zs.items()]), ""]
+
+
+def write_markdown(res: dict, path: Path, figures: dict[str, str]) -> None:
+    """One page: provenance (a loud warning for a random-init encoder), metrics, attributes,
+    blind, zero-shot."""
+    L = [f"# Evaluation of `{res['run']}`", "", *_banners(res), *_provenance(res),
+         *_validation_loss(res), *_baselines(res), *_coco_metrics(res),
+         *_attribute_accuracy(res.get("attributes")), *_zero_shot(res.get("zero_shot")),
+         "## Figures", ""]
     for title, fname in figures.items():
         L += [f"![{title}]({fname})", ""]
     atomic_write_text(path, "\n".join(L))

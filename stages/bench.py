@@ -185,96 +185,146 @@ def train_flops_per_sample(dec, batches: list, image_tokens: int, parallel_fract
     return out
 
 
-def bench_train(device, precision: str, quick: bool, sync, limit: dict, repeats: int, *, dec_cfg=None,
-                vit: str = EncodeConfig.model, batch_size: int | None = None) -> dict:
-    """The trainer's own `train_step` (pipeline/training.py) on cached-feature-shaped inputs, batched as the
-    trainer batches them (a window of `length_buckets` batches sorted by caption length), interleaved with the
-    matmul limit, with per-batch mixing and with a seed-style step (the encoder every step, fp32, fixed
-    padding to max_len, full logits). Sizes come from TrainConfig / DecoderConfig (or `dec_cfg`) and the ViT."""
+def _length_sorted_batches(tok, bs: int, window: int, max_len: int, quick: bool, device):
+    """The trainer's batches: one window of `window` batches sorted by caption extent, of which an
+    evenly spaced sample (short to long) is timed, so the mix of padded lengths is a training run's.
+    -> ([(targets [B, w], mask [B, w])], the pool's longest caption in tokens)."""
     import torch
 
-    from pipeline.dist import Dist
-    from pipeline.encoder import build_random
-    from pipeline.loader import Batch
-    from pipeline.model import CaptionDecoder
-    from pipeline.tokenizer import load_tokenizer
-    from pipeline.training import TrainState, train_step
-
-    venc = build_random(vit, 0, device, "fp32")  # the baseline's encoder; its shape is the cached features'
-    p, e = venc.tokens, venc.width
-    train_cfg = TrainConfig(batch_size=batch_size or (8 if quick else TrainConfig.batch_size), precision=precision)
-    bs, frac, max_len = train_cfg.batch_size, train_cfg.parallel_fraction, (dec_cfg or TrainConfig).max_len
-    tok = load_tokenizer(train_cfg.tokenizer)
-    # The trainer's batches: one window of `length_buckets` batches sorted by caption extent; time an evenly
-    # spaced sample of them (short to long), so the mix of padded lengths is the training run's.
-    window = max(train_cfg.length_buckets, 4)
-    pool_t, pool_m = tok.encode_batch(_captions(bs * window), max_len)
+    pool_t, pool_m = tok.encode_batch(_captions(bs * window), max_len)  # [B*window, L] each
     extent = (pool_m * torch.arange(1, pool_m.shape[1] + 1)).amax(1)
     srt = torch.argsort(extent, stable=True)
-    picks = (window // 4, 3 * window // 4) if quick else tuple(range(window // 8, window, window // 4))
+    picks = ((window // 4, 3 * window // 4) if quick
+             else tuple(range(window // 8, window, window // 4)))
     batches = []
     for i in picks:
         idx = srt[i * bs:(i + 1) * bs]
-        w = int(extent[idx].max())
+        w = int(extent[idx].max())  # padded to the batch's own longest caption, as the loader does
         batches.append((pool_t[idx, :w].to(device), pool_m[idx, :w].to(device)))
-    feats = torch.randn(bs, p, e, device=device)
-    torch.manual_seed(0)
-    # Parallel rows at the trainer's Lp: the longest caption (of this pool).
-    dec = CaptionDecoder(dec_cfg or train_decoder_config(e, int(pool_m.sum(1).max()), p)).to(device)
-    cfg = dec.cfg
-    state = TrainState.create(dec, train_cfg, 10**6, precision, Dist(), device)
-    gen = torch.Generator().manual_seed(0)
+    return batches, int(pool_m.sum(1).max())
 
-    def ours(mixing: str):
-        def run():
-            for targets, mask in batches:
-                if mixing == "per-example":
-                    par = torch.rand(bs, generator=gen) < frac
-                else:
-                    par = torch.full((bs,), bool(torch.rand(1, generator=gen) < frac))
-                train_step(state, Batch.of(feats, targets, mask, par.to(device), dec.parallel_len))
-        return run
 
-    n = bs * len(batches)
-    real = [float(m.sum(1).float().mean()) for _, m in batches]
-    flops = train_flops_per_sample(dec, batches, p, frac)
+def _trainer_step(state, batches: list, feats, frac: float, gen, device,
+                  mixing: str) -> Callable[[], None]:
+    """One pass of the trainer's `train_step` over `batches` (features `feats` [B, P, E]). `mixing`
+    says whether the AR/parallel mode is drawn per example (CapPa's) or once per batch."""
+    import torch
 
-    # Seed-style baseline: the encoder runs inside every step (fp32), captions padded to max_len, all logits.
-    images = torch.randn(bs, *venc.provenance["preprocessing"]["input_size"])
+    from pipeline.loader import Batch
+    from pipeline.training import train_step
+
+    bs, lp = len(feats), state.decoder.parallel_len
+
+    def run():
+        for targets, mask in batches:
+            if mixing == "per-example":
+                par = torch.rand(bs, generator=gen) < frac
+            else:
+                par = torch.full((bs,), bool(torch.rand(1, generator=gen) < frac))
+            train_step(state, Batch.of(feats, targets, mask, par.to(device), lp))
+    return run
+
+
+def _seed_step(venc, state, tok, train_cfg: TrainConfig, max_len: int, gen,
+               device) -> Callable[[], None]:
+    """The seed-style baseline step: the encoder runs inside every step (fp32), captions padded to
+    max_len, logits for every position; the same decoder and optimizer as the trainer's steps."""
+    import torch
+    import torch.nn.functional as F
+
+    dec = state.decoder
+    bs, frac = train_cfg.batch_size, train_cfg.parallel_fraction
+    images = torch.randn(bs, *venc.provenance["preprocessing"]["input_size"])  # [B, C, H, W]
     tfix, mfix = tok.encode_batch(_captions(bs), max_len)
-    tfix = torch.nn.functional.pad(tfix, (0, max_len - tfix.shape[1]), value=tok.eos_id).to(device)
-    mfix = torch.nn.functional.pad(mfix, (0, max_len - mfix.shape[1])).to(device)
+    tfix = F.pad(tfix, (0, max_len - tfix.shape[1]), value=tok.eos_id).to(device)  # [B, max_len]
+    mfix = F.pad(mfix, (0, max_len - mfix.shape[1])).to(device)
 
-    def seed_step():
+    def step():
         dec.cross_attention = "kv"  # the seed's decoder: image K/V projected in every layer
         f = torch.from_numpy(venc.forward(images)).to(device).float()  # the encoder, every step
-        par = torch.full((bs,), bool(torch.rand(1, generator=gen) < frac), device=device)  # mixed per batch
+        # one mode for the whole batch, as the seed mixed them
+        par = torch.full((bs,), bool(torch.rand(1, generator=gen) < frac), device=device)
         logits = dec.logits(f, tfix, mfix, par)  # [B, L, V]
-        loss = torch.nn.functional.cross_entropy(logits[mfix], tfix[mfix])
+        loss = F.cross_entropy(logits[mfix], tfix[mfix])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), train_cfg.grad_clip)
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         dec.cross_attention = train_cfg.cross_attention
+    return step
 
-    mm, mm_flop = _limit_side(device, precision, limit, sync)
-    t = interleaved({"per-example": ours("per-example"), "per-batch": ours("per-batch"), "baseline": seed_step,
-                     "limit": mm}, repeats=repeats, sync=sync)
-    rate = {k: [(bs if k == "baseline" else n) / s for s in t[k]] for k in ("per-example", "per-batch", "baseline")}
-    out = {"batch_size": bs, "batches_timed": len(batches), "length_buckets": window, "image_tokens": p,
-           "decoder": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads, "mlp_dim": cfg.mlp_dim,
-                       "parallel_len": dec.parallel_len},
+
+def _train_result(dec, batches: list, image_tokens: int, frac: float, flops: dict, t: dict,
+                  mm_flop: float, length_buckets: int) -> dict:
+    """bench_train's figures from the round times `t`: samples/s of each step, the share of the
+    matmul limit and the speedup over the seed-style step (both round by round)."""
+    p, bs = image_tokens, len(batches[0][0])  # every timed batch is full: B rows
+    n = bs * len(batches)  # samples per pass of a trainer step; the seed step takes one batch
+    real = [float(m.sum(1).float().mean()) for _, m in batches]
+    cfg = dec.cfg
+    rate = {k: [(bs if k == "baseline" else n) / s for s in t[k]]
+            for k in ("per-example", "per-batch", "baseline")}
+    out = {"batch_size": bs, "batches_timed": len(batches), "length_buckets": length_buckets,
+           "image_tokens": p,
+           "decoder": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads,
+                       "mlp_dim": cfg.mlp_dim, "parallel_len": dec.parallel_len},
            "step": "pipeline.training.train_step", "parallel_fraction": frac,
-           "mean_tokens": sum(real) / len(real), "padded_len": sum(t_.shape[1] for t_, _ in batches) / len(batches),
+           "mean_tokens": sum(real) / len(real),
+           "padded_len": sum(t_.shape[1] for t_, _ in batches) / len(batches),
            "cross_attention": {"ar": [dec.cross_form(t_.shape[1], p) for t_, _ in batches],
                                "parallel": dec.cross_form(dec.parallel_len, p)},
-           "train_gflop_per_sample": flops["auto"] / 1e9, "train_gflop_per_sample_kv_form": flops["kv"] / 1e9,
+           "train_gflop_per_sample": flops["auto"] / 1e9,
+           "train_gflop_per_sample_kv_form": flops["kv"] / 1e9,
            **{f"samples_per_s_{k}": spread(v) for k, v in rate.items()}}
-    out["vs_limit"] = ratios([r * flops["auto"] for r in rate["per-example"]], [mm_flop / s for s in t["limit"]])
+    out["vs_limit"] = ratios([r * flops["auto"] for r in rate["per-example"]],
+                             [mm_flop / s for s in t["limit"]])
     out["speedup_vs_baseline"] = ratios(rate["per-example"], rate["baseline"])
     console.print(f"  train (per-example): {fmt(out['samples_per_s_per-example'])} samples/s = "
-                  f"{fmt(out['vs_limit'], pct=True)} of the limit; {fmt(out['speedup_vs_baseline'], 1)}x the seed-style step")
+                  f"{fmt(out['vs_limit'], pct=True)} of the limit; "
+                  f"{fmt(out['speedup_vs_baseline'], 1)}x the seed-style step")
     return out
+
+
+def bench_train(device, precision: str, quick: bool, sync, limit: dict, repeats: int, *,
+                dec_cfg=None, vit: str = EncodeConfig.model, batch_size: int | None = None) -> dict:
+    """The trainer's own `train_step` (pipeline/training.py) on cached-feature-shaped inputs,
+    batched as the trainer batches them (a window of `length_buckets` batches sorted by caption
+    length), interleaved with the matmul limit, with per-batch mixing and with a seed-style step
+    (the encoder every step, fp32, fixed padding to max_len, full logits). Sizes come from
+    TrainConfig / DecoderConfig (or `dec_cfg`) and the ViT."""
+    import torch
+
+    from pipeline.dist import Dist
+    from pipeline.encoder import build_random
+    from pipeline.model import CaptionDecoder
+    from pipeline.tokenizer import load_tokenizer
+    from pipeline.training import TrainState
+
+    # The baseline's encoder; its output shape [P, E] is the cached features'.
+    venc = build_random(vit, 0, device, "fp32")
+    p, e = venc.tokens, venc.width
+    train_cfg = TrainConfig(batch_size=batch_size or (8 if quick else TrainConfig.batch_size),
+                            precision=precision)
+    bs, frac = train_cfg.batch_size, train_cfg.parallel_fraction
+    max_len = (dec_cfg or TrainConfig).max_len
+    tok = load_tokenizer(train_cfg.tokenizer)
+    window = max(train_cfg.length_buckets, 4)
+    batches, longest = _length_sorted_batches(tok, bs, window, max_len, quick, device)
+    feats = torch.randn(bs, p, e, device=device)  # [B, P, E]
+    # Seeded after the features and before the decoder: its initial weights are the same every run.
+    torch.manual_seed(0)
+    # Parallel rows at the trainer's Lp: the longest caption (of this pool).
+    dec = CaptionDecoder(dec_cfg or train_decoder_config(e, longest, p)).to(device)
+    state = TrainState.create(dec, train_cfg, 10**6, precision, Dist(), device)
+    gen = torch.Generator().manual_seed(0)  # the steps' mode draws: one stream, in round order
+    flops = train_flops_per_sample(dec, batches, p, frac)
+    # Built in this order: the seed step's images come from the global RNG after the decoder's init.
+    steps = {"per-example": _trainer_step(state, batches, feats, frac, gen, device, "per-example"),
+             "per-batch": _trainer_step(state, batches, feats, frac, gen, device, "per-batch"),
+             "baseline": _seed_step(venc, state, tok, train_cfg, max_len, gen, device)}
+    mm, mm_flop = _limit_side(device, precision, limit, sync)
+    t = interleaved({**steps, "limit": mm}, repeats=repeats, sync=sync)
+    return _train_result(dec, batches, p, frac, flops, t, mm_flop, window)
 
 
 # --- 4. loader --------------------------------------------------------------------------------------------------
