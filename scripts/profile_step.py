@@ -6,7 +6,8 @@ census of one step: dtype casts (calls and bytes written), copies and fills. Rat
 shared machine only the counts, shares and bytes are comparable between runs.
 
     python scripts/profile_step.py --precision bf16 --steps 8 --json /tmp/bf16.json
-    python scripts/profile_step.py --precision bf16 --weights autocast --allocator system   # the old step
+    python scripts/profile_step.py --precision bf16 --allocator system   # glibc's defaults: faults every step
+    python scripts/profile_step.py --precision bf16 --weights master   # the opt-in bf16 working copy
 
 Sizes default to the trainer's (TrainConfig: 6 x 768 decoder, vocab 50,258, batch 16, parallel fraction
 0.75) with features [B, 197, 768] held in fp16 like the store and widened per step like the loader.
@@ -34,7 +35,7 @@ def parse(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--weights", choices=("master", "autocast"), default="master",
+    p.add_argument("--weights", choices=("master", "autocast"), default="autocast",
                    help="bf16 only: bf16 weights with fp32 master weights (pipeline.precision), or autocast")
     p.add_argument("--allocator", choices=("tuned", "system"), default="tuned",
                    help="tuned: pipeline.memory's malloc settings (the trainer's); system: glibc's defaults")
