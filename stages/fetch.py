@@ -311,6 +311,8 @@ class _Source:
 
 
 def _run(cfg: FetchConfig, signals: _Signals) -> dict:
+    """Under the folder lock: check the folder, fetch the shards not yet complete, record the run
+    in `_fetch/run.json` and print it; a Ctrl-C during the download is recorded, not raised."""
     from rich.console import Console
 
     t0 = time.perf_counter()
