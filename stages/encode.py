@@ -176,116 +176,194 @@ def _test_kill(what: str, n: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def encode_shards(encoder, store: FeatureStore, jobs: list, cfg: EncodeConfig, progress=None, task=None) -> dict:
-    """Encode `jobs` [(position, name, tar)] into their store regions; returns counts and timings."""
-    import torch
+def _empty_shard() -> dict:
+    return {"feats": [], "keys": [], "caps": [], "meta": []}
 
+
+def _write_shard(store: FeatureStore, name: str, region: tuple, skipped: dict, nth: int) -> None:
+    """Store-writer thread: one shard's rows into its region, then its skipped images recorded."""
+    store.write_shard(*region)
+    if int(os.environ.get("RANK", "0")) == 0:  # recorded as the shard is done: survives a kill
+        _record_shard_problems(store, name, skipped)
+    _test_kill("shard", nth)
+
+
+class _ShardEncoder:
+    """The main thread's side of encode_shards: encodes batches, gathers the current shard's rows
+    and hands each whole shard to the store-writer thread."""
+
+    def __init__(self, encoder, store: FeatureStore, writer: ThreadPoolExecutor):
+        self.encoder, self.store, self.writer = encoder, store, writer
+        self.stats = {"images": 0, "shards": 0, "model_s": 0.0, "skipped": 0, "skipped_images": {},
+                      "bad_shards": {}}
+        self.shard = _empty_shard()
+        self.shard_images = 0  # counted in stats["images"] already; taken back if the shard is bad
+        self.batches = 0
+        self.pending_write = None
+
+    def drop_shard(self, name: str, why: str) -> None:
+        """Nothing of an unreadable shard is written: it stays not done, the rest goes on."""
+        self.shard = _empty_shard()
+        self.stats["images"] -= self.shard_images
+        self.shard_images = 0
+        self.stats["bad_shards"][name] = why
+        console.print(f"[yellow]skipped shard {name}: {escape(why)}[/]")
+
+    def finish_shard(self, pos: int, name: str) -> None:
+        """Shard `name` was read whole: write it (and mark it done) while the next one encodes."""
+        self.wait_write()  # one write in flight: at most two shards' rows are held in memory
+        s = self.shard
+        feats = np.concatenate(s["feats"]) if s["feats"] else \
+            np.zeros((0, self.store.tokens, self.store.width), np.float16)  # [N, T, E]
+        self.stats["shards"] += 1
+        skipped = dict(self.stats["skipped_images"].get(name, {}))  # a copy: later shards add keys
+        region = (pos, feats, s["keys"], s["caps"], s["meta"])
+        self.pending_write = self.writer.submit(_write_shard, self.store, name, region, skipped,
+                                                self.stats["shards"])
+        self.shard = _empty_shard()
+        self.shard_images = 0
+
+    def encode_batch(self, name: str, batch: list) -> None:
+        """One batch of (key, caption, json, decode future) through the encoder into the shard."""
+        import torch
+
+        tensors, keep = [], []
+        for key, cap, meta, fut in batch:
+            try:
+                tensors.append(fut.result())
+                keep.append((key, cap, meta))
+            except Exception as e:  # a corrupt image: skip it, the same way on every run
+                self.stats["skipped"] += 1
+                why = f"{type(e).__name__}: {e}"[:200]
+                self.stats["skipped_images"].setdefault(name, {})[key] = why
+                console.print(f"[yellow]skipped {name}/{key}: {type(e).__name__}: "
+                              f"{escape(str(e))}[/]")
+        if tensors:
+            x = torch.stack(tensors)  # [B, 3, H, W]
+            if self.encoder.device.type == "cuda":
+                x = x.pin_memory()
+            t0 = time.perf_counter()
+            feats = self.encoder.forward(x)  # [B, T, E] float16 (synchronises: .cpu())
+            self.stats["model_s"] += time.perf_counter() - t0
+            self.shard["feats"].append(feats)
+            for key, cap, meta in keep:
+                self.shard["keys"].append(key)
+                self.shard["caps"].append(cap)
+                self.shard["meta"].append(meta)
+        self.stats["images"] += len(tensors)
+        self.shard_images += len(tensors)
+        self.batches += 1
+
+    def wait_write(self) -> None:
+        """Surfaces the last write's error (an OSError of a full disk) in the main thread."""
+        if self.pending_write is not None:
+            self.pending_write.result()
+
+
+def encode_shards(encoder, store: FeatureStore, jobs: list, cfg: EncodeConfig, progress=None,
+                  task=None) -> dict:
+    """Encode `jobs` [(position, name, tar, expected samples or None)] into their store regions;
+    returns counts and timings."""
     q: queue.Queue = queue.Queue(maxsize=max(2, cfg.workers))  # bounded: memory stays flat
     stop = threading.Event()
     pool = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="decode")
-    writer = ThreadPoolExecutor(1, thread_name_prefix="store-write")  # write shard k while encoding k+1
-    reader = threading.Thread(target=_produce, args=(jobs, encoder, pool, q, cfg.batch_size, stop), daemon=True)
-    pending_write = None
-    stats = {"images": 0, "shards": 0, "model_s": 0.0, "skipped": 0, "skipped_images": {}, "bad_shards": {}}
-    buf: dict = {"feats": [], "keys": [], "caps": [], "meta": []}
-    batches = shard_images = 0
-    cuda = encoder.device.type == "cuda"
+    writer = ThreadPoolExecutor(1, thread_name_prefix="store-write")  # write shard k, encode k+1
+    reader = threading.Thread(target=_produce, args=(jobs, encoder, pool, q, cfg.batch_size, stop),
+                              daemon=True)
+    shard_encoder = _ShardEncoder(encoder, store, writer)
     reader.start()
     try:
         while (item := q.get()) is not _END:
             kind, pos, name, payload = item
             if kind == "error":
                 raise payload
-            if kind == "bad":  # nothing of this shard is written: it stays not done, the rest goes on
-                buf = {"feats": [], "keys": [], "caps": [], "meta": []}
-                stats["images"] -= shard_images
-                shard_images = 0
-                stats["bad_shards"][name] = payload
-                console.print(f"[yellow]skipped shard {name}: {escape(payload)}[/]")
-                continue
-            if kind == "end":
-                if pending_write is not None:
-                    pending_write.result()
-                feats = np.concatenate(buf["feats"]) if buf["feats"] else \
-                    np.zeros((0, store.tokens, store.width), np.float16)
-                stats["shards"] += 1
-                args = (pos, feats, buf["keys"], buf["caps"], buf["meta"])
-
-                def write(args=args, nth=stats["shards"], name=name,
-                          skipped=dict(stats["skipped_images"].get(name, {}))):
-                    store.write_shard(*args)
-                    if int(os.environ.get("RANK", "0")) == 0:  # recorded as the shard is done: survives a kill
-                        _record_shard_problems(store, name, skipped)
-                    _test_kill("shard", nth)
-
-                pending_write = writer.submit(write)
-                buf = {"feats": [], "keys": [], "caps": [], "meta": []}
-                shard_images = 0
-                continue
-            tensors, keep = [], []
-            for key, cap, meta, fut in payload:
-                try:
-                    tensors.append(fut.result())
-                    keep.append((key, cap, meta))
-                except Exception as e:  # a corrupt image: skip it, the same way on every run
-                    stats["skipped"] += 1
-                    stats["skipped_images"].setdefault(name, {})[key] = f"{type(e).__name__}: {e}"[:200]
-                    console.print(f"[yellow]skipped {name}/{key}: {type(e).__name__}: {escape(str(e))}[/]")
-            if tensors:
-                x = torch.stack(tensors)  # [B, 3, H, W]
-                if cuda:
-                    x = x.pin_memory()
-                t0 = time.perf_counter()
-                feats = encoder.forward(x)  # [B, T, E] float16 (synchronises: .cpu())
-                stats["model_s"] += time.perf_counter() - t0
-                buf["feats"].append(feats)
-                for key, cap, meta in keep:
-                    buf["keys"].append(key)
-                    buf["caps"].append(cap)
-                    buf["meta"].append(meta)
-            stats["images"] += len(tensors)
-            shard_images += len(tensors)
-            batches += 1
-            if progress is not None:
-                progress.update(task, advance=len(payload))
-            _test_kill("batch", batches)
-        if pending_write is not None:
-            pending_write.result()
+            if kind == "bad":
+                shard_encoder.drop_shard(name, payload)
+            elif kind == "end":
+                shard_encoder.finish_shard(pos, name)
+            else:
+                shard_encoder.encode_batch(name, payload)
+                if progress is not None:
+                    progress.update(task, advance=len(payload))
+                _test_kill("batch", shard_encoder.batches)
+        shard_encoder.wait_write()
     finally:
-        stop.set()
-        while reader.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                reader.join(0.05)
-        pool.shutdown(wait=True, cancel_futures=True)
-        writer.shutdown(wait=True)
-    return stats
+        _stop_threads(reader, q, stop, pool, writer)
+    return shard_encoder.stats
+
+
+def _stop_threads(reader: threading.Thread, q: queue.Queue, stop: threading.Event,
+                  pool: ThreadPoolExecutor, writer: ThreadPoolExecutor) -> None:
+    """On success or error: the reader, the decoders and the writer all end before we return."""
+    stop.set()
+    while reader.is_alive():  # unblock a reader waiting on a full queue
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            reader.join(0.05)
+    pool.shutdown(wait=True, cancel_futures=True)
+    writer.shutdown(wait=True)  # a write in flight finishes before we return
 
 
 def run(cfg: EncodeConfig) -> dict:
     """Encode every finished shard not yet done in the store; prints a summary and returns it."""
     t_start = time.perf_counter()
     shards = complete_shards(Path(cfg.shards))  # before the slow imports: a missing folder fails at once
-
-
-    from pipeline.devices import cpu_has_fast_bf16, resolve_device, resolve_precision
     from pipeline.dist import Dist
-    from pipeline.encoder import build_encoder
 
     dist = Dist()
-    device = dist.init(resolve_device(cfg.device))  # under torchrun: this rank's GPU, in the process group
-    rank, world = dist.rank, dist.world
-    precision = resolve_precision(cfg.precision, device)
-    if device.type == "cpu" and precision == "bf16" and not cpu_has_fast_bf16() and rank == 0:
-        console.print("[yellow]warning: this CPU has no native bf16 (AMX / AVX512-BF16): bf16 runs hundreds of "
-                      "times slower than fp32 here; --precision auto picks fp32[/]")
-    encoder = build_encoder(cfg.model, cfg.weights, cfg.seed, device, precision)
+    encoder, device, precision = _start_encoder(cfg, dist)
     enc = encoder.provenance
-
     lock = StoreLock(cfg.store)
+    _prepare_on_rank0(cfg, dist, lock, enc, precision, shards)
+    try:
+        store = FeatureStore.open_for_write(cfg.store)
+        done = store.shard_done()
+        pos_of = {n: i for i, n in enumerate(store.shards)}
+        todo = [(pos_of[n], n, tar, st) for n, tar, st in shards if not done[pos_of[n]]]
+        mine = todo[dist.rank::dist.world]  # disjoint shards -> disjoint regions -> disjoint chunks
+        if dist.rank == 0:
+            random = enc["weights"]["kind"] == "random-init"
+            console.print(f"encode: {len(todo)} of {len(shards)} shards to do ({dist.world} "
+                          f"rank(s)), {enc['model']}, weights {weights_label(enc['weights'])}, "
+                          f"on {device} {precision}"
+                          + (" [bold red](RANDOM-INIT weights)[/]" if random else ""))
+        all_stats = dist.gather(_encode_mine(encoder, store, mine, cfg, dist.rank))
+        if errors := [s["error"] for s in all_stats if "error" in s]:
+            raise UserError(errors[0])
+        summary = _summary(all_stats, time.perf_counter() - t_start, cfg, shards_total=len(shards),
+                           world=dist.world, device=device, precision=precision,
+                           weights=enc["weights"]["kind"])
+        if dist.rank == 0:  # the other ranks only wait in the barrier below, whatever happens here
+            _record_run(store, cfg, summary, [n for _, n, _, _ in todo], all_stats)
+        _raise_if_unreadable(cfg, all_stats)
+        return summary
+    finally:
+        dist.barrier()
+        if dist.rank == 0:
+            lock.release()
+        dist.close()
+
+
+def _start_encoder(cfg: EncodeConfig, dist):
+    """(encoder, device, precision) of this rank; under torchrun it joins the process group."""
+    from pipeline.devices import cpu_has_fast_bf16, resolve_device, resolve_precision
+    from pipeline.encoder import build_encoder
+
+    device = dist.init(resolve_device(cfg.device))  # under torchrun: this rank's GPU, in the process group
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_fast_bf16() and dist.rank == 0:
+        console.print("[yellow]warning: this CPU has no native bf16 (AMX / AVX512-BF16): bf16 runs "
+                      "hundreds of times slower than fp32 here; --precision auto picks fp32[/]")
+    return build_encoder(cfg.model, cfg.weights, cfg.seed, device, precision), device, precision
+
+
+def _prepare_on_rank0(cfg: EncodeConfig, dist, lock: StoreLock, enc: dict, precision: str,
+                      shards: list) -> None:
+    """Rank 0 takes the lock and prepares the store; its error reaches every rank, so all stop
+    with the same line (on error the lock is released here, else at the end of run)."""
     err = None
-    if rank == 0:
+    if dist.rank == 0:
         try:
             lock.acquire()
             err = prepare_store(cfg, enc, precision, shards)
@@ -293,68 +371,77 @@ def run(cfg: EncodeConfig) -> dict:
             err = str(e)
     err = dist.broadcast(err)
     if err:
-        if rank == 0:
+        if dist.rank == 0:
             lock.release()
         raise UserError(err)
+
+
+def _encode_mine(encoder, store: FeatureStore, mine: list, cfg: EncodeConfig, rank: int) -> dict:
+    """This rank's shards [(position, name, tar, stats)] encoded; rank 0 shows a progress bar.
+
+    A store write error becomes {"error": line}, so every rank still reaches the gather that
+    follows: none waits for one that left.
+    """
+    total = sum(int(st.get("successes", 0)) for *_, st in mine)
+    # the expected sample count lets the reader tell a tar cut at a member boundary from a whole one
+    jobs = [(p, n, tar, int(st["successes"]) if "successes" in st else None)
+            for p, n, tar, st in mine]
+    t_loop = time.perf_counter()
+    try:  # an OSError of the store's writer thread surfaces here too (its future's result)
+        if rank == 0 and jobs:
+            with make_progress() as progress:
+                task = progress.add_task("encode", total=total, unit="img")
+                stats = encode_shards(encoder, store, jobs, cfg, progress, task)
+        else:
+            stats = encode_shards(encoder, store, jobs, cfg)
+    except OSError as e:
+        stats = {"error": store_write_error(cfg.store, e)}
+    stats["loop_s"] = time.perf_counter() - t_loop
+    return stats
+
+
+def _summary(all_stats: list[dict], wall: float, cfg: EncodeConfig, *, shards_total: int,
+             world: int, device, precision: str, weights: str) -> dict:
+    """The run's summary over all ranks: the store's `last_run` and what run returns.
+
+    The ranks run side by side, so the loop and model times are the slowest rank's.
+    """
+    loop = max(s["loop_s"] for s in all_stats)
+    images = sum(s["images"] for s in all_stats)
+    model_s = max(s["model_s"] for s in all_stats)
+    return {
+        "shards_encoded": sum(s["shards"] for s in all_stats), "shards_total": shards_total,
+        "images": images, "skipped": sum(s["skipped"] for s in all_stats),
+        "wall_s": round(wall, 3), "loop_s": round(loop, 3),
+        "img_per_s": round(images / loop, 3) if images else 0.0,
+        "model_img_per_s": round(images / model_s, 3) if model_s else 0.0,
+        "world_size": world, "device": str(device), "precision": precision,
+        "batch_size": cfg.batch_size, "workers": cfg.workers, "weights": weights,
+    }
+
+
+def _record_run(store: FeatureStore, cfg: EncodeConfig, summary: dict, attempted: list[str],
+                all_stats: list[dict]) -> None:
+    """Rank 0: the summary and the problems of the attempted shards into the store, then printed."""
     try:
-        store = FeatureStore.open_for_write(cfg.store)
-        done = store.shard_done()
-        pos_of = {n: i for i, n in enumerate(store.shards)}
-        todo = [(pos_of[n], n, tar, st) for n, tar, st in shards if not done[pos_of[n]]]
-        mine = todo[rank::world]  # disjoint shards -> disjoint regions -> disjoint chunks
-        total = sum(int(st.get("successes", 0)) for *_, st in mine)
-        if rank == 0:
-            random_note = " [bold red](RANDOM-INIT weights)[/]" if enc["weights"]["kind"] == "random-init" else ""
-            console.print(f"encode: {len(todo)} of {len(shards)} shards to do ({world} rank(s)), {enc['model']}, "
-                          f"weights {weights_label(enc['weights'])}, on {device} {precision}{random_note}")
-        jobs = [(p, n, tar, int(st["successes"]) if "successes" in st else None) for p, n, tar, st in mine]
-        t_loop = time.perf_counter()
-        try:  # an OSError of the store's writer thread surfaces here too (its future's result)
-            if rank == 0 and jobs:
-                with make_progress() as progress:
-                    task = progress.add_task("encode", total=total, unit="img")
-                    stats = encode_shards(encoder, store, jobs, cfg, progress, task)
-            else:
-                stats = encode_shards(encoder, store, jobs, cfg)
-        except OSError as e:  # every rank still reaches the gather below: none waits for one that left
-            stats = {"error": store_write_error(cfg.store, e)}
-        stats["loop_s"] = time.perf_counter() - t_loop
-        all_stats = dist.gather(stats)
-        if errors := [s["error"] for s in all_stats if "error" in s]:
-            raise UserError(errors[0])
-        wall = time.perf_counter() - t_start
-        loop = max(s["loop_s"] for s in all_stats)
-        images = sum(s["images"] for s in all_stats)
-        model_s = max(s["model_s"] for s in all_stats)
-        summary = {
-            "shards_encoded": sum(s["shards"] for s in all_stats), "shards_total": len(shards),
-            "images": images, "skipped": sum(s["skipped"] for s in all_stats), "wall_s": round(wall, 3),
-            "loop_s": round(loop, 3), "img_per_s": round(images / loop, 3) if images else 0.0,
-            "model_img_per_s": round(images / model_s, 3) if model_s else 0.0,
-            "world_size": world, "device": str(device), "precision": precision, "batch_size": cfg.batch_size,
-            "workers": cfg.workers, "weights": enc["weights"]["kind"],
-        }
-        bad = {k: v for s in all_stats for k, v in s["bad_shards"].items()}
-        if rank == 0:  # the other ranks only wait in the barrier below, whatever happens here
-            try:
-                if images:
-                    store.set_attrs(last_run=summary)
-                if todo:
-                    _record_problems(store, [n for _, n, _, _ in todo], all_stats)
-                _print_summary(store, summary)
-            except OSError as e:
-                raise UserError(store_write_error(cfg.store, e)) from None
-        if bad:
-            first = "; ".join(f"{n} ({why})" for n, why in sorted(bad.items())[:3]) + ("; ..." if len(bad) > 3 else "")
-            raise UserError(f"{len(bad)} shard(s) could not be read and were skipped: {first}. The others are "
-                            f"encoded. Fetch them again (delete their _stats.json in {cfg.shards} and rerun "
-                            "`pipeline fetch`), then rerun `pipeline encode`")
-        return summary
-    finally:
-        dist.barrier()
-        if rank == 0:
-            lock.release()
-        dist.close()
+        if summary["images"]:
+            store.set_attrs(last_run=summary)
+        if attempted:
+            _record_problems(store, attempted, all_stats)
+        _print_summary(store, summary)
+    except OSError as e:
+        raise UserError(store_write_error(cfg.store, e)) from None
+
+
+def _raise_if_unreadable(cfg: EncodeConfig, all_stats: list[dict]) -> None:
+    """Unreadable shards fail the run (after the others are encoded), so a script notices them."""
+    bad = {k: v for s in all_stats for k, v in s["bad_shards"].items()}
+    if bad:
+        first = "; ".join(f"{n} ({why})" for n, why in sorted(bad.items())[:3]) \
+            + ("; ..." if len(bad) > 3 else "")
+        raise UserError(f"{len(bad)} shard(s) could not be read and were skipped: {first}. The "
+                        f"others are encoded. Fetch them again (delete their _stats.json in "
+                        f"{cfg.shards} and rerun `pipeline fetch`), then rerun `pipeline encode`")
 
 
 def _record_shard_problems(store: FeatureStore, name: str, skipped: dict) -> None:

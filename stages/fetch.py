@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -298,95 +299,152 @@ def run(cfg: FetchConfig) -> dict:
                             "then run the same command again (finished shards are kept)") from None
 
 
-def _run(cfg: FetchConfig, signals: _Signals) -> dict:
-    from rich.console import Console
-    from rich.markup import escape
+@dataclasses.dataclass
+class _Source:
+    """The list to fetch: its rows, the extra columns kept, the fingerprint a rerun must match."""
 
-    from pipeline import synthetic
-    from pipeline.loopback import serve
-    from pipeline.progress import make_progress
+    rows: int
+    extra: list[str]
+    fingerprint: dict
+    issues: dict | None = None  # what a url list itself got wrong (sources.read_url_list counts it)
+    df: object = None  # the url list's DataFrame; None for the synthetic source, drawn later
+
+
+def _run(cfg: FetchConfig, signals: _Signals) -> dict:
+    """Under the folder lock: check the folder, fetch the shards not yet complete, record the run
+    in `_fetch/run.json` and print it; a Ctrl-C during the download is recorded, not raised."""
+    from rich.console import Console
 
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     shards = Path(cfg.shards)
     console = Console(stderr=True)
-    synthetic_source = cfg.source == "synthetic"
     timings: dict[str, float] = {}
     interrupted = False
-    issues = None  # what a url list itself got wrong (sources.read_url_list counts it)
-    with contextlib.ExitStack() as stack:
-        if synthetic_source:
-            n_rows, extra = cfg.count, ["attributes", "references"]
-            fingerprint = {"source": "synthetic", "seed": cfg.seed, "count": cfg.count,
-                           "broken_fraction": cfg.broken_fraction, "generator": synthetic.GENERATOR_VERSION}
-        else:
-            from pipeline import sources
-
-            df = sources.read_url_list(cfg.source, cfg.count)
-            n_rows, extra = len(df), [c for c in sources.EXTRA_COLUMNS if c in df.columns]
-            issues = df.attrs.get("issues")
-            if issues and any(issues.values()):
-                console.print("[yellow]url list: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in
-                              issues.items() if n) + " (see docs/RELIABILITY.md)[/]", highlight=False)
-            fingerprint = {"source": str(Path(cfg.source).resolve()), "count": n_rows, "digest": _list_digest(df)}
-        fingerprint.update(samples_per_shard=cfg.samples_per_shard, image_size=cfg.image_size)
+    with contextlib.ExitStack() as stack:  # holds the synthetic source's loopback server
+        src = _read_source(cfg, console)
         _claim_folders(cfg)
-        _check_same_list(shards, fingerprint)
-        if torn := _set_aside_torn_stats(shards) if shards.is_dir() else []:
-            console.print(f"[yellow]torn stats file of shard {', '.join(torn)} (a fetch killed while writing it): "
-                          f"fetched again (the torn file is kept in {escape(str(shards / RUN_DIR / 'torn'))})[/]",
-                          highlight=False)
-        expected = math.ceil(n_rows / cfg.samples_per_shard)
+        _check_same_list(shards, src.fingerprint)
+        _set_aside_torn(shards, console)
+        expected = math.ceil(src.rows / cfg.samples_per_shard)
         todo = sorted(set(range(expected)) - _done_ids(shards))
-        console.print(f"[bold]fetch[/] {escape(str(cfg.source))} ({n_rows} rows) -> {escape(str(shards))}: "
-                      f"{expected} shards of "
-                      f"{cfg.samples_per_shard}, {expected - len(todo)} already complete", highlight=False)
-        record = {"fingerprint": fingerprint, "config": to_jsonable(cfg), "rows": n_rows,
+        _print_plan(cfg, src.rows, expected, todo, console)
+        record = {"fingerprint": src.fingerprint, "config": to_jsonable(cfg), "rows": src.rows,
                   "samples_per_shard": cfg.samples_per_shard, "expected_shards": expected,
                   "shards_todo": len(todo), "state": "running", "started_at": started,
-                  **({"list_issues": issues} if issues is not None else {})}
+                  **({"list_issues": src.issues} if src.issues is not None else {})}
         if todo:
             shards.mkdir(parents=True, exist_ok=True)
-            if synthetic_source:
-                t = time.perf_counter()
-                with make_progress() as progress:
-                    rows = synthetic.generate(Path(cfg.synthetic_dir), cfg.seed, cfg.count, cfg.broken_fraction,
-                                              processes=cfg.processes, progress=progress)
-                timings["generate_s"] = round(time.perf_counter() - t, 3)
-                base_url = stack.enter_context(serve(Path(cfg.synthetic_dir) / "images"))
-                url_list = Path(cfg.synthetic_dir) / "urls.parquet"
-                synthetic.write_url_list(url_list, rows, base_url)  # the port is new each run: rewrite
-            else:
-                url_list = sources.write_parquet(df, shards / RUN_DIR / "urls.parquet")
+            url_list = _url_list(cfg, src, stack, timings)
             _write_json(record_path(shards), record)
             t = time.perf_counter()
             try:
-                _download(cfg, url_list, extra, n_rows, todo, signals)
+                _download(cfg, url_list, src.extra, src.rows, todo, signals)
             except KeyboardInterrupt:
                 interrupted = True
             timings["download_s"] = round(time.perf_counter() - t, 3)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     summary = st.fetch_summary(shards)
-    state = "interrupted" if interrupted else "done" if summary["shards_unfinished"] == 0 else "incomplete"
+    state = "interrupted" if interrupted else \
+        "done" if summary["shards_unfinished"] == 0 else "incomplete"
     if todo or not record_path(shards).exists():
-        record.update(state=state,
-                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), timings=timings,
-                      result={k: summary[k] for k in ("rows_done", "fetched", "failed", "success_rate",
-                                                     "shards_complete", "shards_unfinished", "failures")})
-        if shards.is_dir():
-            _write_json(record_path(shards), record)
-            summary = st.fetch_summary(shards)  # again, so it shows this record (what `pipeline status` shows)
+        summary = _finish_record(shards, record, state, timings, summary)
+    _print_result(cfg, summary, src.rows, todo, timings)
+    if state != "done":
+        raise UserError(f"{summary['shards_unfinished']} of {expected} shards unfinished"
+                        f"{' (interrupted)' if interrupted else ''}; run the same command again to "
+                        f"finish them (img2dataset's log: {shards / RUN_DIR / LOG})")
+    return summary
+
+
+def _read_source(cfg: FetchConfig, console) -> _Source:
+    """The synthetic source's size, or the url list read (its problems printed as one line)."""
+    if cfg.source == "synthetic":
+        from pipeline import synthetic
+
+        src = _Source(cfg.count, ["attributes", "references"],
+                      {"source": "synthetic", "seed": cfg.seed, "count": cfg.count,
+                       "broken_fraction": cfg.broken_fraction,
+                       "generator": synthetic.GENERATOR_VERSION})
+    else:
+        from pipeline import sources
+
+        df = sources.read_url_list(cfg.source, cfg.count)
+        src = _Source(len(df), [c for c in sources.EXTRA_COLUMNS if c in df.columns],
+                      {"source": str(Path(cfg.source).resolve()), "count": len(df),
+                       "digest": _list_digest(df)},
+                      issues=df.attrs.get("issues"), df=df)
+        if src.issues and any(src.issues.values()):
+            console.print("[yellow]url list: " + ", ".join(
+                f"{n} {k.replace('_', ' ')}" for k, n in src.issues.items() if n)
+                + " (see docs/RELIABILITY.md)[/]", highlight=False)
+    # the shards depend on these too: a rerun with other values must not resume the folder
+    src.fingerprint.update(samples_per_shard=cfg.samples_per_shard, image_size=cfg.image_size)
+    return src
+
+
+def _set_aside_torn(shards: Path, console) -> None:
+    from rich.markup import escape
+
+    if torn := _set_aside_torn_stats(shards) if shards.is_dir() else []:
+        console.print(f"[yellow]torn stats file of shard {', '.join(torn)} (a fetch killed while "
+                      f"writing it): fetched again (the torn file is kept in "
+                      f"{escape(str(shards / RUN_DIR / 'torn'))})[/]", highlight=False)
+
+
+def _print_plan(cfg: FetchConfig, rows: int, expected: int, todo: list[int], console) -> None:
+    from rich.markup import escape
+
+    console.print(f"[bold]fetch[/] {escape(str(cfg.source))} ({rows} rows) -> "
+                  f"{escape(str(Path(cfg.shards)))}: {expected} shards of {cfg.samples_per_shard}, "
+                  f"{expected - len(todo)} already complete", highlight=False)
+
+
+def _url_list(cfg: FetchConfig, src: _Source, stack: contextlib.ExitStack,
+              timings: dict[str, float]) -> Path:
+    """The parquet url list img2dataset reads. The synthetic source is drawn first and served
+    from a loopback server that `stack` keeps up until the download is over."""
+    from pipeline import sources, synthetic
+    from pipeline.loopback import serve
+    from pipeline.progress import make_progress
+
+    if cfg.source != "synthetic":
+        return sources.write_parquet(src.df, Path(cfg.shards) / RUN_DIR / "urls.parquet")
+    t = time.perf_counter()
+    with make_progress() as progress:
+        rows = synthetic.generate(Path(cfg.synthetic_dir), cfg.seed, cfg.count, cfg.broken_fraction,
+                                  processes=cfg.processes, progress=progress)
+    timings["generate_s"] = round(time.perf_counter() - t, 3)
+    base_url = stack.enter_context(serve(Path(cfg.synthetic_dir) / "images"))
+    url_list = Path(cfg.synthetic_dir) / "urls.parquet"
+    synthetic.write_url_list(url_list, rows, base_url)  # the port is new each run: rewrite
+    return url_list
+
+
+def _finish_record(shards: Path, record: dict, state: str, timings: dict, summary: dict) -> dict:
+    """The run record completed with its outcome; returns the summary read again with it."""
+    record.update(state=state, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), timings=timings,
+                  result={k: summary[k] for k in ("rows_done", "fetched", "failed", "success_rate",
+                                                 "shards_complete", "shards_unfinished",
+                                                 "failures")})
+    if not shards.is_dir():
+        return summary
+    _write_json(record_path(shards), record)
+    return st.fetch_summary(shards)  # again, so it shows this record (what `pipeline status` shows)
+
+
+def _print_result(cfg: FetchConfig, summary: dict, rows: int, todo: list[int],
+                  timings: dict) -> None:
+    """The status table (as `pipeline status` prints it), then the wall times and download rate."""
+    from rich.console import Console
+
     out = Console()
     st.render_fetch(out, summary)
-    finished = _done_ids(shards)
-    n_done = sum(min(cfg.samples_per_shard, n_rows - i * cfg.samples_per_shard) for i in todo if i in finished)
+    finished = _done_ids(Path(cfg.shards))
+    sps = cfg.samples_per_shard
+    n_done = sum(min(sps, rows - i * sps) for i in todo if i in finished)
     rate = f", {n_done / timings['download_s']:.1f} rows/s" if timings.get("download_s") else ""
     out.print(f"wall time {timings['total_s']:.1f} s"
               + (f" (drawing {timings['generate_s']:.1f} s)" if "generate_s" in timings else "")
               + (f", download {timings['download_s']:.1f} s{rate}" if "download_s" in timings else "")
               + ("" if todo else " — nothing to do, every shard is complete"), highlight=False)
-    if state != "done":
-        raise UserError(f"{summary['shards_unfinished']} of {expected} shards unfinished"
-                        f"{' (interrupted)' if interrupted else ''}; run the same command again to finish them "
-                        f"(img2dataset's log: {shards / RUN_DIR / LOG})")
-    return summary
