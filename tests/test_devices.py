@@ -66,6 +66,7 @@ def test_eval_hands_its_loader_and_its_decoder_one_device(one_device, monkeypatc
     from stages import evaluate
 
     dev, seen = one_device
+    monkeypatch.setattr(evaluate, "resolve_device", lambda name: dev)  # the stage imports it by name
     _spy_loader(monkeypatch, seen)
     with pytest.raises(_Stop):  # stopped at the validation loss's first batch
         evaluate.run(EvalConfig(run=tiny_run, device="cuda", precision="fp32"))
