@@ -15,7 +15,7 @@ from pipeline.errors import UserError
 # Old runs: what a config.json without a key trained as, per section, and keys since renamed (old
 # key -> function of the old value giving the new keys). Applied when a record is read back (resume,
 # eval).
-SETTINGS_BEFORE_THEY_EXISTED = {
+ABSENT_MEANS = {
     "train": {"image_pos_emb": False},
     "decoder": {"tie_embeddings": False, "image_pos_emb": False},
 }
@@ -30,7 +30,7 @@ def upgrade(record: dict, section: str) -> dict:
     for key, new in RENAMED.get(section, {}).items():
         if key in old:
             old.update(new(old.pop(key)))
-    return {**SETTINGS_BEFORE_THEY_EXISTED.get(section, {}), **old}
+    return {**ABSENT_MEANS.get(section, {}), **old}
 
 
 def decoder_of(record: dict) -> DecoderConfig:
