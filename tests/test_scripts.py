@@ -84,3 +84,20 @@ def test_probe_script_on_the_tiny_store_and_run(tiny_shards, tiny_store, tiny_ru
     res2 = json.loads(out.read_text())
     assert set(res2["probes"]) == {"cls", "attn", "pixels16", "mean"}
     assert res2["probes"]["cls"] == res["probes"]["cls"] and "decoder_refinement" in res2
+
+
+def test_profile_step_measures_the_trainers_step_at_tiny_size(tmp_path):
+    """scripts/profile_step.py (docs/BENCHMARKS.md's step profile) on a 1 x 64 decoder: autocast's
+    bf16 step casts far more than the fp32 one, the profiler sees the step's matmuls, and the JSON is
+    written."""
+    profile = _script("profile_step")
+    tiny = ["--layers", "1", "--width", "64", "--heads", "4", "--mlp-dim", "128", "--steps", "2",
+            "--warmup", "1", "--profile-steps", "1", "--image-tokens", "5", "--image-width", "16",
+            "--parallel-len", "8", "--batch-size", "4"]
+    out = tmp_path / "p.json"
+    fp32 = profile.main(["--precision", "fp32", *tiny, "--json", str(out)])
+    bf16 = profile.main(["--precision", "bf16", *tiny])
+    assert json.loads(out.read_text())["steps"] == fp32["steps"]
+    assert fp32["census"]["cast_calls"] * 5 < bf16["census"]["cast_calls"]
+    assert fp32["ops"]["of_interest"]["aten::mm"]["calls_per_step"] > 0
+    assert 0 <= fp32["kernel_share"] < 1 and fp32["median"]["wall_s"] > 0
